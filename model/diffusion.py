@@ -1,0 +1,143 @@
+"""Noise schedules, the forward process q(x_t | x_0), and the training loss.
+
+Schedules are computed in float64 and cast at the end (openai/improved-diffusion).
+A named schedule never changes once weights were trained with it: the card stores
+its name and T, and ``Schedule.named`` rebuilds the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+SCHEDULES = ("linear", "cosine")
+PREDICTIONS = ("eps", "v")
+
+
+def linear_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
+    """Ho et al. 2020, sec. 4: betas rising linearly from 1e-4 to 0.02 over T = 1000 steps."""
+    return np.linspace(beta_start, beta_end, T, dtype=np.float64)
+
+
+def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
+    """Nichol & Dhariwal 2021, eq. 17: alpha_bar(t) = cos^2(((t/T + s) / (1 + s)) * pi/2)."""
+    def f(t):
+        return np.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+
+    t = np.arange(T + 1, dtype=np.float64)
+    alpha_bar = f(t) / f(0)
+    return np.clip(1 - alpha_bar[1:] / alpha_bar[:-1], 0, max_beta)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A discrete-time variance-preserving schedule over timesteps 0..T-1.
+
+    ``alpha_bar[t]`` is the signal fraction of x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps.
+    All arrays are float64 numpy; ``tensor`` casts what a caller needs.
+    """
+
+    name: str
+    betas: np.ndarray
+
+    @classmethod
+    def named(cls, name: str, T: int = 1000) -> Schedule:
+        if name == "linear":
+            return cls(name, linear_betas(T))
+        if name == "cosine":
+            return cls(name, cosine_betas(T))
+        raise ValueError(f"unknown schedule {name!r}; allowed: {', '.join(SCHEDULES)}")
+
+    @property
+    def T(self) -> int:
+        return len(self.betas)
+
+    @property
+    def alphas(self) -> np.ndarray:
+        return 1.0 - self.betas
+
+    @property
+    def alpha_bar(self) -> np.ndarray:
+        return np.cumprod(self.alphas)
+
+    def log_snr(self) -> np.ndarray:
+        """lambda_t = log(alpha_bar / (1 - alpha_bar)), decreasing in t."""
+        ab = self.alpha_bar
+        return np.log(ab) - np.log1p(-ab)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "T": self.T}
+
+
+def _gather(values: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """values[t] as a (B, 1, 1, 1) tensor of like's dtype and device."""
+    out = torch.from_numpy(values).to(device=t.device)[t.long()]
+    return out.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def q_sample(schedule: Schedule, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Ho et al. 2020, eq. 4: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps."""
+    ab = _gather(schedule.alpha_bar, t, x0)
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+
+
+def v_target(schedule: Schedule, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Salimans & Ho 2022, sec. 4: v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0."""
+    ab = _gather(schedule.alpha_bar, t, x0)
+    return ab.sqrt() * eps - (1 - ab).sqrt() * x0
+
+
+def split_prediction(
+    prediction: str, schedule: Schedule, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn the network's output into (eps, x0_pred) whatever it was trained to predict."""
+    ab = _gather(schedule.alpha_bar, t, x_t)
+    a, s = ab.sqrt(), (1 - ab).sqrt()
+    if prediction == "eps":
+        eps = out
+        x0 = (x_t - s * eps) / a
+    elif prediction == "v":
+        # From x_t = a x0 + s eps and v = a eps - s x0, with a^2 + s^2 = 1.
+        x0 = a * x_t - s * out
+        eps = s * x_t + a * out
+    else:
+        raise ValueError(f"unknown prediction {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
+    return eps, x0
+
+
+def loss_weight(schedule: Schedule, t: torch.Tensor, prediction: str, min_snr_gamma: float | None) -> torch.Tensor:
+    """Per-sample weights of the MSE loss.
+
+    With ``min_snr_gamma`` (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
+    Weighting"), the x0-space weight is min(SNR, gamma); expressed for the eps target this is
+    min(SNR, gamma) / SNR, and for the v target min(SNR, gamma) / (SNR + 1).
+    """
+    if min_snr_gamma is None:
+        return torch.ones(len(t), device=t.device)
+    snr = torch.from_numpy(np.exp(schedule.log_snr())).to(t.device)[t.long()]
+    clipped = snr.clamp(max=min_snr_gamma)
+    w = clipped / snr if prediction == "eps" else clipped / (snr + 1)
+    return w.float()
+
+
+def training_loss(
+    model: torch.nn.Module,
+    schedule: Schedule,
+    x0: torch.Tensor,
+    y: torch.Tensor,
+    prediction: str = "v",
+    min_snr_gamma: float | None = 5.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The simple diffusion loss (Ho et al. 2020, alg. 1) for eps or v targets, mean over the batch."""
+    b = len(x0)
+    t = torch.randint(0, schedule.T, (b,), device=x0.device, generator=generator)
+    eps = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
+    x_t = q_sample(schedule, x0, t, eps)
+    target = eps if prediction == "eps" else v_target(schedule, x0, t, eps)
+    out = model(x_t, t, y)
+    per_sample = (out.float() - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
+    return (loss_weight(schedule, t, prediction, min_snr_gamma) * per_sample).mean()

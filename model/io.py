@@ -1,0 +1,117 @@
+"""Weights on disk: safetensors tensors plus a JSON card, loaded without pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from model.diffusion import Schedule
+from model.samplers import Denoiser
+from model.unet import UNet, UNetConfig
+
+
+class WeightsError(RuntimeError):
+    """Weights or their card are missing or unusable; the message names the file and the problem."""
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write to a temporary file beside ``path``, fsync, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_torch_save(obj: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_weights(model: UNet, card: dict, safetensors_path: Path) -> Path:
+    """Write ``<name>.safetensors`` and ``<name>.json`` atomically; returns the card's path."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    safetensors_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=safetensors_path.parent, prefix=f".{safetensors_path.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, safetensors_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    card_path = safetensors_path.with_suffix(".json")
+    atomic_write_bytes(card_path, (json.dumps(card, indent=2) + "\n").encode())
+    return card_path
+
+
+def read_card(path: Path) -> dict:
+    card_path = Path(path).with_suffix(".json")
+    try:
+        card = json.loads(card_path.read_text())
+    except FileNotFoundError as err:
+        raise WeightsError(f"{card_path}: card not found (it must sit beside the .safetensors file)") from err
+    except json.JSONDecodeError as err:
+        raise WeightsError(f"{card_path}: not valid JSON ({err})") from err
+    for key in ("unet", "diffusion"):
+        if key not in card:
+            raise WeightsError(f"{card_path}: missing the {key!r} section")
+    return card
+
+
+@dataclass(frozen=True)
+class LoadedWeights:
+    denoiser: Denoiser
+    card: dict
+    path: Path
+
+    @property
+    def model(self) -> UNet:
+        return self.denoiser.model  # type: ignore[return-value]
+
+
+def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedWeights:
+    """Rebuild the network from its card and load the safetensors weights (no pickle involved)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path.with_suffix(".safetensors")
+    if not path.exists():
+        raise WeightsError(f"{path}: weights file not found")
+    card = read_card(path)
+    try:
+        config = UNetConfig(**card["unet"])
+        schedule = Schedule.named(card["diffusion"]["schedule"], card["diffusion"]["T"])
+        prediction = card["diffusion"]["prediction"]
+    except (TypeError, KeyError, ValueError) as err:
+        raise WeightsError(f"{path.with_suffix('.json')}: invalid config ({err})") from err
+    model = UNet(config)
+    try:
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise WeightsError(f"{path}: not a readable safetensors file ({err})") from err
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise WeightsError(f"{path}: tensors do not match the card's config ({str(err).splitlines()[0]})") from err
+    model.to(device).eval().requires_grad_(False)
+    return LoadedWeights(Denoiser(model, schedule, prediction, config.num_classes), card, path)

@@ -1,0 +1,191 @@
+"""A class-conditional U-Net for 28x28 images (Ho et al. 2020; Dhariwal & Nichol 2021).
+
+The architecture is fully described by ``UNetConfig``, which is saved beside the
+weights, so a checkpoint is rebuilt with ``UNet(UNetConfig(**card["unet"]))``.
+
+For speed on small machines the first stage can work at half resolution:
+``stem_patch=2`` folds each 2x2 pixel block into channels (pixel unshuffle) before
+the first convolution and unfolds it after the last, a lossless rearrangement that
+makes every convolution four times cheaper.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    image_size: int = 28  # side of the square input, pixels
+    in_channels: int = 1  # image channels (1: grayscale)
+    stem_patch: int = 2  # pixel-unshuffle factor before the first conv (1: full resolution)
+    base_channels: int = 64  # channels of the first stage
+    channel_mults: tuple[int, ...] = (1, 2)  # channels per stage, as multiples of base_channels
+    blocks_per_stage: int = 2  # residual blocks per stage on the way down (one more on the way up)
+    attention_stages: tuple[int, ...] = (1,)  # stages (0-based) with self-attention after each block
+    attention_heads: int = 4  # heads of each self-attention layer
+    num_classes: int = 10  # real classes; index num_classes is the "null" class for guidance
+    dropout: float = 0.0  # dropout inside residual blocks
+    groups: int = 8  # GroupNorm groups
+    extra: dict = field(default_factory=dict)  # free-form notes kept with the config (unused by the net)
+
+    def __post_init__(self):
+        object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
+        object.__setattr__(self, "attention_stages", tuple(self.attention_stages))
+        side = self.image_size // self.stem_patch
+        if self.image_size % self.stem_patch:
+            raise ValueError(f"image_size {self.image_size} is not divisible by stem_patch {self.stem_patch}")
+        if side % (2 ** (len(self.channel_mults) - 1)):
+            raise ValueError(
+                f"{len(self.channel_mults)} stages halve the side {len(self.channel_mults) - 1} times, "
+                f"but {side} is not divisible by {2 ** (len(self.channel_mults) - 1)}"
+            )
+        if any(not 0 <= s < len(self.channel_mults) for s in self.attention_stages):
+            raise ValueError(f"attention_stages must index 0..{len(self.channel_mults) - 1}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps (Vaswani et al. 2017, sec. 3.5)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, dim/2)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-Conv twice, with the embedding applied as a scale and shift (adaptive GroupNorm)."""
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, groups: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * c_out)
+        self.norm2 = nn.GroupNorm(groups, c_out)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, H, W)
+        scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)  # (B, C_out, 1, 1) each
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the H*W positions, with a residual connection."""
+
+    def __init__(self, channels: int, heads: int, groups: int):
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"{channels} channels do not split into {heads} heads")
+        self.heads = heads
+        self.norm = nn.GroupNorm(groups, channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.out = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # (B, heads, HW, C/heads) each
+        a = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, C/heads)
+        return x + self.out(a.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class UNet(nn.Module):
+    """eps- or v-prediction network: ``forward(x_t, t, y) -> (B, C, H, W)``.
+
+    ``t`` holds timesteps in [0, T) (floats allowed); ``y`` holds class indices, with
+    ``config.num_classes`` meaning "no class" (the unconditional branch of guidance).
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = cfg = config
+        c0 = cfg.base_channels
+        emb_dim = 4 * c0
+        self.time_mlp = nn.Sequential(nn.Linear(c0, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.class_emb = nn.Embedding(cfg.num_classes + 1, emb_dim)
+
+        stem_in = cfg.in_channels * cfg.stem_patch**2
+        self.stem = nn.Conv2d(stem_in, c0, 3, padding=1)
+
+        def block(c_in: int, c_out: int, stage: int) -> nn.ModuleList:
+            layers = [ResBlock(c_in, c_out, emb_dim, cfg.groups, cfg.dropout)]
+            if stage in cfg.attention_stages:
+                layers.append(Attention(c_out, cfg.attention_heads, cfg.groups))
+            return nn.ModuleList(layers)
+
+        chans = [c0 * m for m in cfg.channel_mults]
+        self.down = nn.ModuleList()
+        skips = [c0]
+        c = c0
+        for s, c_out in enumerate(chans):
+            for _ in range(cfg.blocks_per_stage):
+                self.down.append(block(c, c_out, s))
+                c = c_out
+                skips.append(c)
+            if s < len(chans) - 1:
+                self.down.append(nn.ModuleList([nn.Conv2d(c, c, 3, stride=2, padding=1)]))
+                skips.append(c)
+
+        last = len(chans) - 1
+        self.mid = nn.ModuleList(
+            [ResBlock(c, c, emb_dim, cfg.groups, cfg.dropout), Attention(c, cfg.attention_heads, cfg.groups),
+             ResBlock(c, c, emb_dim, cfg.groups, cfg.dropout)]
+        )
+
+        self.up = nn.ModuleList()
+        for s in reversed(range(len(chans))):
+            for _ in range(cfg.blocks_per_stage + 1):
+                self.up.append(block(c + skips.pop(), chans[s], s))
+                c = chans[s]
+            if s > 0:
+                self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"),
+                                              nn.Conv2d(c, c, 3, padding=1)]))
+        assert not skips and last >= 0
+
+        self.out_norm = nn.GroupNorm(cfg.groups, c)
+        self.out_conv = nn.Conv2d(c, stem_in, 3, padding=1)
+        nn.init.zeros_(self.out_conv.weight)
+        nn.init.zeros_(self.out_conv.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        emb = self.time_mlp(timestep_embedding(t, cfg.base_channels)) + self.class_emb(y)  # (B, 4C)
+        if cfg.stem_patch > 1:
+            x = F.pixel_unshuffle(x, cfg.stem_patch)  # (B, p*p, H/p, W/p)
+        h = self.stem(x)  # (B, C, H/p, W/p)
+        skips = [h]
+        for layers in self.down:
+            for layer in layers:
+                h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+            skips.append(h)
+        for layer in self.mid:
+            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        for layers in self.up:
+            if isinstance(layers[0], ResBlock):
+                h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, h, w)
+            for layer in layers:
+                h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        h = self.out_conv(F.silu(self.out_norm(h)))  # (B, p*p, H/p, W/p)
+        if cfg.stem_patch > 1:
+            h = F.pixel_shuffle(h, cfg.stem_patch)  # (B, 1, H, W)
+        return h
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
