@@ -76,7 +76,7 @@ def parse_idx(raw: bytes, name: str, expected_magic: int | None = None) -> np.nd
     need = int(np.prod(shape))
     if len(body) != need:
         raise IDXError(f"{name}: truncated or padded body ({len(body)} bytes, header promises {need})")
-    return np.frombuffer(body, dtype=np.uint8).reshape(shape)
+    return np.frombuffer(body, dtype=np.uint8).reshape(shape).copy()  # writable, as torch expects
 
 
 def read_idx(path: Path, expected_magic: int | None = None) -> np.ndarray:
@@ -146,8 +146,10 @@ class FashionMNIST:
             idx = np.flatnonzero(self.train_labels == c)
             take = round(val_size * len(idx) / n)
             val_idx.append(rng.choice(idx, size=take, replace=False))
-        val = np.sort(np.concatenate(val_idx))
-        train = np.setdiff1d(np.arange(n), val)
+        # Both parts are shuffled: the shipped files are grouped by class, so the first
+        # k images of an unshuffled part would all be T-shirts.
+        val = rng.permutation(np.concatenate(val_idx))
+        train = rng.permutation(np.setdiff1d(np.arange(n), val))
         return (
             (self.train_images[train], self.train_labels[train]),
             (self.train_images[val], self.train_labels[val]),

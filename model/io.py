@@ -48,18 +48,23 @@ def atomic_torch_save(obj: dict, path: Path) -> None:
         raise
 
 
-def save_weights(model: UNet, card: dict, safetensors_path: Path) -> Path:
-    """Write ``<name>.safetensors`` and ``<name>.json`` atomically; returns the card's path."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    safetensors_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=safetensors_path.parent, prefix=f".{safetensors_path.name}.", suffix=".part")
+def save_weights_file(state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a state dict as safetensors, atomically."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, safetensors_path)
+        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_weights(model: UNet, card: dict, safetensors_path: Path) -> Path:
+    """Write ``<name>.safetensors`` and ``<name>.json`` atomically; returns the card's path."""
+    save_weights_file(model.state_dict(), safetensors_path)
     card_path = safetensors_path.with_suffix(".json")
     atomic_write_bytes(card_path, (json.dumps(card, indent=2) + "\n").encode())
     return card_path

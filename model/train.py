@@ -55,6 +55,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     label_dropout: float = 0.1  # probability of training a label as "null" (for guidance)
     val_size: int = 5_000
+    train_limit: int | None = None  # use only the first N training images (quick runs and tests)
     seed: int = 0
     device: str = "auto"
     threads: int | None = None  # torch CPU threads (None: torch's default)
@@ -166,6 +167,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
 
     data = FashionMNIST.load(cfg.data_dir)
     (tr_x, tr_y), (va_x, va_y) = data.split(cfg.val_size, cfg.seed)
+    if cfg.train_limit:
+        tr_x, tr_y = tr_x[: cfg.train_limit], tr_y[: cfg.train_limit]
     x_train, y_train = to_model_range(tr_x).to(device), torch.from_numpy(tr_y).to(device)
     x_val, y_val = to_model_range(va_x).to(device), torch.from_numpy(va_y).to(device)
 
@@ -193,6 +196,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
 
     forward = torch.compile(model) if cfg.compile else model
     steps_per_epoch = len(x_train) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(x_train)} training images")
     total_steps = cfg.epochs * steps_per_epoch
     budget = cfg.max_minutes * 60 if cfg.max_minutes else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -309,6 +314,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     p.add_argument("--prediction", choices=("eps", "v"), default=d.prediction)
     p.add_argument("--min-snr-gamma", type=float, default=d.min_snr_gamma, help="0 disables min-SNR weighting")
     p.add_argument("--val-size", type=int, default=d.val_size)
+    p.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device)
     p.add_argument("--threads", type=int, default=None)
@@ -330,7 +336,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
         schedule=a.schedule, prediction=a.prediction, min_snr_gamma=a.min_snr_gamma or None,
         epochs=a.epochs, max_minutes=a.max_minutes, batch_size=a.batch_size, lr=a.lr,
         warmup_steps=a.warmup_steps, ema_decay=a.ema_decay, label_dropout=a.label_dropout,
-        val_size=a.val_size, seed=a.seed, device=a.device, threads=a.threads,
+        val_size=a.val_size, train_limit=a.train_limit, seed=a.seed, device=a.device, threads=a.threads,
         channels_last=a.channels_last, compile=a.compile,
     )
     return cfg, a

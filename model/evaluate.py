@@ -1,0 +1,187 @@
+"""Measure the quality of a trained model's samples.
+
+    python -m model.evaluate --weights weights/fashion-unet.safetensors \
+        --classifier weights/classifier.safetensors --per-class 500 --sampler dpm++ --steps 20 --guidance 2
+
+Generates ``--per-class`` samples of every class and prints a table: the class accuracy of the
+samples (judged by the project's own classifier, per class and overall), and the Frechet
+distance between the classifier's features of the samples and of the real test set, beside
+the same distance for as many real training images (the floor a perfect model would reach).
+``--write-card`` stores the figures in the weights card; ``--clip`` adds CLIP similarity and
+zero-shot accuracy per class for the samples and for real test images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.classifier import load_classifier, predict
+from model.data import CLASS_NAMES, NUM_CLASSES, FashionMNIST, to_model_range
+from model.io import atomic_write_bytes, load_weights
+from model.samplers import generators_from_seeds, sample, to_uint8
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussians fitted to two feature sets
+    (Heusel et al. 2017). The trace of the matrix square root is taken as the sum of the square roots
+    of the eigenvalues of S_a^(1/2) S_b S_a^(1/2), which is symmetric, so no complex sqrtm is needed."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    w, v = np.linalg.eigh(cov_a)
+    sqrt_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    cross = np.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a)
+    tr_sqrt = np.sqrt(np.clip(cross, 0, None)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * tr_sqrt)
+
+
+def generate(weights, per_class: int, sampler: str, steps: int, guidance: float, batch_size: int, seed: int = 0):
+    """uint8 (10 * per_class, 28, 28) samples and their labels, class by class; seeds are seed, seed+1, ..."""
+    den = weights.denoiser
+    device = next(den.model.parameters()).device
+    labels = np.repeat(np.arange(NUM_CLASSES), per_class)
+    out = []
+    for i in range(0, len(labels), batch_size):
+        y = torch.from_numpy(labels[i : i + batch_size]).to(device)
+        gens = generators_from_seeds(range(seed + i, seed + i + len(y)))
+        out.append(to_uint8(sample(den, y, gens, sampler, steps, guidance)))
+    return np.concatenate(out), labels
+
+
+def evaluate(
+    weights_path: str | Path,
+    classifier_path: str | Path,
+    data_dir: str | None = None,
+    per_class: int = 500,
+    sampler: str = "dpm++",
+    steps: int = 20,
+    guidance: float = 2.0,
+    batch_size: int = 250,
+    device: str = "cpu",
+    seed: int = 0,
+    clip_spec=None,
+) -> dict:
+    """Generate, classify and measure; returns the figures as a dict (see ``format_table``)."""
+    weights = load_weights(weights_path, device)
+    classifier = load_classifier(classifier_path, device)
+    data = FashionMNIST.load(data_dir)
+
+    start = time.perf_counter()
+    images, labels = generate(weights, per_class, sampler, steps, guidance, batch_size, seed)
+    gen_seconds = time.perf_counter() - start
+
+    probs, feats = predict(classifier, to_model_range(images).to(device))
+    pred = probs.argmax(1)
+    test_probs, test_feats = predict(classifier, to_model_range(data.test_images).to(device))
+    # The floor: as many real training images as samples, drawn without replacement.
+    rng = np.random.default_rng(seed)
+    real_idx = rng.choice(len(data.train_images), size=len(images), replace=False)
+    _, real_feats = predict(classifier, to_model_range(data.train_images[real_idx]).to(device))
+
+    result = {
+        "sampler": sampler,
+        "steps": steps,
+        "guidance": guidance,
+        "per_class": per_class,
+        "accuracy": float((pred == labels).mean()),
+        "accuracy_per_class": {CLASS_NAMES[c]: float((pred[labels == c] == c).mean()) for c in range(NUM_CLASSES)},
+        "classifier_test_accuracy": float((test_probs.argmax(1) == data.test_labels).mean()),
+        "frechet_distance": frechet_distance(feats, test_feats),
+        "frechet_distance_real_train": frechet_distance(real_feats, test_feats),
+        "generation_seconds": round(gen_seconds, 1),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {device}",
+    }
+    result["frechet_ratio"] = result["frechet_distance"] / result["frechet_distance_real_train"]
+    if clip_spec is not None:
+        from model.clip import evaluate_clip, load_clip
+
+        clip = load_clip(clip_spec, device=device)
+        result["clip"] = evaluate_clip(clip, images, labels, data.test_images, data.test_labels)
+    return result
+
+
+def format_table(r: dict) -> str:
+    lines = [
+        f"samples: {r['per_class']} per class, {r['sampler']} {r['steps']} steps, guidance {r['guidance']}"
+        f"  ({r['generation_seconds']} s on {r['machine']})",
+        "",
+        f"{'class':<14}{'accuracy':>10}",
+    ]
+    lines += [f"{name:<14}{acc:>10.3f}" for name, acc in r["accuracy_per_class"].items()]
+    lines += [
+        f"{'overall':<14}{r['accuracy']:>10.3f}",
+        "",
+        f"classifier accuracy on the real test set: {r['classifier_test_accuracy']:.4f}",
+        f"Frechet distance, samples vs test:       {r['frechet_distance']:.3f}",
+        f"Frechet distance, real train vs test:    {r['frechet_distance_real_train']:.3f}  (floor)",
+        f"ratio:                                   {r['frechet_ratio']:.2f}",
+    ]
+    if "clip" in r:
+        lines += ["", f"{'class':<14}{'CLIP sim gen':>14}{'CLIP sim real':>15}{'0-shot gen':>12}{'0-shot real':>13}"]
+        for name, row in r["clip"]["per_class"].items():
+            lines.append(f"{name:<14}{row['similarity_generated']:>14.4f}{row['similarity_real']:>15.4f}"
+                         f"{row['zero_shot_generated']:>12.3f}{row['zero_shot_real']:>13.3f}")
+    return "\n".join(lines)
+
+
+def write_card(weights_path: str | Path, result: dict) -> Path:
+    card_path = Path(weights_path).with_suffix(".json")
+    card = json.loads(card_path.read_text())
+    card["quality"] = {k: v for k, v in result.items() if k != "clip"} | {
+        "measured_with": "python -m model.evaluate (see README)",
+    }
+    if "clip" in result:
+        card["quality"]["clip"] = result["clip"]
+    card["sampling"] = {"sampler": result["sampler"], "steps": result["steps"], "guidance": result["guidance"]}
+    atomic_write_bytes(card_path, (json.dumps(card, indent=2) + "\n").encode())
+    return card_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m model.evaluate", description=__doc__.splitlines()[0])
+    p.add_argument("--weights", default="weights/fashion-unet.safetensors")
+    p.add_argument("--classifier", default="weights/classifier.safetensors")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--per-class", type=int, default=500)
+    p.add_argument("--sampler", default="dpm++", choices=("ddpm", "ddim", "dpm++"))
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, nargs="+", default=[2.0], help="one or more scales to compare")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--clip", action="store_true", help="add CLIP similarity and zero-shot accuracy")
+    p.add_argument("--clip-model", default="ViT-B-32")
+    p.add_argument("--clip-pretrained", default="laion2b_s34b_b79k")
+    p.add_argument("--clip-checkpoint", default=None, help="local open_clip checkpoint file")
+    p.add_argument("--write-card", action="store_true", help="store the (last) result in the weights card")
+    p.add_argument("--json", default=None, help="also write all results to this JSON file")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    clip_spec = None
+    if a.clip:
+        from model.clip import ClipSpec
+
+        clip_spec = ClipSpec(model=a.clip_model, pretrained=a.clip_pretrained, checkpoint=a.clip_checkpoint)
+    results = []
+    for g in a.guidance:
+        r = evaluate(a.weights, a.classifier, a.data_dir, a.per_class, a.sampler, a.steps, g,
+                     a.batch_size, a.device, a.seed, clip_spec)
+        print(format_table(r), end="\n\n", flush=True)
+        results.append(r)
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
+    if a.write_card:
+        print(f"wrote quality figures to {write_card(a.weights, results[-1])}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

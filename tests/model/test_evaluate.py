@@ -1,0 +1,82 @@
+"""Evaluation: the Frechet distance against closed forms, the classifier, and the whole pipeline."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.classifier import Classifier, ClassifierConfig, load_classifier, predict, train_classifier
+from model.evaluate import evaluate, format_table, frechet_distance, write_card
+from model.io import WeightsError, save_weights, save_weights_file
+from model.unet import UNet, UNetConfig
+
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "fashion-mnist"
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="Fashion-MNIST not at ../shared/data/fashion-mnist")
+
+
+def test_frechet_distance_matches_the_closed_form_for_gaussians():
+    # N(0, I) vs N(1, 4I) in 4 dims: |mu|^2 = 4, trace term = 4 * (1 + 4 - 2 * 2) = 4.
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(200_000, 4))
+    b = rng.normal(size=(200_000, 4)) * 2 + 1
+    assert frechet_distance(a, b) == pytest.approx(8.0, rel=0.02)
+
+
+def test_frechet_distance_handles_correlated_covariances():
+    # Closed form for 1-D Gaussians: (m1 - m2)^2 + (s1 - s2)^2, embedded in a rotated 2-D space.
+    rng = np.random.default_rng(1)
+    rot = np.array([[np.cos(0.7), -np.sin(0.7)], [np.sin(0.7), np.cos(0.7)]])
+    a = (rng.normal(size=(200_000, 2)) * [1.0, 3.0]) @ rot.T
+    b = (rng.normal(size=(200_000, 2)) * [2.0, 1.0]) @ rot.T + rot @ [0.5, 0.0]
+    expected = 0.25 + (1 - 2) ** 2 + (3 - 1) ** 2
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=0.02)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_classifier_roundtrip_and_missing_file(tmp_path):
+    model = Classifier(ClassifierConfig(widths=(8, 16, 32))).eval()
+    path = tmp_path / "clf.safetensors"
+    save_weights_file(model.state_dict(), path)
+    path.with_suffix(".json").write_text(json.dumps({"config": {"widths": [8, 16, 32]}}))
+    loaded = load_classifier(path)
+    x = torch.randn(5, 1, 28, 28)
+    probs, feats = predict(loaded, x)
+    assert probs.shape == (5, 10) and feats.shape == (5, 32)
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(probs, predict(model, x)[0], rtol=1e-5)
+    with pytest.raises(WeightsError, match="nope.safetensors"):
+        load_classifier(tmp_path / "nope.safetensors")
+
+
+@needs_data
+def test_classifier_learns_from_a_small_subset(tmp_path):
+    card = train_classifier(str(DATA), tmp_path / "clf.safetensors", ClassifierConfig(widths=(8, 16, 32)),
+                            epochs=2, train_limit=5_000, progress=False)
+    # Chance is 0.10; two epochs on 5,000 images reach well above it.
+    assert card["accuracy"]["test"] > 0.5
+    assert (tmp_path / "clf.json").exists() and not list(tmp_path.glob("*.part"))
+
+
+@needs_data
+def test_evaluate_end_to_end_with_tiny_models(tmp_path):
+    unet = UNet(UNetConfig(base_channels=8, attention_stages=(), groups=4))
+    card = {"name": "tiny", "unet": unet.config.to_dict(), "diffusion": {"schedule": "cosine", "T": 1000, "prediction": "v"}}
+    weights = tmp_path / "tiny.safetensors"
+    save_weights(unet, card, weights)
+    clf = tmp_path / "clf.safetensors"
+    save_weights_file(Classifier(ClassifierConfig(widths=(8, 16, 32))).state_dict(), clf)
+    clf.with_suffix(".json").write_text(json.dumps({"config": {"widths": [8, 16, 32]}}))
+
+    r = evaluate(weights, clf, str(DATA), per_class=3, steps=2, guidance=1.5, batch_size=16)
+    assert r["per_class"] == 3 and len(r["accuracy_per_class"]) == 10
+    assert 0.0 <= r["accuracy"] <= 1.0
+    # Real training images sit much closer to the test set than noise from an untrained network.
+    assert r["frechet_distance_real_train"] < r["frechet_distance"]
+    assert r["frechet_ratio"] == pytest.approx(r["frechet_distance"] / r["frechet_distance_real_train"])
+    assert "Frechet distance" in format_table(r)
+
+    written = json.loads(write_card(weights, r).read_text())
+    assert written["quality"]["accuracy"] == r["accuracy"]
+    assert written["sampling"] == {"sampler": "dpm++", "steps": 2, "guidance": 1.5}
