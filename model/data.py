@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import http.client
 import os
 import struct
-import tempfile
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from model.atomic import atomic_path
 
 CLASS_NAMES = (
     "t-shirt/top",
@@ -83,7 +86,7 @@ def read_idx(path: Path, expected_magic: int | None = None) -> np.ndarray:
     """Read an IDX file, gzipped (``.gz``) or not."""
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as err:
+    except (OSError, EOFError, zlib.error) as err:  # BadGzipFile is an OSError
         raise IDXError(f"{path.name}: cannot decompress ({err})") from err
     return parse_idx(raw, path.name, expected_magic)
 
@@ -178,23 +181,15 @@ def fetch(dest: str | os.PathLike, base_url: str = DEFAULT_URL, timeout: float =
         try:
             with urllib.request.urlopen(url, timeout=timeout) as response:
                 payload = response.read()
-        except OSError as err:
+        except (OSError, http.client.HTTPException) as err:  # IncompleteRead: the connection closed early
             raise IDXError(f"{name}: download from {url} failed ({err})") from err
         try:
             array = parse_idx(gzip.decompress(payload), name, EXPECTED[key][0])
-        except (OSError, EOFError) as err:
+        except (OSError, EOFError, zlib.error) as err:
             raise IDXError(f"{name}: not a valid gzip file ({err})") from err
         _check(key, array, name)
-        fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, root / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(root / name) as tmp:
+            tmp.write_bytes(payload)
         written.append(root / name)
     return written
 
