@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from model.classifier import Classifier, ClassifierConfig, load_classifier, predict, train_classifier
+from model.clip import TINY_MODEL, ClipSpec
 from model.evaluate import evaluate, format_table, frechet_distance, write_card
 from model.io import WeightsError, save_weights, save_weights_file
 from model.unet import UNet, UNetConfig
@@ -69,14 +70,21 @@ def test_evaluate_end_to_end_with_tiny_models(tmp_path):
     save_weights_file(Classifier(ClassifierConfig(widths=(8, 16, 32))).state_dict(), clf)
     clf.with_suffix(".json").write_text(json.dumps({"config": {"widths": [8, 16, 32]}}))
 
-    r = evaluate(weights, clf, str(DATA), per_class=3, steps=2, guidance=1.5, batch_size=16)
+    clip = ClipSpec(model=TINY_MODEL, pretrained=None, random_init=True)
+    r = evaluate(weights, clf, str(DATA), per_class=3, steps=2, guidance=1.5, batch_size=16, clip_spec=clip)
     assert r["per_class"] == 3 and len(r["accuracy_per_class"]) == 10
     assert 0.0 <= r["accuracy"] <= 1.0
     # Real training images sit much closer to the test set than noise from an untrained network.
     assert r["frechet_distance_real_train"] < r["frechet_distance"]
     assert r["frechet_ratio"] == pytest.approx(r["frechet_distance"] / r["frechet_distance_real_train"])
-    assert "Frechet distance" in format_table(r)
+    # CLIP figures per class, for the samples and for as many real test images of the class.
+    assert len(r["clip"]["per_class"]) == 10
+    assert all(row["n_generated"] == 3 and row["n_real"] == 3 for row in r["clip"]["per_class"].values())
+    assert -1.0 <= r["clip"]["mean"]["generated_similarity"] <= 1.0
+    table = format_table(r)
+    assert "Frechet distance" in table and "0-shot gen" in table
 
     written = json.loads(write_card(weights, r).read_text())
     assert written["quality"]["accuracy"] == r["accuracy"]
+    assert written["quality"]["clip"]["per_class"] == r["clip"]["per_class"]
     assert written["sampling"] == {"sampler": "dpm++", "steps": 2, "guidance": 1.5}
