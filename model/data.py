@@ -134,7 +134,9 @@ class FashionMNIST:
         arrays["test_labels"] = arrays["test_labels"].astype(np.int64)
         return cls(**arrays)
 
-    def split(self, val_size: int = 5_000, seed: int = 0) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    def split(
+        self, val_size: int = 5_000, seed: int = 0
+    ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
         """A seeded, class-stratified train/validation split of the training set.
 
         The shipped files are grouped by class, so the split shuffles; stratifying keeps

@@ -90,6 +90,11 @@ def v_target(schedule: Schedule, x0: torch.Tensor, t: torch.Tensor, eps: torch.T
     return ab.sqrt() * eps - (1 - ab).sqrt() * x0
 
 
+def _check_prediction(prediction: str) -> None:
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
+
+
 def split_prediction(
     prediction: str, schedule: Schedule, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,6 +120,7 @@ def loss_weight(schedule: Schedule, t: torch.Tensor, prediction: str, min_snr_ga
     Weighting"), the x0-space weight is min(SNR, gamma); expressed for the eps target this is
     min(SNR, gamma) / SNR, and for the v target min(SNR, gamma) / (SNR + 1).
     """
+    _check_prediction(prediction)
     if min_snr_gamma is None:
         return torch.ones(len(t), device=t.device)
     snr = torch.from_numpy(np.exp(schedule.log_snr())).to(t.device)[t.long()]
@@ -133,6 +139,7 @@ def training_loss(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """The simple diffusion loss (Ho et al. 2020, alg. 1) for eps or v targets, mean over the batch."""
+    _check_prediction(prediction)
     b = len(x0)
     t = torch.randint(0, schedule.T, (b,), device=x0.device, generator=generator)
     eps = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 from model.classifier import load_classifier, predict
 from model.data import CLASS_NAMES, NUM_CLASSES, FashionMNIST, to_model_range
 from model.io import atomic_write_bytes, load_weights
+from model.machine import describe
 from model.samplers import generators_from_seeds, sample, to_uint8
 
 
@@ -95,7 +95,7 @@ def evaluate(
         "frechet_distance": frechet_distance(feats, test_feats),
         "frechet_distance_real_train": frechet_distance(real_feats, test_feats),
         "generation_seconds": round(gen_seconds, 1),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {device}",
+        "machine": describe(device),
     }
     result["frechet_ratio"] = result["frechet_distance"] / result["frechet_distance_real_train"]
     if clip_spec is not None:

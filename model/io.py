@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model.atomic import atomic_path, atomic_write_bytes
-from model.diffusion import Schedule
+from model.diffusion import PREDICTIONS, Schedule
 from model.samplers import Denoiser
 from model.unet import UNet, UNetConfig
 
@@ -49,6 +49,8 @@ def read_card(path: Path) -> dict:
         raise WeightsError(f"{card_path}: card not found (it must sit beside the .safetensors file)") from err
     except json.JSONDecodeError as err:
         raise WeightsError(f"{card_path}: not valid JSON ({err})") from err
+    if not isinstance(card, dict):
+        raise WeightsError(f"{card_path}: expected a JSON object, got {type(card).__name__}")
     for key in ("unet", "diffusion"):
         if key not in card:
             raise WeightsError(f"{card_path}: missing the {key!r} section")
@@ -78,6 +80,8 @@ def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") ->
         config = UNetConfig(**card["unet"])
         schedule = Schedule.named(card["diffusion"]["schedule"], card["diffusion"]["T"])
         prediction = card["diffusion"]["prediction"]
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
     except (TypeError, KeyError, ValueError) as err:
         raise WeightsError(f"{path.with_suffix('.json')}: invalid config ({err})") from err
     model = UNet(config)
@@ -88,6 +92,8 @@ def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise WeightsError(f"{path}: tensors do not match the card's config ({str(err).splitlines()[0]})") from err
+        # torch's message opens with "Error(s) in loading state_dict for UNet:"; the first detail says what.
+        detail = " ".join(line.strip() for line in str(err).splitlines()[1:2])[:300]
+        raise WeightsError(f"{path}: tensors do not match the card's config ({detail})") from err
     model.to(device).eval().requires_grad_(False)
     return LoadedWeights(Denoiser(model, schedule, prediction, config.num_classes), card, path)

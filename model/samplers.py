@@ -50,7 +50,9 @@ class Denoiser:
     null_class: int  # label of the unconditional branch
 
     @torch.no_grad()
-    def __call__(self, x_t: torch.Tensor, t: int, y: torch.Tensor, guidance: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, x_t: torch.Tensor, t: int, y: torch.Tensor, guidance: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(eps, x0_pred) at timestep t, guided with scale ``guidance``.
 
         Ho & Salimans 2022, eq. 6: out = out_uncond + w (out_cond - out_uncond); w = 1 is the plain
@@ -69,7 +71,9 @@ class Denoiser:
         return split_prediction(self.prediction, self.schedule, x_t, ts, out.float())
 
 
-def initial_noise(generators: Sequence[torch.Generator], shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
+def initial_noise(
+    generators: Sequence[torch.Generator], shape: tuple[int, ...], device: torch.device | str
+) -> torch.Tensor:
     """x_T, one image per generator: (B, *shape). Drawn on the CPU so CPU and GPU give the same noise."""
     return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
 
@@ -86,7 +90,17 @@ def spaced_timesteps(T: int, steps: int) -> list[int]:
     return [int(round(T - i * T / steps)) - 1 for i in range(steps)]
 
 
-def _check(labels: torch.Tensor, generators: Sequence[torch.Generator], guidance: float) -> None:
+def _check(denoiser: Denoiser, labels: torch.Tensor, generators: Sequence[torch.Generator], guidance: float) -> None:
+    null = denoiser.null_class
+    if labels.ndim != 1 or labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            f"labels must be a 1-D integer tensor of class indices, got {labels.dtype} {tuple(labels.shape)}"
+        )
+    if len(labels) and (labels.min() < 0 or labels.max() > null):
+        raise ValueError(
+            f"labels must be in 0..{null - 1} (or {null}, the null class, for unconditional samples), "
+            f"got {labels.min().item()}..{labels.max().item()}"
+        )
     if len(labels) != len(generators):
         raise ValueError(f"need one generator per image: {len(labels)} labels, {len(generators)} generators")
     if not np.isfinite(guidance) or guidance < 0:
@@ -109,7 +123,7 @@ def ddpm(
 ) -> torch.Tensor:
     """Ancestral sampling over all T steps (Ho et al. 2020, alg. 2), with the posterior
     q(x_{t-1} | x_t, x_0) of eq. 6-7: mean from x0_pred, variance beta_tilde_t."""
-    _check(labels, generators, guidance)
+    _check(denoiser, labels, generators, guidance)
     s = denoiser.schedule
     ab = s.alpha_bar
     ab_prev = np.append(1.0, ab[:-1])
@@ -142,7 +156,7 @@ def ddim(
     shape: tuple[int, ...] = (1, 28, 28),
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12); eta = 0 is deterministic, eta = 1 matches DDPM's variance."""
-    _check(labels, generators, guidance)
+    _check(denoiser, labels, generators, guidance)
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta}")
     ab = denoiser.schedule.alpha_bar
@@ -174,7 +188,7 @@ def dpm_solver_pp(
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, alg. 2): second-order multistep in the data prediction,
     first order on the first step and on the final jump to the clean image."""
-    _check(labels, generators, guidance)
+    _check(denoiser, labels, generators, guidance)
     ab = denoiser.schedule.alpha_bar
     ts = spaced_timesteps(denoiser.schedule.T, steps)
     alpha = np.sqrt(ab)  # alpha_t in the paper's notation

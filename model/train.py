@@ -16,7 +16,6 @@ import argparse
 import copy
 import json
 import math
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -25,10 +24,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model.data import NUM_CLASSES, FashionMNIST, to_model_range
+from model.data import CLASS_NAMES, NUM_CLASSES, FashionMNIST, to_model_range
 from model.diffusion import Schedule, training_loss
 from model.images import grid
 from model.io import atomic_torch_save, save_weights
+from model.machine import describe
 from model.samplers import Denoiser, generators_from_seeds, sample, to_uint8
 from model.unet import UNet, UNetConfig, count_parameters
 
@@ -69,12 +69,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def hardware(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 class EMA:
@@ -150,8 +144,8 @@ def make_card(cfg: TrainConfig, record: dict) -> dict:
         "name": cfg.name,
         "unet": cfg.unet.to_dict(),
         "diffusion": {"schedule": cfg.schedule, "T": cfg.T, "prediction": cfg.prediction},
-        "classes": list(__import__("model.data", fromlist=["CLASS_NAMES"]).CLASS_NAMES),
-        "sampling": {"sampler": "dpm++", "steps": 20, "guidance": cfg.sample_guidance},
+        "classes": list(CLASS_NAMES),
+        "sampling": {"sampler": "dpm++", "steps": cfg.sample_steps, "guidance": cfg.sample_guidance},
         "training": record,
     }
 
@@ -180,16 +174,22 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(model, cfg.ema_decay)
     start_epoch, step, images_seen, elapsed = 0, 0, 0, 0.0
+    train_loss = val = float("nan")
 
     if resume and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if state["config"]["unet"] != cfg.unet.to_dict():
-            raise ValueError(f"{ckpt_path}: checkpoint was trained with a different UNetConfig")
+        saved = state["config"]
+        for key in ("schedule", "T", "prediction"):
+            if saved[key] != getattr(cfg, key):
+                raise ValueError(f"{ckpt_path}: checkpoint was trained with {key}={saved[key]!r}, not {getattr(cfg, key)!r}")
+        if saved["unet"] != cfg.unet.to_dict():
+            raise ValueError(f"{ckpt_path}: checkpoint was trained with a different UNetConfig: {saved['unet']}")
         model.load_state_dict(state["model"])
         ema.model.load_state_dict(state["ema"])
         ema.updates = state["ema_updates"]
         opt.load_state_dict(state["optimizer"])
         start_epoch, step, images_seen, elapsed = state["epoch"], state["step"], state["images_seen"], state["elapsed"]
+        train_loss, val = state["train_loss"], state["val_loss"]
         print(f"resumed {ckpt_path} at epoch {start_epoch}, {images_seen} images, {elapsed / 60:.1f} min")
     elif not resume and metrics_path.exists():
         metrics_path.unlink()
@@ -201,13 +201,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     total_steps = cfg.epochs * steps_per_epoch
     budget = cfg.max_minutes * 60 if cfg.max_minutes else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    print(f"UNet {count_parameters(model) / 1e6:.2f}M params on {hardware(device)}; "
+    print(f"UNet {count_parameters(model) / 1e6:.2f}M params on {describe(device)}; "
           f"{len(x_train)} train / {len(x_val)} val images; {steps_per_epoch} steps per epoch")
 
-    train_loss = val = float("nan")
     out_of_time = False
     with metrics_path.open("a") as log:
         for epoch in range(start_epoch, cfg.epochs):
+            if budget and elapsed >= budget:
+                break  # resumed a run whose time was already spent: nothing left to train
             g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # resumable data order
             order = torch.randperm(len(x_train), generator=g).to(device)
             model.train()
@@ -245,10 +246,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                                           "lr": opt.param_groups[0]["lr"], "images_per_s": rate}) + "\n")
                     log.flush()
             bar.close()
-            elapsed += time.perf_counter() - t_epoch
             train_loss = running if running is not None else train_loss
             val = validation_loss(ema.model, schedule, cfg, x_val, y_val)
             sample_grid(ema.model, schedule, cfg, device).save(run / f"samples_epoch{epoch + 1:03d}.png")
+            elapsed += time.perf_counter() - t_epoch  # the budget and the record include validation
             row = {"kind": "epoch", "epoch": epoch + 1, "step": step, "images": images_seen,
                    "train_loss": train_loss, "val_loss": val, "elapsed_min": elapsed / 60}
             log.write(json.dumps(row) + "\n")
@@ -269,8 +270,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
 
 
 def export(cfg: TrainConfig, ckpt_path: Path) -> Path:
-    """Write the checkpoint's EMA weights and card to ``weights_dir``."""
+    """Write the checkpoint's EMA weights and card to ``weights_dir``.
+
+    What defines the network and its training comes from the checkpoint, not from ``cfg``,
+    so ``--export-only`` cannot mislabel weights; ``cfg`` supplies only the name and place.
+    """
     state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    saved = {k: v for k, v in state["config"].items() if k not in ("name", "weights_dir", "run_dir", "data_dir")}
+    cfg = replace(cfg, **{**saved, "unet": UNetConfig(**saved["unet"])})
     model = UNet(cfg.unet)
     model.load_state_dict(state["ema"])
     device = resolve_device(cfg.device)
@@ -280,7 +287,7 @@ def export(cfg: TrainConfig, ckpt_path: Path) -> Path:
         "images_seen": state["images_seen"],
         "batch_size": cfg.batch_size,
         "wall_minutes": round(state["elapsed"] / 60, 2),
-        "hardware": hardware(device),
+        "hardware": describe(device),
         "torch": torch.__version__,
         "final_train_loss": state["train_loss"],
         "final_val_loss": state["val_loss"],

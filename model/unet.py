@@ -37,6 +37,17 @@ class UNetConfig:
     def __post_init__(self):
         object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
         object.__setattr__(self, "attention_stages", tuple(self.attention_stages))
+        for name in ("image_size", "in_channels", "stem_patch", "base_channels", "blocks_per_stage",
+                     "attention_heads", "num_classes", "groups"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if not self.channel_mults or min(self.channel_mults) < 1:
+            raise ValueError(f"channel_mults must be one or more positive integers, got {self.channel_mults}")
+        if self.base_channels % 2:
+            raise ValueError(f"base_channels must be even (it is the width of the sinusoidal time embedding), "
+                             f"got {self.base_channels}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         side = self.image_size // self.stem_patch
         if self.image_size % self.stem_patch:
             raise ValueError(f"image_size {self.image_size} is not divisible by stem_patch {self.stem_patch}")
@@ -47,6 +58,13 @@ class UNetConfig:
             )
         if any(not 0 <= s < len(self.channel_mults) for s in self.attention_stages):
             raise ValueError(f"attention_stages must index 0..{len(self.channel_mults) - 1}")
+        chans = [self.base_channels * m for m in self.channel_mults]
+        if any(c % self.groups for c in chans):
+            raise ValueError(f"groups {self.groups} must divide the channels of every stage {chans}")
+        attended = sorted({*self.attention_stages, len(chans) - 1})  # the middle block always has attention
+        if any(chans[s] % self.attention_heads for s in attended):
+            raise ValueError(f"attention_heads {self.attention_heads} must divide the channels "
+                             f"{[chans[s] for s in attended]} of the stages with attention (the last one included)")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,0 +1,156 @@
+"""Sampling speed: seconds and images/s per sampler and step count, the network's FLOPs per
+evaluation, and the achieved GFLOP/s beside a float32 matrix-product peak measured in the same run.
+
+    python bench/sampling.py                                   # shipped weights, n = 16, 3 repeats
+    python bench/sampling.py --guidance 1 --repeats 5 --runs dpm++:10 dpm++:20
+
+Without the weights file it times a freshly initialised network of the default shape
+(UNetConfig defaults with base_channels=48) and says so: speed does not depend on the weights' values.
+Prints a Markdown table, with the machine it ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from model.diffusion import Schedule  # noqa: E402
+from model.io import WeightsError, load_weights  # noqa: E402
+from model.machine import describe  # noqa: E402
+from model.samplers import SAMPLERS, Denoiser, generators_from_seeds, sample  # noqa: E402
+from model.unet import UNet, UNetConfig, count_parameters  # noqa: E402
+
+DEFAULT_RUNS = ["ddpm:1000", "ddim:50", "dpm++:10", "dpm++:20"]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, size: int = 2048, seconds: float = 1.0) -> float:
+    """Best float32 GFLOP/s of torch.mm on two size x size matrices (2 size^3 FLOPs each)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=g).to(device)
+    b = torch.randn(size, size, generator=g).to(device)
+    torch.mm(a, b)  # warm-up
+    sync(device)
+    best, start = 0.0, time.perf_counter()
+    while time.perf_counter() - start < seconds or best == 0.0:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        sync(device)
+        best = max(best, 2 * size**3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def flops_per_image(model: torch.nn.Module, config: UNetConfig, device: torch.device, batch: int = 4) -> float:
+    """FLOPs of one network evaluation per image, as torch's FlopCounterMode counts them
+    (convolutions, matrix products, attention; not the elementwise work of norms and activations)."""
+    x = torch.zeros(batch, config.in_channels, config.image_size, config.image_size, device=device)
+    t = torch.full((batch,), 500.0, device=device)
+    y = torch.zeros(batch, dtype=torch.long, device=device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, t, y)
+    return counter.get_total_flops() / batch
+
+
+def parse_run(text: str) -> tuple[str, int]:
+    sampler, _, steps = text.partition(":")
+    if not steps.isdigit():
+        raise argparse.ArgumentTypeError(f"expected SAMPLER:STEPS such as dpm++:20, got {text!r}")
+    return sampler, int(steps)
+
+
+def build_denoiser(weights: Path, device: torch.device) -> tuple[Denoiser, str, float]:
+    """The weights' denoiser, a description, and the card's guidance; or a fresh default network."""
+    if weights.exists():
+        loaded = load_weights(weights, device)
+        d = loaded.card["diffusion"]
+        what = (f"{weights} ({count_parameters(loaded.model) / 1e6:.2f}M parameters, {d['schedule']} schedule, "
+                f"{d['prediction']} prediction)")
+        return loaded.denoiser, what, float(loaded.card.get("sampling", {}).get("guidance", 2.0))
+    config = replace(UNetConfig(), base_channels=48)
+    model = UNet(config).to(device).eval().requires_grad_(False)
+    what = (f"{weights} not found: timing a freshly initialised network (UNetConfig defaults, base_channels=48, "
+            f"{count_parameters(model) / 1e6:.2f}M parameters); speed does not depend on the weights' values")
+    return Denoiser(model, Schedule.named("cosine"), "v", config.num_classes), what, 2.0
+
+
+def time_run(den: Denoiser, n: int, sampler: str, steps: int, guidance: float, repeats: int,
+             device: torch.device) -> float:
+    """Median wall-clock seconds of ``repeats`` sampling calls for n images (one per class in turn)."""
+    labels = (torch.arange(n) % den.null_class).to(device)
+    times = []
+    for r in range(repeats):
+        generators = generators_from_seeds(range(r * n, (r + 1) * n))
+        sync(device)
+        t0 = time.perf_counter()
+        sample(den, labels, generators, sampler, steps, guidance)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python bench/sampling.py", description=__doc__.splitlines()[0])
+    p.add_argument("--weights", type=Path, default=Path("weights/fashion-unet.safetensors"))
+    p.add_argument("--guidance", type=float, default=None, help="default: the card's sampling guidance (2.0 without)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per row; the median is reported")
+    p.add_argument("--n", type=int, default=16, help="images per call")
+    p.add_argument("--runs", type=parse_run, nargs="+", default=[parse_run(r) for r in DEFAULT_RUNS],
+                   metavar="SAMPLER:STEPS")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--matmul-size", type=int, default=2048)
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.n < 1:
+        p.error("--repeats and --n must be at least 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    try:
+        den, what, card_guidance = build_denoiser(args.weights, device)
+    except WeightsError as err:
+        p.exit(2, f"error: {err}\n")
+    T = den.schedule.T
+    for sampler, steps in args.runs:  # refuse bad rows before spending minutes on good ones
+        if sampler not in SAMPLERS or not 1 <= steps <= T or (sampler == "ddpm" and steps != T):
+            p.exit(2, f"error: {sampler}:{steps}: samplers are {', '.join(SAMPLERS)} with 1..{T} steps "
+                      f"(ddpm: exactly {T})\n")
+    guidance = card_guidance if args.guidance is None else args.guidance
+    evals_per_step = 1 if guidance == 1.0 else 2  # guidance runs the conditional and the null branch
+    config = den.model.config
+    flops = flops_per_image(den.model, config, device)
+    peak = matmul_peak(device, args.matmul_size)
+
+    print(f"machine: {describe(device)}")
+    print(f"weights: {what}")
+    print(f"network: {flops / 1e9:.3f} GFLOP per image per evaluation (torch FlopCounterMode)")
+    print(f"matmul peak: {peak:.1f} GFLOP/s (float32 torch.mm, {args.matmul_size}x{args.matmul_size}, best of 1 s)")
+    print(f"n = {args.n} images, guidance {guidance:g} ({evals_per_step} network evaluation(s) per image and step), "
+          f"median of {args.repeats} run(s)\n")
+
+    time_run(den, args.n, "dpm++", 2, guidance, 1, device)  # warm-up: allocator, kernels, caches
+    print("| sampler | steps | seconds | images/s | GFLOP/s | % of matmul peak |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for sampler, steps in args.runs:
+        seconds = time_run(den, args.n, sampler, steps, guidance, args.repeats, device)
+        achieved = flops * args.n * steps * evals_per_step / seconds / 1e9
+        print(f"| {sampler} | {steps} | {seconds:.2f} | {args.n / seconds:.2f} | {achieved:.1f} | "
+              f"{100 * achieved / peak:.0f}% |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,146 @@
+"""model/train.py: short real training runs of a tiny U-Net on a subset of the real data.
+
+One run of two epochs is shared by several tests (module fixture); the resume and time-budget
+tests start from copies of it or run on their own. About 10 s on two busy CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from model.data import FashionMNIST, to_model_range
+from model.diffusion import Schedule
+from model.io import load_weights
+from model.train import TrainConfig, parse_args, train, validation_loss
+from model.unet import UNet, UNetConfig
+
+TINY = UNetConfig(base_channels=8, channel_mults=(1, 2), attention_stages=(), groups=4)
+STEPS_PER_EPOCH = 8  # 512 images / batch 64
+
+
+def tiny_config(data_dir: Path, root: Path, **changes) -> TrainConfig:
+    cfg = TrainConfig(
+        data_dir=str(data_dir), run_dir=str(root / "run"), weights_dir=str(root / "weights"), name="tiny",
+        unet=TINY, epochs=2, batch_size=64, train_limit=512, val_size=200, lr=6e-3, warmup_steps=2,
+        sample_steps=2, device="cpu",
+    )
+    return replace(cfg, **changes)
+
+
+def epoch_rows(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["kind"] == "epoch"]
+
+
+def leftovers(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.name.endswith(".part")]
+
+
+@pytest.fixture(scope="module")
+def trained(fashion_mnist_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    cfg = tiny_config(fashion_mnist_dir, root)
+    card_path = train(cfg, progress=False)
+    return cfg, root, card_path
+
+
+def test_a_run_writes_metrics_samples_checkpoint_and_weights(trained):
+    cfg, root, card_path = trained
+    run = Path(cfg.run_dir)
+    rows = epoch_rows(run)
+    assert [(r["epoch"], r["step"], r["images"]) for r in rows] == [(1, 8, 512), (2, 16, 1024)]
+    for epoch in (1, 2):
+        with Image.open(run / f"samples_epoch{epoch:03d}.png") as im:
+            assert im.size == ((8 * 30 + 2) * 2, (10 * 30 + 2) * 2)  # 8 per class x 10 classes, 28 px + 2 pad, x2
+    assert (run / "loss_curve.png").stat().st_size > 1000
+    state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert (state["epoch"], state["step"], state["images_seen"]) == (2, 16, 1024)
+    assert not leftovers(root)
+
+    assert card_path == Path(cfg.weights_dir) / "tiny.json"
+    loaded = load_weights(Path(cfg.weights_dir) / "tiny.safetensors")
+    assert loaded.model.config == TINY
+    assert loaded.card["diffusion"] == {"schedule": "cosine", "T": 1000, "prediction": "v"}
+    record = loaded.card["training"]
+    assert (record["epochs"], record["steps"], record["images_seen"]) == (2, 16, 1024)
+    assert record["final_val_loss"] == pytest.approx(rows[-1]["val_loss"])
+    assert record["wall_minutes"] >= 0 and record["hardware"] and record["parameters"] > 0
+    # The exported tensors are the EMA weights of the checkpoint.
+    for key, value in loaded.model.state_dict().items():
+        assert torch.equal(value, state["ema"][key]), key
+
+
+def test_training_lowers_the_loss(trained, fashion_mnist_dir):
+    cfg, _, _ = trained
+    (_, _), (va_x, va_y) = FashionMNIST.load(fashion_mnist_dir).split(cfg.val_size, cfg.seed)
+    x, y = to_model_range(va_x), torch.from_numpy(va_y)
+    schedule = Schedule.named(cfg.schedule, cfg.T)
+    untrained = validation_loss(UNet(TINY).eval(), schedule, cfg, x, y)
+    trained_model = load_weights(Path(cfg.weights_dir) / "tiny.safetensors").model
+    after = validation_loss(trained_model, schedule, cfg, x, y)
+    assert after < 0.9 * untrained, (untrained, after)  # 0.27 -> 0.22 here
+    rows = epoch_rows(Path(cfg.run_dir))
+    assert rows[1]["val_loss"] < rows[0]["val_loss"]
+
+
+def test_resume_continues_from_the_checkpoint(trained, tmp_path):
+    cfg, root, _ = trained
+    shutil.copytree(root, tmp_path, dirs_exist_ok=True)
+    resumed = replace(cfg, run_dir=str(tmp_path / "run"), weights_dir=str(tmp_path / "weights"), epochs=3)
+    before = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    train(resumed, resume=True, progress=False)
+
+    rows = epoch_rows(tmp_path / "run")
+    assert [(r["epoch"], r["step"], r["images"]) for r in rows] == [(1, 8, 512), (2, 16, 1024), (3, 24, 1536)]
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert (state["epoch"], state["step"], state["images_seen"], state["ema_updates"]) == (3, 24, 1536, 24)
+    assert state["elapsed"] > before["elapsed"]
+    # AdamW's own step counter went on from 16: the optimizer state was restored, not rebuilt.
+    assert {float(s["step"]) for s in state["optimizer"]["state"].values()} == {24.0}
+    assert (tmp_path / "run" / "samples_epoch003.png").exists()
+    record = load_weights(tmp_path / "weights" / "tiny.safetensors").card["training"]
+    assert (record["epochs"], record["images_seen"]) == (3, 1536)
+
+
+def test_resume_refuses_a_checkpoint_of_another_network(trained, tmp_path):
+    cfg, root, _ = trained
+    shutil.copytree(root, tmp_path, dirs_exist_ok=True)
+    other = replace(cfg, run_dir=str(tmp_path / "run"), unet=replace(TINY, base_channels=16), epochs=3)
+    with pytest.raises(ValueError, match="different UNetConfig"):
+        train(other, resume=True, progress=False)
+
+
+def test_the_time_budget_ends_training_cleanly_and_still_exports(fashion_mnist_dir, tmp_path):
+    # 0.003 min = 0.18 s: over after the first step or two of the first of 50 epochs.
+    cfg = tiny_config(fashion_mnist_dir, tmp_path, epochs=50, max_minutes=0.003)
+    card_path = train(cfg, progress=False)
+    loaded = load_weights(Path(cfg.weights_dir) / "tiny.safetensors")
+    assert card_path.exists() and loaded.card["name"] == "tiny"
+    record = loaded.card["training"]
+    assert record["epochs"] == 1 and 1 <= record["steps"] < STEPS_PER_EPOCH
+    assert record["config"]["max_minutes"] == 0.003
+    assert [r["epoch"] for r in epoch_rows(tmp_path / "run")] == [1]
+    assert torch.isfinite(torch.tensor(record["final_val_loss"]))
+    assert not leftovers(tmp_path)
+
+
+def test_cli_flags_reach_the_config():
+    cfg, args = parse_args([
+        "--data-dir", "d", "--run-dir", "r", "--weights-dir", "w", "--name", "n", "--epochs", "3",
+        "--max-minutes", "1.5", "--batch-size", "32", "--train-limit", "100", "--val-size", "50",
+        "--prediction", "eps", "--schedule", "linear", "--min-snr-gamma", "0", "--base-channels", "16",
+        "--channel-mults", "1", "2", "2", "--attention-stages", "--stem-patch", "1", "--resume",
+    ])
+    assert (cfg.data_dir, cfg.run_dir, cfg.weights_dir, cfg.name) == ("d", "r", "w", "n")
+    assert (cfg.epochs, cfg.max_minutes, cfg.batch_size, cfg.train_limit, cfg.val_size) == (3, 1.5, 32, 100, 50)
+    assert (cfg.prediction, cfg.schedule, cfg.min_snr_gamma) == ("eps", "linear", None)
+    assert cfg.unet == replace(UNetConfig(), base_channels=16, channel_mults=(1, 2, 2), attention_stages=(),
+                               stem_patch=1)
+    assert args.resume
