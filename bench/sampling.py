@@ -76,18 +76,23 @@ def build_denoiser(weights: Path, device: torch.device) -> tuple[Denoiser, str, 
     if weights.exists():
         loaded = load_weights(weights, device)
         d = loaded.card["diffusion"]
-        what = (f"{weights} ({count_parameters(loaded.model) / 1e6:.2f}M parameters, {d['schedule']} schedule, "
-                f"{d['prediction']} prediction)")
+        what = (
+            f"{weights} ({count_parameters(loaded.model) / 1e6:.2f}M parameters, {d['schedule']} schedule, "
+            f"{d['prediction']} prediction)"
+        )
         return loaded.denoiser, what, float(loaded.card.get("sampling", {}).get("guidance", 2.0))
     config = replace(UNetConfig(), base_channels=48)
     model = UNet(config).to(device).eval().requires_grad_(False)
-    what = (f"{weights} not found: timing a freshly initialised network (UNetConfig defaults, base_channels=48, "
-            f"{count_parameters(model) / 1e6:.2f}M parameters); speed does not depend on the weights' values")
+    what = (
+        f"{weights} not found: timing a freshly initialised network (UNetConfig defaults, base_channels=48, "
+        f"{count_parameters(model) / 1e6:.2f}M parameters); speed does not depend on the weights' values"
+    )
     return Denoiser(model, Schedule.named("cosine"), "v", config.num_classes), what, 2.0
 
 
-def time_run(den: Denoiser, n: int, sampler: str, steps: int, guidance: float, repeats: int,
-             device: torch.device) -> float:
+def time_run(
+    den: Denoiser, n: int, sampler: str, steps: int, guidance: float, repeats: int, device: torch.device
+) -> float:
     """Median wall-clock seconds of ``repeats`` sampling calls for n images (one per class in turn)."""
     labels = (torch.arange(n) % den.null_class).to(device)
     times = []
@@ -107,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, default=None, help="default: the card's sampling guidance (2.0 without)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per row; the median is reported")
     p.add_argument("--n", type=int, default=16, help="images per call")
-    p.add_argument("--runs", type=parse_run, nargs="+", default=[parse_run(r) for r in DEFAULT_RUNS],
-                   metavar="SAMPLER:STEPS")
+    p.add_argument(
+        "--runs", type=parse_run, nargs="+", default=[parse_run(r) for r in DEFAULT_RUNS], metavar="SAMPLER:STEPS"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--matmul-size", type=int, default=2048)
@@ -126,8 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     T = den.schedule.T
     for sampler, steps in args.runs:  # refuse bad rows before spending minutes on good ones
         if sampler not in SAMPLERS or not 1 <= steps <= T or (sampler == "ddpm" and steps != T):
-            p.exit(2, f"error: {sampler}:{steps}: samplers are {', '.join(SAMPLERS)} with 1..{T} steps "
-                      f"(ddpm: exactly {T})\n")
+            p.exit(
+                2,
+                f"error: {sampler}:{steps}: samplers are {', '.join(SAMPLERS)} with 1..{T} steps (ddpm: exactly {T})\n",
+            )
     guidance = card_guidance if args.guidance is None else args.guidance
     evals_per_step = 1 if guidance == 1.0 else 2  # guidance runs the conditional and the null branch
     config = den.model.config
@@ -138,8 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"weights: {what}")
     print(f"network: {flops / 1e9:.3f} GFLOP per image per evaluation (torch FlopCounterMode)")
     print(f"matmul peak: {peak:.1f} GFLOP/s (float32 torch.mm, {args.matmul_size}x{args.matmul_size}, best of 1 s)")
-    print(f"n = {args.n} images, guidance {guidance:g} ({evals_per_step} network evaluation(s) per image and step), "
-          f"median of {args.repeats} run(s)\n")
+    print(
+        f"n = {args.n} images, guidance {guidance:g} ({evals_per_step} network evaluation(s) per image and step), "
+        f"median of {args.repeats} run(s)\n"
+    )
 
     time_run(den, args.n, "dpm++", 2, guidance, 1, device)  # warm-up: allocator, kernels, caches
     print("| sampler | steps | seconds | images/s | GFLOP/s | % of matmul peak |")
@@ -147,8 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     for sampler, steps in args.runs:
         seconds = time_run(den, args.n, sampler, steps, guidance, args.repeats, device)
         achieved = flops * args.n * steps * evals_per_step / seconds / 1e9
-        print(f"| {sampler} | {steps} | {seconds:.2f} | {args.n / seconds:.2f} | {achieved:.1f} | "
-              f"{100 * achieved / peak:.0f}% |", flush=True)
+        print(
+            f"| {sampler} | {steps} | {seconds:.2f} | {args.n / seconds:.2f} | {achieved:.1f} | "
+            f"{100 * achieved / peak:.0f}% |",
+            flush=True,
+        )
     return 0
 
 

@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 from app.device import FixedRows  # noqa: E402
 from app.settings import default_weights_path  # noqa: E402
 from model.io import load_weights, save_weights  # noqa: E402
+from model.machine import describe  # noqa: E402
 from model.samplers import generators_from_seeds, sample, to_uint8  # noqa: E402
 from model.unet import UNet, UNetConfig  # noqa: E402
 
@@ -65,40 +66,41 @@ def tiny_weights(directory: Path) -> Path:
 
 
 def machine(device: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    parts = [f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"]
-    if device.startswith("cuda") and torch.cuda.is_available():
-        parts.append(torch.cuda.get_device_name())
+    """model.machine's one-line description, plus the load average: this machine may be shared."""
+    line = describe(device)
     if hasattr(os, "getloadavg"):
-        parts.append(f"load average {os.getloadavg()[0]:.1f} at start")
-    return "; ".join(parts)
+        line += f"; load average {os.getloadavg()[0]:.1f} at start"
+    return line
 
 
-def in_process(weights: Path, device: str, sampler: str, steps: int, guidance: float, n: int, repeats: int) -> dict:
-    """Median seconds of sampling n images in this process: plain, and with the service's fixed rows."""
-    loaded = load_weights(weights, device)
-    labels = torch.full((n,), 3, device=device)
-    out = {}
-    for name, rows in (("plain", 0), ("fixed_rows", 8 if device == "cpu" else 128)):
-        den = replace(loaded.denoiser, model=FixedRows(loaded.model, rows)) if rows else loaded.denoiser
-        times = []
-        for r in range(repeats + 1):  # the first run warms up
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                to_uint8(sample(den, labels, generators_from_seeds(range(r, r + n)), sampler, steps, guidance))
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            if r:
-                times.append(time.perf_counter() - t0)
-        out[name] = statistics.median(times)
-    return out
+class InProcess:
+    """The same sampling without the service: plain ``sample()``, and with the service's fixed rows."""
+
+    def __init__(self, weights: Path, device: str, sampler: str, steps: int, guidance: float) -> None:
+        loaded = load_weights(weights, device)
+        rows = 8 if device == "cpu" else 128  # what app.device.prepare picks by default
+        self.denoisers = {
+            "plain": loaded.denoiser,
+            "fixed_rows": replace(loaded.denoiser, model=FixedRows(loaded.model, rows)),
+        }
+        self.device, self.sampler, self.steps, self.guidance = device, sampler, steps, guidance
+
+    def seconds(self, variant: str, n: int, seed: int) -> float:
+        labels = torch.full((n,), 3, device=self.device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            x = sample(
+                self.denoisers[variant],
+                labels,
+                generators_from_seeds(range(seed, seed + n)),
+                self.sampler,
+                self.steps,
+                self.guidance,
+            )
+            to_uint8(x)
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
 
 
 def free_port() -> int:
@@ -126,23 +128,46 @@ def start_server(weights: Path, device: str, port: int) -> subprocess.Popen[byte
         time.sleep(0.2)
 
 
-async def over_http(url: str, body: dict, n: int, clients: int, repeats: int) -> dict:
+async def batches_so_far(http: httpx.AsyncClient) -> float:
+    """fashion_batch_size_jobs_count from the server's /metrics: how many batches it has sampled."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = (await http.get("/metrics")).text
+    for family in text_string_to_metric_families(text):
+        for sample_ in family.samples:
+            if sample_.name == "fashion_batch_size_jobs_count":
+                return sample_.value
+    return 0.0
+
+
+async def measure(url: str, local: InProcess, body: dict, n: int, clients: int, repeats: int) -> dict:
+    """Per repeat, in turn: in-process (plain, fixed rows), one client n, ``clients`` clients n=1.
+
+    Interleaving keeps slow drifts of a shared machine's load out of the ratios."""
+    runs: dict[str, list[float]] = {k: [] for k in ("plain", "fixed_rows", "single", "concurrent", "batches")}
     async with httpx.AsyncClient(base_url=url, timeout=600) as http:
 
         async def post(payload: dict) -> None:
             r = await http.post("/generate", json=payload)
             r.raise_for_status()
 
-        await post({**body, "n": n})  # warm the connection pool and the server
-        single, concurrent = [], []
+        # Warm up both sides, and open one keep-alive connection per client, as long-lived clients hold.
+        local.seconds("plain", n, 0)
+        local.seconds("fixed_rows", n, 0)
+        await post({**body, "n": n})
+        await asyncio.gather(*(post({**body, "n": 1}) for _ in range(clients)))
         for r in range(repeats):
+            runs["plain"].append(local.seconds("plain", n, r))
+            runs["fixed_rows"].append(local.seconds("fixed_rows", n, r))
             t0 = time.perf_counter()
             await post({**body, "n": n, "seed": r})
-            single.append(time.perf_counter() - t0)
+            runs["single"].append(time.perf_counter() - t0)
+            before = await batches_so_far(http)
             t0 = time.perf_counter()
             await asyncio.gather(*(post({**body, "n": 1, "seed": 1000 * r + k}) for k in range(clients)))
-            concurrent.append(time.perf_counter() - t0)
-    return {"single": statistics.median(single), "concurrent": statistics.median(concurrent)}
+            runs["concurrent"].append(time.perf_counter() - t0)
+            runs["batches"].append(await batches_so_far(http) - before)
+    return runs
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,12 +192,12 @@ def main(argv: list[str] | None = None) -> None:
         guidance = args.guidance if args.guidance is not None else section.get("guidance", 1.0)
         where = machine(args.device)
 
-        local = in_process(weights, args.device, sampler, steps, guidance, args.n, args.repeats)
+        local = InProcess(weights, args.device, sampler, steps, guidance)
         port = free_port()
         server = start_server(weights, args.device, port)
         try:
             body = {"class": 3, "sampler": sampler, "steps": steps, "guidance": guidance}
-            http = asyncio.run(over_http(f"http://127.0.0.1:{port}", body, args.n, args.clients, args.repeats))
+            runs = asyncio.run(measure(f"http://127.0.0.1:{port}", local, body, args.n, args.clients, args.repeats))
         finally:
             server.terminate()
             server.wait(30)
@@ -185,14 +210,26 @@ def main(argv: list[str] | None = None) -> None:
     print("| measurement | seconds | images/s | ratio |")
     print("|---|---:|---:|---:|")
 
-    def row(what: str, seconds: float, images: int, ratio: str = "") -> None:
+    def row(what: str, key: str, images: int, ratio: str = "") -> None:
+        seconds = statistics.median(runs[key])
         print(f"| {what} | {seconds:.3f} | {images / seconds:.1f} | {ratio} |")
 
-    row(f"in-process sample(), n={n}", local["plain"], n)
-    row(f"in-process, fixed rows as served, n={n}", local["fixed_rows"], n)
-    row(f"POST /generate n={n}", http["single"], n, f"{http['single'] / local['plain']:.2f} (target <= 1.1)")
-    gain = (c / http["concurrent"]) / (n / http["single"])
-    row(f"{c} concurrent clients, n=1 each", http["concurrent"], c, f"{gain:.2f} of one n={n} (target >= 0.8)")
+    def ratio(f: Callable[[int], float]) -> float:
+        return statistics.median(f(r) for r in range(args.repeats))
+
+    overhead = ratio(lambda r: runs["single"][r] / runs["plain"][r])
+    own = ratio(lambda r: runs["single"][r] / runs["fixed_rows"][r])
+    gain = ratio(lambda r: (c / runs["concurrent"][r]) / (n / runs["single"][r]))
+    batches = statistics.median(runs["batches"])
+    row(f"in-process sample(), n={n}", "plain", n)
+    row(f"in-process, fixed rows as served, n={n}", "fixed_rows", n)
+    row(f"POST /generate n={n}", "single", n, f"{overhead:.2f} of in-process (target <= 1.1); {own:.2f} of fixed rows")
+    row(
+        f"{c} clients at once, n=1 each ({batches:.0f} batches)",
+        "concurrent",
+        c,
+        f"{gain:.2f} of one n={n} (target >= 0.8)",
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,168 @@
+"""A small command-line client, for people who would rather not write curl.
+
+    python -m app.client generate --class dress -n 16 -o out/          # 16 PNGs in out/
+    python -m app.client generate --class 3 -n 16 --grid -o out/       # one PNG grid
+    python -m app.client stream --class "ankle boot" -n 4 -o out/ --previews
+
+The server is ``--url`` (default: $FASHION_URL or http://127.0.0.1:8000); the API key is
+``--api-key`` or $FASHION_API_KEY. Exit status: 0 on success, 1 when the server refused or
+failed (its error message is printed), 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _body(args: argparse.Namespace) -> dict[str, Any]:
+    cls: int | str = int(args.cls) if re.fullmatch(r"\d+", args.cls) else args.cls
+    body: dict[str, Any] = {"class": cls, "n": args.n}
+    for key in ("steps", "sampler", "guidance", "seed"):
+        if getattr(args, key) is not None:
+            body[key] = getattr(args, key)
+    if getattr(args, "preview_every", None) is not None:
+        body["preview_every"] = args.preview_every
+    return body
+
+
+def _headers(args: argparse.Namespace) -> dict[str, str]:
+    return {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        err = response.json()["error"]
+        return f"HTTP {response.status_code} {err.get('code')}: {err.get('message')}"
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {response.status_code}: {response.text[:500]}"
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def save_images(result: dict[str, Any], out: Path) -> list[Path]:
+    """Write each image of a /generate (or stream ``done``) body as <class>_<index>_seed<seed>.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    name = _slug(result["params"]["class_name"])
+    paths = []
+    for image in result["images"]:
+        path = out / f"{name}_{image['index']:03d}_seed{image['seed']}.png"
+        path.write_bytes(base64.b64decode(image["png"]))
+        paths.append(path)
+    return paths
+
+
+def generate(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    headers = _headers(args)
+    if args.grid:
+        headers["Accept"] = "image/png"
+    with httpx.Client(base_url=args.url, timeout=args.timeout) as client:
+        response = client.post("/generate", json=_body(args), headers=headers)
+    if response.status_code != 200:
+        print(_error_text(response), file=sys.stderr)
+        return 1
+    if args.grid:
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"grid_seed{response.headers.get('x-seed', 'random')}.png"
+        path.write_bytes(response.content)
+        print(f"wrote {path} (seeds {response.headers.get('x-seeds')})")
+        return 0
+    result = response.json()
+    paths = save_images(result, out)
+    t = result["timings"]
+    print(
+        f"wrote {len(paths)} images to {out} ({result['params']['class_name']}, {result['params']['sampler']} "
+        f"{result['params']['steps']} steps, seed {result['params']['seed']}; {t['total_ms']:.0f} ms, "
+        f"batch of {t['batch_images']})"
+    )
+    return 0
+
+
+def stream(args: argparse.Namespace) -> int:
+    from httpx_sse import connect_sse  # only this command needs it
+
+    out = Path(args.out)
+    previews = out / "previews"
+    with (
+        httpx.Client(base_url=args.url, timeout=args.timeout) as client,
+        connect_sse(client, "POST", "/generate/stream", json=_body(args), headers=_headers(args)) as source,
+    ):
+        if source.response.status_code != 200:
+            source.response.read()
+            print(_error_text(source.response), file=sys.stderr)
+            return 1
+        for event in source.iter_sse():
+            data = json.loads(event.data)
+            if event.event == "start":
+                print(f"started job {data['job']} ({data['queue_depth']} queued)")
+            elif event.event == "step":
+                print(f"step {data['index'] + 1}/{data['total']} t={data['t']}", flush=True)
+                if args.previews and data.get("x0_png"):
+                    previews.mkdir(parents=True, exist_ok=True)
+                    for key in ("x0", "xt"):
+                        (previews / f"step{data['index']:04d}_{key}.png").write_bytes(
+                            base64.b64decode(data[f"{key}_png"])
+                        )
+            elif event.event == "done":
+                paths = save_images(data, out)
+                print(f"wrote {len(paths)} images to {out}")
+                return 0
+            elif event.event == "error":
+                err = data["error"]
+                print(f"error {err.get('code')}: {err.get('message')}", file=sys.stderr)
+                return 1
+    print("the stream ended without a done event", file=sys.stderr)
+    return 1
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m app.client", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument("--url", default=os.environ.get("FASHION_URL", DEFAULT_URL), help="server base URL")
+    p.add_argument("--api-key", default=os.environ.get("FASHION_API_KEY"), help="API key, if the server has one")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, fn in (("generate", generate), ("stream", stream)):
+        s = sub.add_parser(name, help=f"{name} images of one class")
+        s.set_defaults(fn=fn)
+        s.add_argument("--class", dest="cls", required=True, help="index 0-9 or a name (dress, 'ankle boot', ...)")
+        s.add_argument("-n", type=int, default=16, help="how many images")
+        s.add_argument("-o", "--out", required=True, help="directory for the PNGs")
+        s.add_argument("--steps", type=int)
+        s.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"])
+        s.add_argument("--guidance", type=float)
+        s.add_argument("--seed", type=int)
+        if name == "generate":
+            s.add_argument("--grid", action="store_true", help="ask for one PNG grid instead of n files")
+        else:
+            s.add_argument("--preview-every", type=int, help="previews every k steps")
+            s.add_argument("--previews", action="store_true", help="also save the preview PNGs under OUT/previews")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        code: int = args.fn(args)
+    except httpx.HTTPError as err:
+        print(f"cannot reach {args.url}: {err}", file=sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Putting loaded weights on the device the way the engine runs them.
+
+The one idea here is ``FixedRows``. Convolution and matmul kernels choose their blocking,
+and so their summation order, from the tensor shapes: on CPU a batch of 1 and a batch of
+13 give the same image results that differ in the last float bits, and over 20 sampler
+steps that can flip a uint8 pixel. Running the network on chunks of one fixed number of
+rows (padding the last) makes every row's arithmetic independent of what else is in the
+batch, so a seed gives byte-identical PNGs whatever it was batched with. Rows do not
+interact anywhere in the U-Net (GroupNorm and attention are per sample), so padding rows
+cannot change real ones. A single shape is also what CUDA graphs and torch.compile want.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from model.io import LoadedWeights
+from model.samplers import Denoiser
+from model.unet import count_parameters
+
+log = logging.getLogger("app")
+
+CPU_ROWS = 8  # per-row cost on CPU is flat from about 4-8 rows up, so chunks of 8 waste little
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when present, else CPU; an explicit device that is absent is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available (set FASHION_DEVICE=auto or cpu)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError(f"device {name!r} requested but MPS is not available")
+    return device
+
+
+class FixedRows(nn.Module):
+    """Evaluate ``net(x, t, y)`` on chunks of exactly ``rows`` rows, padding the last chunk."""
+
+    def __init__(self, net: nn.Module, rows: int, clone_outputs: bool = False) -> None:
+        super().__init__()
+        if rows < 1:
+            raise ValueError(f"rows must be >= 1, got {rows}")
+        self.net = net
+        self.rows = rows
+        self.clone_outputs = clone_outputs  # CUDA graphs reuse their output buffer between calls
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        n = len(x)
+        pad = (-n) % self.rows
+        if pad:
+            x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])  # (n + pad, C, H, W)
+            t = torch.cat([t, t[:1].expand(pad)])
+            y = torch.cat([y, y[:1].expand(pad)])
+        outs = []
+        for i in range(0, n + pad, self.rows):
+            out = self.net(x[i : i + self.rows], t[i : i + self.rows], y[i : i + self.rows])  # (rows, C, H, W)
+            outs.append(out.clone() if self.clone_outputs else out)
+        return torch.cat(outs)[:n]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How the engine runs the network: the wrapped denoiser, its device and its autocast dtype."""
+
+    denoiser: Denoiser
+    device: torch.device
+    dtype: torch.dtype  # autocast dtype; float32 means no autocast
+    rows: int  # FixedRows chunk, 0 when off
+    parameters: int
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "device": str(self.device),
+            "precision": str(self.dtype).removeprefix("torch."),
+            "fixed_rows": str(self.rows),
+            "parameters": str(self.parameters),
+        }
+
+
+def _dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[precision]
+
+
+def prepare(
+    loaded: LoadedWeights,
+    device: torch.device,
+    *,
+    precision: str = "auto",
+    channels_last: bool | None = None,
+    compile: bool = False,
+    fixed_rows: int | None = None,
+    max_batch: int = 64,
+    compiler: Callable[..., Any] | None = None,
+) -> Runtime:
+    """Wrap loaded weights (already on ``device``) for serving."""
+    net: nn.Module = loaded.model
+    if channels_last if channels_last is not None else device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    cudagraphs = False
+    if compile:
+        cudagraphs = device.type == "cuda"
+        mode = "reduce-overhead" if cudagraphs else "default"
+        net = cast(nn.Module, (compiler or torch.compile)(net, mode=mode, dynamic=False))
+    rows = fixed_rows if fixed_rows is not None else (2 * max_batch if device.type == "cuda" else CPU_ROWS)
+    if rows:
+        net = FixedRows(net, rows, clone_outputs=cudagraphs)
+    denoiser = replace(loaded.denoiser, model=net)
+    return Runtime(denoiser, device, _dtype(precision, device), rows, count_parameters(loaded.model))

@@ -1,0 +1,130 @@
+"""The FastAPI application: ``create_app(settings)``, and ``app`` for ``uvicorn app.main:app``.
+
+Nothing heavy happens at import: the lifespan loads the weights (safetensors + JSON card,
+no pickle) onto the device, starts the engine, runs a warm-up batch, and only then
+reports ready. Weights that are missing or corrupt stop startup with a message naming the
+file and the problem, and uvicorn exits non-zero.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from fastapi import FastAPI
+
+from app.deps import Defaults, Serving
+from app.device import prepare, resolve_device
+from app.engine import Engine, JobSpec
+from app.errors import install_handlers
+from app.metrics import Metrics
+from app.middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
+from app.routes import generate, health, metrics, stream
+from app.schemas import Limits, allowed_values, request_models
+from app.settings import Settings
+from model.io import WeightsError, load_weights
+
+log = logging.getLogger("app")
+
+FALLBACK = Defaults(sampler="dpm++", steps=20, guidance=1.0)  # when neither settings nor card say
+
+
+def sampling_defaults(settings: Settings, card: dict[str, Any], T: int) -> Defaults:
+    """Settings override the weights card's "sampling" section, which overrides the fallback."""
+    section = card.get("sampling") or {}
+    sampler = settings.sampler or section.get("sampler") or FALLBACK.sampler
+    steps = settings.steps or section.get("steps") or FALLBACK.steps
+    guidance = settings.guidance if settings.guidance is not None else section.get("guidance", FALLBACK.guidance)
+    if sampler == "ddpm":
+        steps = T
+    if sampler not in ("ddpm", "ddim", "dpm++"):
+        raise WeightsError(f"card sampling.sampler {sampler!r} is not one of ddpm, ddim, dpm++")
+    if not 1 <= int(steps) <= min(T, settings.max_steps):
+        raise WeightsError(
+            f"default steps {steps} outside 1..{min(T, settings.max_steps)} (FASHION_STEPS / FASHION_MAX_STEPS)"
+        )
+    if not 0 <= float(guidance) <= settings.max_guidance:
+        raise WeightsError(f"default guidance {guidance} outside 0..{settings.max_guidance} (FASHION_GUIDANCE)")
+    return Defaults(sampler=sampler, steps=int(steps), guidance=float(guidance))
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    metrics: Metrics = app.state.metrics
+    try:
+        device = resolve_device(settings.device)
+        loaded = await anyio.to_thread.run_sync(load_weights, settings.weights, device)
+        T = loaded.denoiser.schedule.T
+        defaults = sampling_defaults(settings, loaded.card, T)
+    except (WeightsError, RuntimeError) as err:
+        log.error("cannot start: %s", err)
+        raise
+    runtime = prepare(
+        loaded,
+        device,
+        precision=settings.precision,
+        channels_last=settings.channels_last,
+        compile=settings.compile,
+        fixed_rows=settings.fixed_rows,
+        max_batch=settings.max_batch,
+    )
+    engine = Engine(
+        runtime,
+        metrics,
+        queue_size=settings.queue_size,
+        max_batch=settings.max_batch,
+        batch_wait_s=settings.batch_wait_ms / 1e3,
+    )
+    engine.start()
+    try:
+        if settings.warmup:
+            warm_sampler = "ddim" if defaults.sampler == "ddpm" else defaults.sampler
+            await engine.run(JobSpec(0, (0,), warm_sampler, min(2, T), defaults.guidance), record=False)
+        name = str(loaded.card.get("name") or loaded.path.stem)
+        metrics.model.info({"name": name, "weights": loaded.path.name, **runtime.describe()})
+        metrics.ready.set(1)
+        app.state.serving = Serving(engine, name, defaults, T, str(device), loaded.card)
+        log.info("ready: %s on %s (%s parameters)", name, device, runtime.parameters)
+        yield
+    finally:
+        app.state.serving = None
+        metrics.ready.set(0)
+        await anyio.to_thread.run_sync(engine.stop)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A new app with its own settings, metrics registry and (once started) engine."""
+    settings = settings or Settings()
+    limits = Limits(settings.max_images, settings.max_steps, settings.max_guidance)
+    generate_model, stream_model = request_models(limits)
+    app = FastAPI(
+        title="Fashion-MNIST diffusion",
+        version="0.1.0",
+        description="Class-conditional 28x28 Fashion-MNIST images from a diffusion model, batched on one device.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.serving = None
+    install_handlers(app, allowed_values(stream_model))
+    routers = [
+        health.router,
+        metrics.router,
+        generate.build_router(generate_model),
+        stream.build_router(stream_model),
+    ]
+    for router in routers:
+        app.include_router(router)
+    paths = {str(getattr(route, "path", "")) for router in routers for route in router.routes}
+    # add_middleware puts each one outside the previous: body limit innermost, metrics outermost.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value() if settings.api_key else None)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, paths=paths)
+    return app
+
+
+app = create_app()

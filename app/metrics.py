@@ -1,0 +1,93 @@
+"""Prometheus metrics, one ``CollectorRegistry`` per app so tests can build several apps.
+
+Names follow the Prometheus conventions: a ``fashion_`` namespace, base units
+(seconds), ``_total`` on counters, ``_info`` for the constant model description.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+
+NAMESPACE = "fashion"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """Every metric the service exports, registered in its own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r, ns = self.registry, NAMESPACE
+        # HTTP, recorded by the pure-ASGI middleware; route is the template, never the raw path.
+        self.http_requests = Counter(
+            "http_requests",
+            "HTTP requests by route, method and status",
+            ["route", "method", "status"],
+            namespace=ns,
+            registry=r,
+        )
+        self.http_latency = Histogram(
+            "http_request_duration_seconds",
+            "time from the request's arrival to the end of its response (streams: the whole stream)",
+            ["route", "method"],
+            namespace=ns,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        # Engine.
+        self.queue_depth = Gauge("queue_depth", "jobs waiting for the device", namespace=ns, registry=r)
+        self.jobs_running = Gauge("jobs_running", "jobs in the batch on the device now", namespace=ns, registry=r)
+        self.batch_images = Histogram(
+            "batch_size_images", "images per sampled batch", namespace=ns, buckets=BATCH_BUCKETS, registry=r
+        )
+        self.batch_jobs = Histogram(
+            "batch_size_jobs",
+            "jobs (requests) merged into one sampled batch",
+            namespace=ns,
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "queue_wait_seconds",
+            "time a job waited before its batch started",
+            namespace=ns,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_duration = Histogram(
+            "batch_duration_seconds",
+            "wall time of one sampled batch",
+            namespace=ns,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.images = Counter("images_generated", "images delivered to clients", ["sampler"], namespace=ns, registry=r)
+        self.steps = Counter(
+            "sampler_steps", "sampler steps run (one network evaluation of a batch each)", namespace=ns, registry=r
+        )
+        self.step_duration = Histogram(
+            "sampler_step_duration_seconds",
+            "wall time of one sampler step of a batch",
+            namespace=ns,
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.jobs_cancelled = Counter(
+            "jobs_cancelled", "jobs stopped because their client went away", ["stage"], namespace=ns, registry=r
+        )
+        self.jobs_rejected = Counter("jobs_rejected", "jobs refused at once", ["reason"], namespace=ns, registry=r)
+        self.jobs_failed = Counter("jobs_failed", "jobs that ended in an error", ["reason"], namespace=ns, registry=r)
+        self.model = Info("model", "the loaded weights", namespace=ns, registry=r)
+        self.ready = Gauge("ready", "1 when the weights are loaded and warm", namespace=ns, registry=r)
+        # Known label values start at zero, so rate() and alerts see the series before the first event.
+        for stage in ("queued", "running"):
+            self.jobs_cancelled.labels(stage)
+        self.jobs_rejected.labels("queue_full")
+        for sampler in ("ddpm", "ddim", "dpm++"):
+            self.images.labels(sampler)
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

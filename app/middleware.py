@@ -1,0 +1,158 @@
+"""Pure ASGI middleware: request metrics, API key, body size limit.
+
+``BaseHTTPMiddleware`` runs the app in a separate task and breaks disconnect detection
+for streaming responses, so these wrap ``(scope, receive, send)`` directly.
+Order, outermost first: metrics (so it sees every 401 and 413), API key, body limit.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Iterable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.errors import error_bytes
+from app.metrics import Metrics
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
+async def send_error(
+    send: Send, status: int, message: str, *, code: str, headers: Iterable[tuple[bytes, bytes]] = ()
+) -> None:
+    body = error_bytes(status, message, code=code)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class MetricsMiddleware:
+    """Counts requests by route template, method and status, and times them (streams until their end)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, paths: Iterable[str]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.paths = frozenset(paths)  # route templates, for requests answered before routing (401, 413)
+
+    def _route(self, scope: Scope) -> str:
+        # The router leaves the matched route in the scope; the label is its template, never the raw
+        # path, so unknown paths cannot blow up the label set.
+        route = scope.get("route")
+        path = getattr(route, "path", None)
+        if isinstance(path, str) and path:
+            return path
+        return scope["path"] if scope["path"] in self.paths else "unmatched"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        start = time.perf_counter()
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route, method = self._route(scope), scope["method"]
+            self.metrics.http_requests.labels(route, method, str(status)).inc()
+            self.metrics.http_latency.labels(route, method).observe(time.perf_counter() - start)
+
+
+class ApiKeyMiddleware:
+    """When a key is set, every path but health, metrics and docs needs ``Authorization: Bearer <key>``
+    or ``X-API-Key: <key>``."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+        self.app = app
+        self.key = api_key.encode() if api_key else None
+
+    def _presented(self, scope: Scope) -> bytes | None:
+        for name, value in scope.get("headers", []):
+            if name == b"x-api-key":
+                return bytes(value).strip()
+            if name == b"authorization" and value[:7].lower() == b"bearer ":
+                return bytes(value[7:]).strip()
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.key is None or scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        presented = self._presented(scope)
+        if presented is None or not hmac.compare_digest(presented, self.key):
+            message = "a valid API key is required (Authorization: Bearer <key> or X-API-Key: <key>)"
+            code = "missing_api_key" if presented is None else "invalid_api_key"
+            await send_error(send, 401, message, code=code, headers=[(b"www-authenticate", b"Bearer")])
+            return
+        await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """Refuses bodies over ``max_bytes`` with 413: at once from Content-Length, else while reading.
+
+    Bodies are small JSON objects, so a chunked body is read up to the limit before the app
+    sees it; later ``receive`` calls go straight through, keeping disconnect detection intact.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self, size: int | None) -> str:
+        got = f"{size} bytes" if size is not None else "more"
+        return f"the request body is too large ({got}); the limit is {self.max_bytes} bytes"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = None
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = None
+        if declared is not None and declared > self.max_bytes:
+            await send_error(send, 413, self._too_large(declared), code="body_too_large")
+            return
+        if declared is not None:
+            await self.app(scope, receive, send)
+            return
+        # No Content-Length (chunked): read the body here, refusing it once it passes the limit.
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # disconnected while sending
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await send_error(send, 413, self._too_large(None), code="body_too_large")
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)

@@ -1,0 +1,265 @@
+"""Request and response bodies.
+
+Limits depend on the settings, so the request models are built per app by
+``request_models(limits)``; their ``Field`` bounds then show up in the OpenAPI page.
+The static base classes carry the same fields for type checkers and for code that
+only reads a validated request.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, create_model
+from pydantic_core import PydanticCustomError
+
+from model.data import CLASS_NAMES, NUM_CLASSES
+
+SEED_MAX = 2**32 - 1
+SamplerName = Literal["ddpm", "ddim", "dpm++"]
+
+
+# --- class: an index or a name ---------------------------------------------------------------
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def _class_aliases() -> dict[str, int]:
+    """'t-shirt/top' answers to 't-shirt/top', 'tshirt', 'T-Shirt', 'top'; 'ankle boot' to 'ankle-boot'..."""
+    aliases: dict[str, int] = {}
+    for index, name in enumerate(CLASS_NAMES):
+        aliases[_norm(name)] = index
+        for part in name.split("/"):
+            aliases[_norm(part)] = index
+    return aliases
+
+
+CLASS_ALIASES = _class_aliases()
+CLASS_ALLOWED = f"an index 0..{NUM_CLASSES - 1} or a class name ({', '.join(CLASS_NAMES)})"
+
+
+def parse_class(value: Any) -> int:
+    """An index (int, or a string of digits as in a query string) or a class name, case-insensitive."""
+    index: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        index = value
+    elif isinstance(value, str):
+        text = value.strip()
+        if re.fullmatch(r"\d+", text):
+            index = int(text)
+        elif _norm(text) in CLASS_ALIASES:
+            return CLASS_ALIASES[_norm(text)]
+    if index is None or not 0 <= index < NUM_CLASSES:
+        raise PydanticCustomError(
+            "class_value", "must be {allowed}; got {got}", {"allowed": CLASS_ALLOWED, "got": repr(value)}
+        )
+    return index
+
+
+ClassField = Annotated[
+    int,
+    BeforeValidator(parse_class),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": 0, "maximum": NUM_CLASSES - 1},
+                {"type": "string", "enum": list(CLASS_NAMES)},
+            ],
+            "description": f"the clothing class: {CLASS_ALLOWED}; names are case-insensitive",
+            "examples": [3, "dress"],
+        }
+    ),
+]
+
+
+def _no_bool(value: Any) -> Any:
+    # pydantic's lax mode reads true as 1; a boolean is never a sensible count, seed or scale.
+    if isinstance(value, bool):
+        raise PydanticCustomError("bool_not_allowed", "must be a number, not a boolean")
+    return value
+
+
+def bounded_int(lo: int | None = None, hi: int | None = None) -> Any:
+    """An int type with bounds inside the annotation, so ``X | None`` documents them as minimum/maximum
+    (bounds before the validator: after it, pydantic can only show them as unknown "ge"/"le" keys)."""
+    return Annotated[int, Field(ge=lo, le=hi), BeforeValidator(_no_bool)]
+
+
+def bounded_float(lo: float | None = None, hi: float | None = None) -> Any:
+    return Annotated[float, Field(ge=lo, le=hi, allow_inf_nan=False), BeforeValidator(_no_bool)]
+
+
+# The same, spelled out statically for type checkers.
+PositiveInt = Annotated[int, Field(ge=1), BeforeValidator(_no_bool)]
+NonNegativeFloat = Annotated[float, Field(ge=0.0, allow_inf_nan=False), BeforeValidator(_no_bool)]
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX), BeforeValidator(_no_bool)]
+
+
+# --- requests --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_images: int
+    max_steps: int
+    max_guidance: float
+
+    @property
+    def default_n(self) -> int:
+        return min(16, self.max_images)
+
+
+def _limited_fields(limits: Limits) -> dict[str, Any]:
+    """The fields whose bounds come from the settings, as ``create_model`` takes them."""
+    return {
+        "n": (bounded_int(1, limits.max_images), Field(default=limits.default_n, description="how many images")),
+        "steps": (
+            bounded_int(1, limits.max_steps) | None,
+            Field(
+                default=None, description="sampler steps; default: the server's (the weights card's); ddpm runs all T"
+            ),
+        ),
+        "guidance": (
+            bounded_float(0.0, limits.max_guidance) | None,
+            Field(
+                default=None, description="classifier-free guidance scale; 1 = plain conditional; default: the server's"
+            ),
+        ),
+    }
+
+
+class GenerateRequestBase(BaseModel):
+    """Body of ``POST /generate``. The served model is ``request_models(limits)[0]``, which narrows
+    ``n``, ``steps`` and ``guidance`` to the settings; this base is what code reads."""
+
+    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True)
+
+    class_: ClassField = Field(alias="class")
+    n: PositiveInt = 16
+    steps: PositiveInt | None = None
+    sampler: SamplerName | None = Field(
+        default=None, description="ddpm (ancestral), ddim or dpm++ (DPM-Solver++ 2M); default: the server's"
+    )
+    guidance: NonNegativeFloat | None = None
+    seed: Seed | None = Field(
+        default=None, description="image i is drawn with seed + i; omitted: a random seed, reported back"
+    )
+    # Issue 4 adds an optional ``rerank`` field here (sample candidates, keep the best n by a scorer
+    # from ``Serving.scorers``); see app/scorers.py.
+
+
+class StreamRequestBase(GenerateRequestBase):
+    """Body of ``POST /generate/stream`` and the query of ``GET /generate/stream``."""
+
+    preview_every: PositiveInt | None = None
+
+
+def request_models(limits: Limits) -> tuple[type[GenerateRequestBase], type[StreamRequestBase]]:
+    """The request models with this server's limits in their bounds (and so in the OpenAPI page)."""
+    fields = _limited_fields(limits)
+    generate = create_model(
+        "GenerateRequest", __base__=GenerateRequestBase, __doc__=GenerateRequestBase.__doc__, **fields
+    )
+    stream = create_model(
+        "StreamRequest",
+        __base__=StreamRequestBase,
+        __doc__=StreamRequestBase.__doc__,
+        preview_every=(
+            bounded_int(1, limits.max_steps) | None,
+            Field(default=None, description="attach preview PNGs to every k-th step event; default: ~10 per run"),
+        ),
+        **fields,
+    )
+    return generate, stream
+
+
+def allowed_values(model: type[BaseModel]) -> dict[str, str]:
+    """Field (by its JSON name) -> what it accepts, read from the model's JSON schema, for error messages."""
+    out: dict[str, str] = {}
+    for key, prop in model.model_json_schema()["properties"].items():
+        options = [o for o in prop.get("anyOf", [prop]) if o.get("type") != "null"]
+        if key == "class":
+            out[key] = CLASS_ALLOWED
+        elif len(options) == 1 and "enum" in options[0]:
+            out[key] = "one of " + ", ".join(map(str, options[0]["enum"]))
+        elif len(options) == 1 and options[0].get("type") in ("integer", "number"):
+            o = options[0]
+            kind = "an integer" if o["type"] == "integer" else "a number"
+            lo, hi = o.get("minimum", "-inf"), o.get("maximum", "inf")
+            out[key] = f"{kind} in {lo}..{hi}"
+        else:
+            out[key] = "see the API docs"
+    return out
+
+
+# --- responses -------------------------------------------------------------------------------
+
+
+class ImageOut(BaseModel):
+    index: int = Field(description="position in the request, 0-based")
+    seed: int = Field(description="the seed this image was drawn with (base seed + index)")
+    png: str = Field(description="base64 of a 28x28 grayscale PNG")
+
+
+class Params(BaseModel):
+    """The parameters a request was served with, defaults filled in."""
+
+    model_config = ConfigDict(serialize_by_alias=True, validate_by_name=True, validate_by_alias=True)
+
+    class_: int = Field(alias="class")
+    class_name: str
+    n: int
+    sampler: SamplerName
+    steps: int
+    guidance: float
+    seed: int = Field(description="base seed; image i used seed + i")
+
+
+class Timings(BaseModel):
+    queue_ms: float = Field(description="waiting for the device")
+    sampling_ms: float = Field(description="the batch this request was part of, on the device")
+    total_ms: float = Field(description="from accepting the request to the response")
+    batch_images: int = Field(description="images in the batch that carried this request")
+    batch_jobs: int = Field(description="requests in that batch")
+
+
+class GenerateResponse(BaseModel):
+    model: str = Field(description="name of the weights that drew the images")
+    params: Params
+    images: list[ImageOut]
+    timings: Timings
+
+
+class StartEvent(BaseModel):
+    job: str
+    params: Params
+    queue_depth: int = Field(description="jobs waiting ahead, including this one")
+
+
+class StepEvent(BaseModel):
+    index: int = Field(description="0-based step")
+    total: int
+    t: int = Field(description="timestep the network was evaluated at")
+    x0_png: str | None = Field(default=None, description="base64 PNG grid of the current clean-image prediction")
+    xt_png: str | None = Field(default=None, description="base64 PNG grid of the noisy sample x_t")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: str
+    model: str | None = None
+    device: str | None = None

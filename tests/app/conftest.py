@@ -1,0 +1,164 @@
+"""Fixtures for the service tests: a tiny real U-Net saved with save_weights, and real apps on it.
+
+conftest modules are not importable, so the helpers below reach the tests as fixtures
+(``decode_png``, ``parse_sse``, ``metric``, ``error_of``), as in tests/model/conftest.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.main import create_app
+from app.settings import Settings
+from model.data import CLASS_NAMES
+from model.io import save_weights
+from model.unet import UNet, UNetConfig
+
+TINY = UNetConfig(base_channels=8, channel_mults=(1, 2), attention_stages=(), groups=4)
+TEST_STEPS = 3  # the card's default steps: enough to exercise multistep solvers, cheap on 2 cores
+
+
+def build_tiny_weights(path: Path, seed: int = 0) -> Path:
+    """A tiny U-Net with random (non-zero) weights, saved as <path>.safetensors + .json.
+
+    A freshly initialised U-Net outputs zeros (its last convolutions start at zero), which would
+    make every image the same; perturbing all weights gives seed-dependent, non-trivial images.
+    v-prediction keeps the untrained network's x0 predictions bounded.
+    """
+    torch.manual_seed(seed)
+    net = UNet(TINY)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    card = {
+        "name": "tiny-test",
+        "unet": TINY.to_dict(),
+        "diffusion": {"schedule": "cosine", "T": 1000, "prediction": "v"},
+        "classes": list(CLASS_NAMES),
+        "sampling": {"sampler": "dpm++", "steps": TEST_STEPS, "guidance": 2.0},
+    }
+    save_weights(net, card, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def app_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny network for the whole session (the app never writes to it)."""
+    return build_tiny_weights(tmp_path_factory.mktemp("weights") / "tiny.safetensors")
+
+
+@pytest.fixture
+def test_steps() -> int:
+    return TEST_STEPS
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FASHION_* variables from the shell must not leak into the settings under test."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("FASHION_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def make_settings(app_weights: Path) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {"weights": app_weights, "device": "cpu", "batch_wait_ms": 5.0}
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+@pytest.fixture
+def client(make_settings: Callable[..., Settings]) -> Iterator[TestClient]:
+    with TestClient(create_app(make_settings())) as c:
+        yield c
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _decode_png(data: bytes | str) -> np.ndarray:
+    raw = base64.b64decode(data) if isinstance(data, str) else data
+    image = Image.open(io.BytesIO(raw))
+    image.load()
+    assert image.format == "PNG"
+    assert image.mode == "L"
+    return np.asarray(image)
+
+
+def _parse_sse(text: str) -> list[tuple[str, Any]]:
+    """(event, decoded JSON data) for each event of an SSE body; comments are skipped."""
+    events = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        name, data = "message", []
+        for line in block.split("\n"):
+            if line.startswith("event:"):
+                name = line[6:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].removeprefix(" "))
+        if data:
+            events.append((name, json.loads("\n".join(data))))
+    return events
+
+
+def _metric(text: str, name: str, default: float | None = None, **labels: str) -> float:
+    """Sum of the samples called ``name`` whose labels include ``labels``, parsed with prometheus-client;
+    ``default`` when there is none (else KeyError, so a misspelt name fails loudly)."""
+    total, found = 0.0, False
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+                found = True
+    if not found and default is not None:
+        return default
+    if not found:
+        raise KeyError(f"no sample {name} {labels}")
+    return total
+
+
+def _error_of(response: Any, status: int) -> dict[str, Any]:
+    """Assert the one error shape and return its inner object."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body["error"]
+
+
+@pytest.fixture
+def decode_png() -> Callable[[bytes | str], np.ndarray]:
+    """PNG bytes or base64 -> uint8 array, asserting a grayscale PNG."""
+    return _decode_png
+
+
+@pytest.fixture
+def parse_sse() -> Callable[[str], list[tuple[str, Any]]]:
+    return _parse_sse
+
+
+@pytest.fixture
+def metric() -> Callable[..., float]:
+    return _metric
+
+
+@pytest.fixture
+def error_of() -> Callable[[Any, int], dict[str, Any]]:
+    return _error_of

@@ -1,0 +1,192 @@
+"""End to end: uvicorn on a free loopback port, spoken to over real HTTP with httpx and httpx-sse."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from httpx_sse import connect_sse
+
+from app import client as cli
+from app.main import create_app
+from app.settings import Settings
+
+pytestmark = pytest.mark.timeout(180)
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def live(app_weights: Path) -> Iterator[str]:
+    """The real app under uvicorn in a thread; stops by itself at the end of the module."""
+    settings = Settings(weights=app_weights, device="cpu", batch_wait_ms=5.0, api_key=None)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(30)
+    assert not thread.is_alive()
+
+
+def test_generate_over_http(live: str, decode_png: Callable, metric: Callable) -> None:
+    with httpx.Client(base_url=live, timeout=60) as http:
+        assert http.get("/healthz").json() == {"status": "ok"}
+        assert http.get("/readyz").json() == {"status": "ready", "model": "tiny-test", "device": "cpu"}
+        r = http.post("/generate", json={"class": "sneaker", "n": 4, "seed": 9})
+        assert r.status_code == 200
+        images = [decode_png(img["png"]) for img in r.json()["images"]]
+        assert [a.shape for a in images] == [(28, 28)] * 4
+        grid = http.post("/generate", json={"class": "sneaker", "n": 4, "seed": 9}, headers={"Accept": "image/png"})
+        assert grid.headers["content-type"] == "image/png"
+        assert (decode_png(grid.content)[2:30, 2:30] == images[0]).all()
+        bad = http.post("/generate", json={"class": 3, "n": 1000})
+        assert bad.status_code == 422 and bad.json()["error"]["param"] == "n"
+        text = http.get("/metrics").text
+        assert metric(text, "fashion_http_requests_total", route="/generate", status="200") >= 2
+
+
+def test_stream_over_http(live: str) -> None:
+    with httpx.Client(base_url=live, timeout=60) as http:
+        body = {"class": 9, "n": 2, "seed": 1, "steps": 4, "preview_every": 2}
+        with connect_sse(http, "POST", "/generate/stream", json=body) as source:
+            assert source.response.status_code == 200
+            events = [(e.event, json.loads(e.data)) for e in source.iter_sse()]
+        assert [name for name, _ in events] == ["start", "step", "step", "step", "step", "done"]
+        assert [data["index"] for name, data in events if name == "step"] == [0, 1, 2, 3]
+        plain = http.post("/generate", json={k: v for k, v in body.items() if k != "preview_every"}).json()
+        assert events[-1][1]["images"] == plain["images"]
+        # The browser flavour: GET with a query string.
+        with connect_sse(http, "GET", "/generate/stream", params={"class": "ankle boot", "n": 1, "steps": 2}) as source:
+            names = [e.event for e in source.iter_sse()]
+        assert names == ["start", "step", "step", "done"]
+
+
+def test_client_disconnect_cancels_the_job(live: str, metric: Callable) -> None:
+    with httpx.Client(base_url=live, timeout=60) as http:
+        before = metric(http.get("/metrics").text, "fashion_jobs_cancelled_total", stage="running")
+        body = {"class": 2, "n": 1, "sampler": "ddim", "steps": 1000, "preview_every": 1000}
+        with connect_sse(http, "POST", "/generate/stream", json=body) as source:
+            for event in source.iter_sse():
+                if event.event == "step":
+                    break  # closing the response drops the connection
+        deadline = time.monotonic() + 30
+        while metric(http.get("/metrics").text, "fashion_jobs_cancelled_total", stage="running") == before:
+            assert time.monotonic() < deadline, "the job was not cancelled"
+            time.sleep(0.02)
+        steps = metric(http.get("/metrics").text, "fashion_sampler_steps_total")
+        time.sleep(0.2)
+        assert metric(http.get("/metrics").text, "fashion_sampler_steps_total") == steps  # nothing runs any more
+
+
+def test_plain_generate_is_cancelled_when_its_client_gives_up(live: str, metric: Callable) -> None:
+    with httpx.Client(base_url=live, timeout=60) as http:
+        before = metric(http.get("/metrics").text, "fashion_jobs_cancelled_total", stage="running")
+        body = {"class": 2, "n": 1, "sampler": "ddim", "steps": 1000}
+        with pytest.raises(httpx.ReadTimeout):
+            http.post("/generate", json=body, timeout=httpx.Timeout(60, read=0.3))  # hangs up after 0.3 s
+        deadline = time.monotonic() + 30
+        while metric(http.get("/metrics").text, "fashion_jobs_cancelled_total", stage="running") == before:
+            assert time.monotonic() < deadline, "the job was not cancelled"
+            time.sleep(0.02)
+        text = http.get("/metrics").text
+        assert metric(text, "fashion_http_requests_total", route="/generate", status="499") >= 1
+
+
+def test_command_line_client(
+    live: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], decode_png: Callable
+) -> None:
+    common = ["--url", live]
+    out = tmp_path / "gen"
+    assert (
+        cli.main([*common, "generate", "--class", "dress", "-n", "3", "-o", str(out), "--seed", "4", "--steps", "2"])
+        == 0
+    )
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["dress_000_seed4.png", "dress_001_seed5.png", "dress_002_seed6.png"]
+    assert decode_png((out / files[0]).read_bytes()).shape == (28, 28)
+
+    grid_dir = tmp_path / "grid"
+    assert cli.main([*common, "generate", "--class", "3", "-n", "4", "--grid", "-o", str(grid_dir), "--seed", "4"]) == 0
+    assert [p.name for p in grid_dir.iterdir()] == ["grid_seed4.png"]
+
+    streamed = tmp_path / "stream"
+    args = [*common, "stream", "--class", "ankle boot", "-n", "2", "-o", str(streamed), "--steps", "2", "--previews"]
+    assert cli.main(args) == 0
+    assert len(list(streamed.glob("ankle-boot_*.png"))) == 2
+    previews = sorted(p.name for p in (streamed / "previews").iterdir())  # 2 steps: a preview on each
+    assert previews == ["step0000_x0.png", "step0000_xt.png", "step0001_x0.png", "step0001_xt.png"]
+    assert "step 2/2" in capsys.readouterr().out
+
+    assert cli.main([*common, "generate", "--class", "hat", "-o", str(tmp_path / "x")]) == 1
+    assert "422" in capsys.readouterr().err
+
+
+def _serve(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("FASHION_")}
+    full_env.update(env, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return subprocess.Popen(
+        [sys.executable, *args], cwd=tmp_path, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def test_python_m_app_serves_and_stops(app_weights: Path, tmp_path: Path) -> None:
+    port = free_port()
+    proc = _serve(tmp_path, {"FASHION_DEVICE": "cpu"}, "-m", "app", "--port", str(port), "--weights", str(app_weights))
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "no /readyz 200 within 90 s"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        r = httpx.post(f"http://127.0.0.1:{port}/generate", json={"class": 1, "n": 2, "steps": 2}, timeout=60)
+        assert r.status_code == 200 and len(r.json()["images"]) == 2
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=30)[0]
+    # uvicorn shuts down cleanly, then re-raises the signal it caught, so the status is -SIGTERM.
+    assert proc.returncode in (0, -signal.SIGTERM), output
+    assert "Application shutdown complete" in output
+
+
+@pytest.mark.parametrize("problem", ["missing", "corrupt"])
+def test_bad_weights_stop_startup_with_a_clear_message(app_weights: Path, tmp_path: Path, problem: str) -> None:
+    weights = tmp_path / "w" / "broken.safetensors"
+    weights.parent.mkdir()
+    if problem == "corrupt":
+        weights.write_bytes(b"\x00\x01 definitely not safetensors")
+        weights.with_suffix(".json").write_text(app_weights.with_suffix(".json").read_text())
+        args = ["-m", "uvicorn", "app.main:app", "--port", str(free_port())]  # the other way to start it
+    else:
+        args = ["-m", "app", "--port", str(free_port())]
+    proc = _serve(tmp_path, {"FASHION_WEIGHTS": str(weights), "FASHION_DEVICE": "cpu"}, *args)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0
+    assert str(weights) in output
+    assert ("weights file not found" if problem == "missing" else "not a readable safetensors file") in output

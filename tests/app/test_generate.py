@@ -1,0 +1,133 @@
+"""POST /generate on the real app, real engine and a tiny network."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.settings import Settings
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_returns_n_valid_pngs_with_params_and_timings(client: TestClient, decode_png, test_steps: int) -> None:
+    r = client.post("/generate", json={"class": "dress", "n": 5, "seed": 42})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "tiny-test"
+    # Defaults come from the card's "sampling" section.
+    assert body["params"] == {
+        "class": 3,
+        "class_name": "dress",
+        "n": 5,
+        "sampler": "dpm++",
+        "steps": test_steps,
+        "guidance": 2.0,
+        "seed": 42,
+    }
+    assert [img["index"] for img in body["images"]] == [0, 1, 2, 3, 4]
+    assert [img["seed"] for img in body["images"]] == [42, 43, 44, 45, 46]
+    arrays = [decode_png(img["png"]) for img in body["images"]]
+    assert all(a.shape == (28, 28) and a.dtype == np.uint8 for a in arrays)
+    assert len({a.tobytes() for a in arrays}) == 5  # different seeds, different images
+    t = body["timings"]
+    assert t["total_ms"] >= t["sampling_ms"] > 0
+    assert t["batch_images"] >= 5 and t["batch_jobs"] >= 1
+
+
+def test_accept_png_returns_one_grid(client: TestClient, decode_png) -> None:
+    r = client.post("/generate", json={"class": 7, "n": 5, "seed": 1}, headers={"Accept": "image/png"})
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "image/png"
+    grid = decode_png(r.content)
+    assert grid.shape == (2 * 30 + 2, 3 * 30 + 2)  # 3 columns x 2 rows of 28 px tiles, 2 px apart
+    assert r.headers["x-seeds"] == "1,2,3,4,5"
+    # The grid holds exactly the images the JSON answer carries.
+    tiles = client.post("/generate", json={"class": 7, "n": 5, "seed": 1}).json()["images"]
+    assert np.array_equal(grid[2:30, 32:60], decode_png(tiles[1]["png"]))
+
+
+def test_json_wins_unless_png_is_preferred(client: TestClient) -> None:
+    for accept in ("application/json", "*/*", "image/png;q=0.5, application/json", ""):
+        r = client.post("/generate", json={"class": 1, "n": 1, "seed": 0, "steps": 1}, headers={"Accept": accept})
+        assert r.headers["content-type"] == "application/json", accept
+
+
+@pytest.mark.parametrize(
+    ("value", "index"),
+    [
+        ("dress", 3),
+        ("DRESS", 3),
+        ("t-shirt", 0),
+        ("tshirt", 0),
+        ("T-Shirt/Top", 0),
+        ("top", 0),
+        ("ankle boot", 9),
+        ("ankle-boot", 9),
+        ("Ankle_Boot", 9),
+        ("sneaker", 7),
+        ("4", 4),
+        (8, 8),
+    ],
+)
+def test_class_by_index_or_name(client: TestClient, value: object, index: int) -> None:
+    r = client.post("/generate", json={"class": value, "n": 1, "steps": 1})
+    assert r.status_code == 200, r.text
+    assert r.json()["params"]["class"] == index
+
+
+def test_random_seed_is_reported_and_reproduces(client: TestClient) -> None:
+    first = client.post("/generate", json={"class": 2, "n": 2}).json()
+    seed = first["params"]["seed"]
+    assert [img["seed"] for img in first["images"]] == [seed, seed + 1]
+    again = client.post("/generate", json={"class": 2, "n": 2, "seed": seed}).json()
+    assert [img["png"] for img in again["images"]] == [img["png"] for img in first["images"]]
+
+
+def test_seeds_reproduce_across_different_batch_mixes(make_settings: Callable[..., Settings]) -> None:
+    """The same request alone, then merged with others (at another position of a bigger batch)."""
+    mine = {"class": 3, "n": 2, "seed": 100, "guidance": 1.5}
+    with TestClient(create_app(make_settings(batch_wait_ms=400))) as c:
+        solo = c.post("/generate", json=mine).json()
+        assert solo["timings"]["batch_jobs"] == 1
+        mixes = [
+            [{"class": 1, "n": 3, "seed": 5, "guidance": 1.5}, mine, {"class": "bag", "n": 6, "guidance": 1.5}],
+            [mine, {"class": 0, "n": 9, "seed": 7, "guidance": 1.5}],
+        ]
+        for mix in mixes:
+            with ThreadPoolExecutor(len(mix)) as pool:
+                answers = list(pool.map(lambda body: c.post("/generate", json=body).json(), mix))
+            got = answers[mix.index(mine)]
+            assert got["timings"]["batch_jobs"] == len(mix), got["timings"]
+            assert [img["png"] for img in got["images"]] == [img["png"] for img in solo["images"]]
+        # Image i depends on seed + i only, not on n.
+        one = c.post("/generate", json={**mine, "n": 1, "seed": 101}).json()
+        assert one["images"][0]["png"] == solo["images"][1]["png"]
+
+
+def test_samplers_and_explicit_parameters(client: TestClient) -> None:
+    r = client.post("/generate", json={"class": 5, "n": 2, "sampler": "ddim", "steps": 2, "guidance": 1.0, "seed": 3})
+    assert r.status_code == 200, r.text
+    assert r.json()["params"] | {} == {
+        "class": 5,
+        "class_name": "sandal",
+        "n": 2,
+        "sampler": "ddim",
+        "steps": 2,
+        "guidance": 1.0,
+        "seed": 3,
+    }
+
+
+def test_ddpm_runs_all_T_steps_only(make_settings: Callable[..., Settings], error_of) -> None:
+    with TestClient(create_app(make_settings())) as c:
+        err = error_of(c.post("/generate", json={"class": 1, "sampler": "ddpm", "steps": 50}), 422)
+        assert err["param"] == "steps" and "1000" in err["message"]
+    with TestClient(create_app(make_settings(max_steps=100))) as c:
+        err = error_of(c.post("/generate", json={"class": 1, "sampler": "ddpm"}), 422)
+        assert err["param"] == "sampler" and "ddim" in err["message"]
