@@ -123,8 +123,14 @@ def train_classifier(
     card = {
         "kind": "classifier",
         "config": asdict(config),
-        "training": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
-                     "wall_minutes": round(minutes, 2), "torch": torch.__version__},
+        "training": {
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "seed": seed,
+            "wall_minutes": round(minutes, 2),
+            "torch": torch.__version__,
+        },
         "accuracy": {"validation": round(val_acc, 4), "test": round(test_acc, 4)},
     }
     save_weights_file(model.state_dict(), out)

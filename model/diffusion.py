@@ -24,6 +24,7 @@ def linear_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np
 
 def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
     """Nichol & Dhariwal 2021, eq. 17: alpha_bar(t) = cos^2(((t/T + s) / (1 + s)) * pi/2)."""
+
     def f(t):
         return np.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
 

@@ -103,8 +103,9 @@ def evaluate(
 
         # CLIP is slow on a CPU: the real reference is a class-balanced subset of the test set
         # as large as the generated set.
-        real = np.concatenate([rng.permutation(np.flatnonzero(data.test_labels == c))[:per_class]
-                               for c in range(NUM_CLASSES)])
+        real = np.concatenate(
+            [rng.permutation(np.flatnonzero(data.test_labels == c))[:per_class] for c in range(NUM_CLASSES)]
+        )
         generated = {c: images[labels == c] for c in range(NUM_CLASSES)}
         clip = load_clip(clip_spec)
         result["clip"] = evaluate_clip(clip, generated, data.test_images[real], data.test_labels[real])
@@ -128,12 +129,17 @@ def format_table(r: dict) -> str:
         f"ratio:                                   {r['frechet_ratio']:.2f}",
     ]
     if "clip" in r:
-        lines += ["", f"CLIP: {r['clip']['model']}",
-                  f"{'class':<14}{'cos gen':>10}{'cos real':>10}{'0-shot gen':>12}{'0-shot real':>13}"]
+        lines += [
+            "",
+            f"CLIP: {r['clip']['model']}",
+            f"{'class':<14}{'cos gen':>10}{'cos real':>10}{'0-shot gen':>12}{'0-shot real':>13}",
+        ]
         rows = list(r["clip"]["per_class"].items()) + [("mean", r["clip"]["mean"])]
         for name, row in rows:
-            lines.append(f"{name:<14}{row['generated_similarity']:>10.4f}{row['real_similarity']:>10.4f}"
-                         f"{row['generated_zero_shot_accuracy']:>12.3f}{row['real_zero_shot_accuracy']:>13.3f}")
+            lines.append(
+                f"{name:<14}{row['generated_similarity']:>10.4f}{row['real_similarity']:>10.4f}"
+                f"{row['generated_zero_shot_accuracy']:>12.3f}{row['real_zero_shot_accuracy']:>13.3f}"
+            )
     return "\n".join(lines)
 
 
@@ -177,12 +183,28 @@ def main(argv: list[str] | None = None) -> int:
     if a.clip:
         from model.clip import DEFAULT_MODEL, DEFAULT_PRETRAINED, ClipSpec
 
-        clip_spec = ClipSpec(model=a.clip_model or DEFAULT_MODEL, pretrained=a.clip_pretrained or DEFAULT_PRETRAINED,
-                             checkpoint=a.clip_checkpoint, cache_dir=a.clip_cache_dir, device=a.device)
+        clip_spec = ClipSpec(
+            model=a.clip_model or DEFAULT_MODEL,
+            pretrained=a.clip_pretrained or DEFAULT_PRETRAINED,
+            checkpoint=a.clip_checkpoint,
+            cache_dir=a.clip_cache_dir,
+            device=a.device,
+        )
     results = []
     for g in a.guidance:
-        r = evaluate(a.weights, a.classifier, a.data_dir, a.per_class, a.sampler, a.steps, g,
-                     a.batch_size, a.device, a.seed, clip_spec)
+        r = evaluate(
+            a.weights,
+            a.classifier,
+            a.data_dir,
+            a.per_class,
+            a.sampler,
+            a.steps,
+            g,
+            a.batch_size,
+            a.device,
+            a.seed,
+            clip_spec,
+        )
         print(format_table(r), end="\n\n", flush=True)
         results.append(r)
     if a.json:

@@ -100,7 +100,9 @@ def lr_factor(progress: float, step: int, cfg: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def validation_loss(model: torch.nn.Module, schedule: Schedule, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor) -> float:
+def validation_loss(
+    model: torch.nn.Module, schedule: Schedule, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor
+) -> float:
     """Loss on the validation split with fixed timesteps and noise, so epochs compare fairly."""
     g = torch.Generator(device=x.device).manual_seed(1234)
     total = 0.0
@@ -181,7 +183,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         saved = state["config"]
         for key in ("schedule", "T", "prediction"):
             if saved[key] != getattr(cfg, key):
-                raise ValueError(f"{ckpt_path}: checkpoint was trained with {key}={saved[key]!r}, not {getattr(cfg, key)!r}")
+                raise ValueError(
+                    f"{ckpt_path}: checkpoint was trained with {key}={saved[key]!r}, not {getattr(cfg, key)!r}"
+                )
         if saved["unet"] != cfg.unet.to_dict():
             raise ValueError(f"{ckpt_path}: checkpoint was trained with a different UNetConfig: {saved['unet']}")
         model.load_state_dict(state["model"])
@@ -201,8 +205,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     total_steps = cfg.epochs * steps_per_epoch
     budget = cfg.max_minutes * 60 if cfg.max_minutes else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    print(f"UNet {count_parameters(model) / 1e6:.2f}M params on {describe(device)}; "
-          f"{len(x_train)} train / {len(x_val)} val images; {steps_per_epoch} steps per epoch")
+    print(
+        f"UNet {count_parameters(model) / 1e6:.2f}M params on {describe(device)}; "
+        f"{len(x_train)} train / {len(x_val)} val images; {steps_per_epoch} steps per epoch"
+    )
 
     out_of_time = False
     with metrics_path.open("a") as log:
@@ -212,9 +218,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # resumable data order
             order = torch.randperm(len(x_train), generator=g).to(device)
             model.train()
-            bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
-                       unit="batch", dynamic_ncols=True,
-                       mininterval=0.5 if sys.stderr.isatty() else 60)
+            bar = tqdm(
+                range(steps_per_epoch),
+                desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                disable=not progress,
+                unit="batch",
+                dynamic_ncols=True,
+                mininterval=0.5 if sys.stderr.isatty() else 60,
+            )
             t_epoch, running = time.perf_counter(), None
             for i in bar:
                 t_step = time.perf_counter()
@@ -240,28 +251,60 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                 images_seen += len(xb)
                 running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
                 rate = len(xb) / (time.perf_counter() - t_step)
-                bar.set_postfix(loss=f"{running:.4f}", img_s=f"{rate:.0f}", lr=f"{opt.param_groups[0]['lr']:.1e}", refresh=False)
+                bar.set_postfix(
+                    loss=f"{running:.4f}", img_s=f"{rate:.0f}", lr=f"{opt.param_groups[0]['lr']:.1e}", refresh=False
+                )
                 if step % 50 == 0:
-                    log.write(json.dumps({"kind": "train", "step": step, "images": images_seen, "loss": running,
-                                          "lr": opt.param_groups[0]["lr"], "images_per_s": rate}) + "\n")
+                    log.write(
+                        json.dumps(
+                            {
+                                "kind": "train",
+                                "step": step,
+                                "images": images_seen,
+                                "loss": running,
+                                "lr": opt.param_groups[0]["lr"],
+                                "images_per_s": rate,
+                            }
+                        )
+                        + "\n"
+                    )
                     log.flush()
             bar.close()
             train_loss = running if running is not None else train_loss
             val = validation_loss(ema.model, schedule, cfg, x_val, y_val)
             sample_grid(ema.model, schedule, cfg, device).save(run / f"samples_epoch{epoch + 1:03d}.png")
             elapsed += time.perf_counter() - t_epoch  # the budget and the record include validation
-            row = {"kind": "epoch", "epoch": epoch + 1, "step": step, "images": images_seen,
-                   "train_loss": train_loss, "val_loss": val, "elapsed_min": elapsed / 60}
+            row = {
+                "kind": "epoch",
+                "epoch": epoch + 1,
+                "step": step,
+                "images": images_seen,
+                "train_loss": train_loss,
+                "val_loss": val,
+                "elapsed_min": elapsed / 60,
+            }
             log.write(json.dumps(row) + "\n")
             log.flush()
-            tqdm.write(f"epoch {epoch + 1}: train {train_loss:.4f}  val(EMA) {val:.4f}  "
-                       f"{images_seen} images  {elapsed / 60:.1f} min")
-            atomic_torch_save({
-                "config": {**asdict(cfg), "unet": cfg.unet.to_dict()},
-                "model": model.state_dict(), "ema": ema.model.state_dict(), "ema_updates": ema.updates,
-                "optimizer": opt.state_dict(), "epoch": epoch + 1, "step": step,
-                "images_seen": images_seen, "elapsed": elapsed, "train_loss": train_loss, "val_loss": val,
-            }, ckpt_path)
+            tqdm.write(
+                f"epoch {epoch + 1}: train {train_loss:.4f}  val(EMA) {val:.4f}  "
+                f"{images_seen} images  {elapsed / 60:.1f} min"
+            )
+            atomic_torch_save(
+                {
+                    "config": {**asdict(cfg), "unet": cfg.unet.to_dict()},
+                    "model": model.state_dict(),
+                    "ema": ema.model.state_dict(),
+                    "ema_updates": ema.updates,
+                    "optimizer": opt.state_dict(),
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "images_seen": images_seen,
+                    "elapsed": elapsed,
+                    "train_loss": train_loss,
+                    "val_loss": val,
+                },
+                ckpt_path,
+            )
             if out_of_time:
                 break
 
@@ -335,16 +378,38 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     p.add_argument("--stem-patch", type=int, default=u.stem_patch)
     p.add_argument("--dropout", type=float, default=u.dropout)
     a = p.parse_args(argv)
-    unet = replace(u, base_channels=a.base_channels, channel_mults=tuple(a.channel_mults),
-                   blocks_per_stage=a.blocks_per_stage, attention_stages=tuple(a.attention_stages),
-                   stem_patch=a.stem_patch, dropout=a.dropout)
+    unet = replace(
+        u,
+        base_channels=a.base_channels,
+        channel_mults=tuple(a.channel_mults),
+        blocks_per_stage=a.blocks_per_stage,
+        attention_stages=tuple(a.attention_stages),
+        stem_patch=a.stem_patch,
+        dropout=a.dropout,
+    )
     cfg = TrainConfig(
-        data_dir=a.data_dir, run_dir=a.run_dir, weights_dir=a.weights_dir, name=a.name, unet=unet,
-        schedule=a.schedule, prediction=a.prediction, min_snr_gamma=a.min_snr_gamma or None,
-        epochs=a.epochs, max_minutes=a.max_minutes, batch_size=a.batch_size, lr=a.lr,
-        warmup_steps=a.warmup_steps, ema_decay=a.ema_decay, label_dropout=a.label_dropout,
-        val_size=a.val_size, train_limit=a.train_limit, seed=a.seed, device=a.device, threads=a.threads,
-        channels_last=a.channels_last, compile=a.compile,
+        data_dir=a.data_dir,
+        run_dir=a.run_dir,
+        weights_dir=a.weights_dir,
+        name=a.name,
+        unet=unet,
+        schedule=a.schedule,
+        prediction=a.prediction,
+        min_snr_gamma=a.min_snr_gamma or None,
+        epochs=a.epochs,
+        max_minutes=a.max_minutes,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        warmup_steps=a.warmup_steps,
+        ema_decay=a.ema_decay,
+        label_dropout=a.label_dropout,
+        val_size=a.val_size,
+        train_limit=a.train_limit,
+        seed=a.seed,
+        device=a.device,
+        threads=a.threads,
+        channels_last=a.channels_last,
+        compile=a.compile,
     )
     return cfg, a
 

@@ -37,15 +37,25 @@ class UNetConfig:
     def __post_init__(self):
         object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
         object.__setattr__(self, "attention_stages", tuple(self.attention_stages))
-        for name in ("image_size", "in_channels", "stem_patch", "base_channels", "blocks_per_stage",
-                     "attention_heads", "num_classes", "groups"):
+        for name in (
+            "image_size",
+            "in_channels",
+            "stem_patch",
+            "base_channels",
+            "blocks_per_stage",
+            "attention_heads",
+            "num_classes",
+            "groups",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if not self.channel_mults or min(self.channel_mults) < 1:
             raise ValueError(f"channel_mults must be one or more positive integers, got {self.channel_mults}")
         if self.base_channels % 2:
-            raise ValueError(f"base_channels must be even (it is the width of the sinusoidal time embedding), "
-                             f"got {self.base_channels}")
+            raise ValueError(
+                f"base_channels must be even (it is the width of the sinusoidal time embedding), "
+                f"got {self.base_channels}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         side = self.image_size // self.stem_patch
@@ -63,8 +73,10 @@ class UNetConfig:
             raise ValueError(f"groups {self.groups} must divide the channels of every stage {chans}")
         attended = sorted({*self.attention_stages, len(chans) - 1})  # the middle block always has attention
         if any(chans[s] % self.attention_heads for s in attended):
-            raise ValueError(f"attention_heads {self.attention_heads} must divide the channels "
-                             f"{[chans[s] for s in attended]} of the stages with attention (the last one included)")
+            raise ValueError(
+                f"attention_heads {self.attention_heads} must divide the channels "
+                f"{[chans[s] for s in attended]} of the stages with attention (the last one included)"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -162,8 +174,11 @@ class UNet(nn.Module):
 
         last = len(chans) - 1
         self.mid = nn.ModuleList(
-            [ResBlock(c, c, emb_dim, cfg.groups, cfg.dropout), Attention(c, cfg.attention_heads, cfg.groups),
-             ResBlock(c, c, emb_dim, cfg.groups, cfg.dropout)]
+            [
+                ResBlock(c, c, emb_dim, cfg.groups, cfg.dropout),
+                Attention(c, cfg.attention_heads, cfg.groups),
+                ResBlock(c, c, emb_dim, cfg.groups, cfg.dropout),
+            ]
         )
 
         self.up = nn.ModuleList()
@@ -172,8 +187,9 @@ class UNet(nn.Module):
                 self.up.append(block(c + skips.pop(), chans[s], s))
                 c = chans[s]
             if s > 0:
-                self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"),
-                                              nn.Conv2d(c, c, 3, padding=1)]))
+                self.up.append(
+                    nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)])
+                )
         assert not skips and last >= 0
 
         self.out_norm = nn.GroupNorm(cfg.groups, c)

@@ -43,8 +43,9 @@ def example_images(data_dir: str | os.PathLike | None = None, per_class: int = 1
     for c in range(NUM_CLASSES):
         idx = np.flatnonzero(labels == c)[:per_class]
         if len(idx) < per_class:
-            raise ValueError(f"{FILES['test_labels']}: {len(idx)} images of class {c} ({CLASS_NAMES[c]}), "
-                             f"need {per_class}")
+            raise ValueError(
+                f"{FILES['test_labels']}: {len(idx)} images of class {c} ({CLASS_NAMES[c]}), need {per_class}"
+            )
         picks.append(idx)
     order = np.concatenate(picks)
     return images[order], labels[order]
@@ -155,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "forward":
             schedule = _schedule_for(args)
             images, labels = example_images(args.data_dir)
-            frames, ts = forward_process(schedule, to_model_range(images), args.columns,
-                                         torch.Generator().manual_seed(args.seed))
+            frames, ts = forward_process(
+                schedule, to_model_range(images), args.columns, torch.Generator().manual_seed(args.seed)
+            )
             picture = forward_grid(frames, args.scale)
             print(f"rows: {', '.join(CLASS_NAMES[c] for c in labels)}")
             print(f"columns: t = {', '.join(map(str, ts))}")
@@ -173,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
             picture = reverse_grid(traj, args.scale)
             names = [CLASS_NAMES[c] if c < NUM_CLASSES else "null" for c in args.classes]
             print(f"rows: x_t / x0 prediction for {', '.join(names)}")
-            print(f"columns: steps {', '.join(map(str, traj.steps))} (t = {', '.join(map(str, traj.t))}), "
-                  "then the sample")
+            print(
+                f"columns: steps {', '.join(map(str, traj.steps))} (t = {', '.join(map(str, traj.t))}), then the sample"
+            )
     except (WeightsError, ValueError, OSError) as err:
         parser.exit(2, f"error: {err}\n")
     out = Path(args.output)

@@ -39,7 +39,9 @@ def test_shipped_weights_draw_the_requested_class():
     per_class = 3
     labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
     s = weights.card["sampling"]
-    x = sample(weights.denoiser, labels, generators_from_seeds(range(len(labels))), s["sampler"], s["steps"], s["guidance"])
+    x = sample(
+        weights.denoiser, labels, generators_from_seeds(range(len(labels))), s["sampler"], s["steps"], s["guidance"]
+    )
     probs, _ = predict(classifier, to_model_range(to_uint8(x)))
     # 30 samples: the shipped model is >= 95% accurate, so 80% leaves room for chance, none for a broken model.
     assert (probs.argmax(1) == labels.numpy()).mean() >= 0.8

@@ -54,8 +54,15 @@ def test_parse_idx_decodes_labels_and_images_from_hand_built_bytes():
         (struct.pack(">II", 2049, 5) + bytes(4), None, r"f\.idx: truncated or padded body \(4 bytes, header promises"),
         (struct.pack(">II", 2049, 5) + bytes(6), None, r"f\.idx: truncated or padded body \(6 bytes"),
     ],
-    ids=["short-header", "unknown-magic", "unexpected-magic", "wrong-shape", "short-image-header", "short-body",
-         "long-body"],
+    ids=[
+        "short-header",
+        "unknown-magic",
+        "unexpected-magic",
+        "wrong-shape",
+        "short-image-header",
+        "short-body",
+        "long-body",
+    ],
 )
 def test_parse_idx_rejects_malformed_files_naming_file_and_problem(raw, expected_magic, message):
     with pytest.raises(IDXError, match=message):
@@ -207,27 +214,34 @@ def _damage(payload: bytes) -> bytes:
 BROKEN = {
     "gzip-cut-short": ("t10k-images-idx3-ubyte.gz", lambda p, r, gz: p[: len(p) // 2], r"not a valid gzip file"),
     "idx-body-cut-short": (
-        "t10k-images-idx3-ubyte.gz", lambda p, r, gz: gz(r[:-784]),
+        "t10k-images-idx3-ubyte.gz",
+        lambda p, r, gz: gz(r[:-784]),
         r"truncated or padded body \(7839216 bytes, header promises 7840000\)",
     ),
     "wrong-magic": (
-        "t10k-images-idx3-ubyte.gz", lambda p, r, gz: gz(_replace_magic(r, 2049)),
+        "t10k-images-idx3-ubyte.gz",
+        lambda p, r, gz: gz(_replace_magic(r, 2049)),
         r"wrong magic number 2049, expected 2051",
     ),
     "wrong-magic-first-file": (
-        "train-images-idx3-ubyte.gz", lambda p, r, gz: gz(_replace_magic(r, 2052)),
+        "train-images-idx3-ubyte.gz",
+        lambda p, r, gz: gz(_replace_magic(r, 2052)),
         r"wrong magic number 2052, expected 2051",
     ),
     "too-few-items": (
-        "t10k-labels-idx1-ubyte.gz", lambda p, r, gz: gz(struct.pack(">II", 2049, 999) + bytes(999)),
+        "t10k-labels-idx1-ubyte.gz",
+        lambda p, r, gz: gz(struct.pack(">II", 2049, 999) + bytes(999)),
         r"holds 999 items, expected 10000",
     ),
     "label-out-of-range": (
-        "train-labels-idx1-ubyte.gz", lambda p, r, gz: gz(r[:-1] + bytes([10])), r"label 10 out of range 0-9",
+        "train-labels-idx1-ubyte.gz",
+        lambda p, r, gz: gz(r[:-1] + bytes([10])),
+        r"label 10 out of range 0-9",
     ),
     "damaged-deflate-stream": ("t10k-images-idx3-ubyte.gz", lambda p, r, gz: _damage(p), r"not a valid gzip file"),
     "connection-closed-early": (
-        "t10k-images-idx3-ubyte.gz", lambda p, r, gz: (p[: len(p) // 2], len(p)),  # announces more than it sends
+        "t10k-images-idx3-ubyte.gz",
+        lambda p, r, gz: (p[: len(p) // 2], len(p)),  # announces more than it sends
         r"download from http://.* failed \(IncompleteRead",
     ),
 }

@@ -53,8 +53,14 @@ def test_classifier_roundtrip_and_missing_file(tmp_path):
 
 @needs_data
 def test_classifier_learns_from_a_small_subset(tmp_path):
-    card = train_classifier(str(DATA), tmp_path / "clf.safetensors", ClassifierConfig(widths=(8, 16, 32)),
-                            epochs=2, train_limit=5_000, progress=False)
+    card = train_classifier(
+        str(DATA),
+        tmp_path / "clf.safetensors",
+        ClassifierConfig(widths=(8, 16, 32)),
+        epochs=2,
+        train_limit=5_000,
+        progress=False,
+    )
     # Chance is 0.10; two epochs on 5,000 images reach well above it.
     assert card["accuracy"]["test"] > 0.5
     assert (tmp_path / "clf.json").exists() and not list(tmp_path.glob("*.part"))
@@ -63,7 +69,11 @@ def test_classifier_learns_from_a_small_subset(tmp_path):
 @needs_data
 def test_evaluate_end_to_end_with_tiny_models(tmp_path):
     unet = UNet(UNetConfig(base_channels=8, attention_stages=(), groups=4))
-    card = {"name": "tiny", "unet": unet.config.to_dict(), "diffusion": {"schedule": "cosine", "T": 1000, "prediction": "v"}}
+    card = {
+        "name": "tiny",
+        "unet": unet.config.to_dict(),
+        "diffusion": {"schedule": "cosine", "T": 1000, "prediction": "v"},
+    }
     weights = tmp_path / "tiny.safetensors"
     save_weights(unet, card, weights)
     clf = tmp_path / "clf.safetensors"

@@ -62,35 +62,47 @@ def test_missing_card(tiny_weights):
         load_weights(tiny_weights)
 
 
-@pytest.mark.parametrize(("damage", "message"), [
-    (lambda b: b"\x00" * 5, "not a readable safetensors file"),
-    (lambda b: b"this is not a tensor file at all, just some words" * 3, "not a readable safetensors file"),
-    (lambda b: b[: len(b) // 2], "not a readable safetensors file"),  # cut short: header promises more
-])
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda b: b"\x00" * 5, "not a readable safetensors file"),
+        (lambda b: b"this is not a tensor file at all, just some words" * 3, "not a readable safetensors file"),
+        (lambda b: b[: len(b) // 2], "not a readable safetensors file"),  # cut short: header promises more
+    ],
+)
 def test_corrupt_safetensors(tiny_weights, damage, message):
     tiny_weights.write_bytes(damage(tiny_weights.read_bytes()))
     with pytest.raises(WeightsError, match=rf"{tiny_weights}: {message}"):
         load_weights(tiny_weights)
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ('{"unet": {', r"tiny\.json: not valid JSON"),
-    ("[1, 2]", r"tiny\.json: expected a JSON object, got list"),
-    ('{"diffusion": {"schedule": "cosine", "T": 1000, "prediction": "v"}}', r"tiny\.json: missing the 'unet' section"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"unet": {', r"tiny\.json: not valid JSON"),
+        ("[1, 2]", r"tiny\.json: expected a JSON object, got list"),
+        (
+            '{"diffusion": {"schedule": "cosine", "T": 1000, "prediction": "v"}}',
+            r"tiny\.json: missing the 'unet' section",
+        ),
+    ],
+)
 def test_bad_card(tiny_weights, text, message):
     tiny_weights.with_suffix(".json").write_text(text)
     with pytest.raises(WeightsError, match=message):
         load_weights(tiny_weights)
 
 
-@pytest.mark.parametrize(("edit", "message"), [
-    (lambda c: c["unet"].update(colour="blue"), r"unexpected keyword argument 'colour'"),
-    (lambda c: c["unet"].update(stem_patch=3), r"not divisible by stem_patch 3"),
-    (lambda c: c["diffusion"].update(schedule="sigmoid"), r"unknown schedule 'sigmoid'"),
-    (lambda c: c["diffusion"].update(prediction="x0"), r"unknown prediction 'x0'; allowed: eps, v"),
-    (lambda c: c["diffusion"].pop("T"), r"'T'"),
-])
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: c["unet"].update(colour="blue"), r"unexpected keyword argument 'colour'"),
+        (lambda c: c["unet"].update(stem_patch=3), r"not divisible by stem_patch 3"),
+        (lambda c: c["diffusion"].update(schedule="sigmoid"), r"unknown schedule 'sigmoid'"),
+        (lambda c: c["diffusion"].update(prediction="x0"), r"unknown prediction 'x0'; allowed: eps, v"),
+        (lambda c: c["diffusion"].pop("T"), r"'T'"),
+    ],
+)
 def test_card_with_an_invalid_config(tiny_weights, edit, message):
     _edit_card(tiny_weights, edit)
     with pytest.raises(WeightsError, match=rf"tiny\.json: invalid config \(.*{message}"):

@@ -82,11 +82,26 @@ def class_images(seed: int = 0) -> torch.Tensor:
     return torch.rand(NULL + 1, 1, 28, 28, generator=g) * 1.6 - 0.8  # (11, 1, 28, 28) in [-0.8, 0.8]
 
 
-def run(den: Denoiser, labels: list[int], seeds: list[int], sampler: str, steps: int, eta: float = 0.0,
-        guidance: float = 1.0) -> tuple[torch.Tensor, list[Step]]:
+def run(
+    den: Denoiser,
+    labels: list[int],
+    seeds: list[int],
+    sampler: str,
+    steps: int,
+    eta: float = 0.0,
+    guidance: float = 1.0,
+) -> tuple[torch.Tensor, list[Step]]:
     steps_seen: list[Step] = []
-    x = sample(den, torch.tensor(labels), generators_from_seeds(seeds), sampler, steps, guidance,
-               callback=steps_seen.append, eta=eta)
+    x = sample(
+        den,
+        torch.tensor(labels),
+        generators_from_seeds(seeds),
+        sampler,
+        steps,
+        guidance,
+        callback=steps_seen.append,
+        eta=eta,
+    )
     return x, steps_seen
 
 
@@ -261,12 +276,15 @@ def test_sampling_leaves_the_global_rng_alone():
 # --- callback ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("sampler", "steps", "expected_t"), [
-    ("ddpm", 1000, list(range(999, -1, -1))),
-    ("ddim", 10, [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]),
-    ("dpm++", 3, [999, 666, 332]),
-    ("dpm++", 1, [999]),
-])
+@pytest.mark.parametrize(
+    ("sampler", "steps", "expected_t"),
+    [
+        ("ddpm", 1000, list(range(999, -1, -1))),
+        ("ddim", 10, [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]),
+        ("dpm++", 3, [999, 666, 332]),
+        ("dpm++", 1, [999]),
+    ],
+)
 def test_callback_sees_every_step_in_order(sampler, steps, expected_t):
     sch = Schedule.named("cosine")
     images = class_images()
@@ -294,29 +312,38 @@ def test_callback_can_stop_the_run(sampler, steps):
         return step.index == 3
 
     with pytest.raises(SamplingStopped, match=f"step 4/{steps}"):
-        sample(Denoiser(oracle, sch, "v", NULL), torch.tensor([1]), generators_from_seeds([0]), sampler, steps,
-               callback=stop_at_3)
+        sample(
+            Denoiser(oracle, sch, "v", NULL),
+            torch.tensor([1]),
+            generators_from_seeds([0]),
+            sampler,
+            steps,
+            callback=stop_at_3,
+        )
     assert seen == [0, 1, 2, 3] and len(oracle.calls) == 4  # no network evaluation after the stop
 
 
 # --- bad input -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"sampler": "euler"}, r"unknown sampler 'euler'; allowed: ddpm, ddim, dpm\+\+"),
-    ({"sampler": "ddpm", "steps": 50}, r"ddpm runs all 1000 steps; got steps=50"),
-    ({"sampler": "ddim", "steps": 0}, r"steps must be in 1\.\.1000, got 0"),
-    ({"sampler": "dpm++", "steps": 1001}, r"steps must be in 1\.\.1000, got 1001"),
-    ({"guidance": -1.0}, r"guidance must be a finite number >= 0, got -1\.0"),
-    ({"guidance": float("nan")}, r"guidance must be a finite number >= 0"),
-    ({"guidance": float("inf")}, r"guidance must be a finite number >= 0"),
-    ({"sampler": "ddim", "eta": 1.5}, r"eta must be in \[0, 1\], got 1\.5"),
-    ({"sampler": "ddim", "eta": -0.1}, r"eta must be in \[0, 1\]"),
-    ({"generators": 1}, r"need one generator per image: 2 labels, 1 generators"),
-    ({"labels": [0, 11]}, r"labels must be in 0\.\.9 \(or 10, the null class"),
-    ({"labels": [-1, 2]}, r"labels must be in 0\.\.9"),
-    ({"labels": [0.0, 1.0]}, r"labels must be a 1-D integer tensor"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sampler": "euler"}, r"unknown sampler 'euler'; allowed: ddpm, ddim, dpm\+\+"),
+        ({"sampler": "ddpm", "steps": 50}, r"ddpm runs all 1000 steps; got steps=50"),
+        ({"sampler": "ddim", "steps": 0}, r"steps must be in 1\.\.1000, got 0"),
+        ({"sampler": "dpm++", "steps": 1001}, r"steps must be in 1\.\.1000, got 1001"),
+        ({"guidance": -1.0}, r"guidance must be a finite number >= 0, got -1\.0"),
+        ({"guidance": float("nan")}, r"guidance must be a finite number >= 0"),
+        ({"guidance": float("inf")}, r"guidance must be a finite number >= 0"),
+        ({"sampler": "ddim", "eta": 1.5}, r"eta must be in \[0, 1\], got 1\.5"),
+        ({"sampler": "ddim", "eta": -0.1}, r"eta must be in \[0, 1\]"),
+        ({"generators": 1}, r"need one generator per image: 2 labels, 1 generators"),
+        ({"labels": [0, 11]}, r"labels must be in 0\.\.9 \(or 10, the null class"),
+        ({"labels": [-1, 2]}, r"labels must be in 0\.\.9"),
+        ({"labels": [0.0, 1.0]}, r"labels must be a 1-D integer tensor"),
+    ],
+)
 def test_bad_input_raises_value_error_saying_what_is_allowed(kwargs, message):
     sch = Schedule.named("linear")
     oracle = DeltaOracle(sch, "eps", class_images())

@@ -27,9 +27,19 @@ STEPS_PER_EPOCH = 8  # 512 images / batch 64
 
 def tiny_config(data_dir: Path, root: Path, **changes) -> TrainConfig:
     cfg = TrainConfig(
-        data_dir=str(data_dir), run_dir=str(root / "run"), weights_dir=str(root / "weights"), name="tiny",
-        unet=TINY, epochs=2, batch_size=64, train_limit=512, val_size=200, lr=6e-3, warmup_steps=2,
-        sample_steps=2, device="cpu",
+        data_dir=str(data_dir),
+        run_dir=str(root / "run"),
+        weights_dir=str(root / "weights"),
+        name="tiny",
+        unet=TINY,
+        epochs=2,
+        batch_size=64,
+        train_limit=512,
+        val_size=200,
+        lr=6e-3,
+        warmup_steps=2,
+        sample_steps=2,
+        device="cpu",
     )
     return replace(cfg, **changes)
 
@@ -132,15 +142,48 @@ def test_the_time_budget_ends_training_cleanly_and_still_exports(fashion_mnist_d
 
 
 def test_cli_flags_reach_the_config():
-    cfg, args = parse_args([
-        "--data-dir", "d", "--run-dir", "r", "--weights-dir", "w", "--name", "n", "--epochs", "3",
-        "--max-minutes", "1.5", "--batch-size", "32", "--train-limit", "100", "--val-size", "50",
-        "--prediction", "eps", "--schedule", "linear", "--min-snr-gamma", "0", "--base-channels", "16",
-        "--channel-mults", "1", "2", "2", "--attention-stages", "--stem-patch", "1", "--resume",
-    ])
+    cfg, args = parse_args(
+        [
+            "--data-dir",
+            "d",
+            "--run-dir",
+            "r",
+            "--weights-dir",
+            "w",
+            "--name",
+            "n",
+            "--epochs",
+            "3",
+            "--max-minutes",
+            "1.5",
+            "--batch-size",
+            "32",
+            "--train-limit",
+            "100",
+            "--val-size",
+            "50",
+            "--prediction",
+            "eps",
+            "--schedule",
+            "linear",
+            "--min-snr-gamma",
+            "0",
+            "--base-channels",
+            "16",
+            "--channel-mults",
+            "1",
+            "2",
+            "2",
+            "--attention-stages",
+            "--stem-patch",
+            "1",
+            "--resume",
+        ]
+    )
     assert (cfg.data_dir, cfg.run_dir, cfg.weights_dir, cfg.name) == ("d", "r", "w", "n")
     assert (cfg.epochs, cfg.max_minutes, cfg.batch_size, cfg.train_limit, cfg.val_size) == (3, 1.5, 32, 100, 50)
     assert (cfg.prediction, cfg.schedule, cfg.min_snr_gamma) == ("eps", "linear", None)
-    assert cfg.unet == replace(UNetConfig(), base_channels=16, channel_mults=(1, 2, 2), attention_stages=(),
-                               stem_patch=1)
+    assert cfg.unet == replace(
+        UNetConfig(), base_channels=16, channel_mults=(1, 2, 2), attention_stages=(), stem_patch=1
+    )
     assert args.resume

@@ -30,13 +30,16 @@ def inputs(b: int = 3, seed: int = 0):
     return x, t, y
 
 
-@pytest.mark.parametrize("config", [
-    TINY,
-    replace(TINY, stem_patch=1),
-    replace(TINY, attention_stages=(0, 1)),
-    replace(TINY, stem_patch=1, channel_mults=(1, 2, 2), attention_stages=(2,)),  # 28 -> 14 -> 7
-    replace(TINY, blocks_per_stage=1, channel_mults=(1,)),  # a single stage, no resampling
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        TINY,
+        replace(TINY, stem_patch=1),
+        replace(TINY, attention_stages=(0, 1)),
+        replace(TINY, stem_patch=1, channel_mults=(1, 2, 2), attention_stages=(2,)),  # 28 -> 14 -> 7
+        replace(TINY, blocks_per_stage=1, channel_mults=(1,)),  # a single stage, no resampling
+    ],
+)
 def test_output_has_the_input_shape(config):
     model = perturb(UNet(config))
     x, t, y = inputs()
@@ -52,8 +55,9 @@ def test_a_fresh_network_outputs_zero():
 
 
 def test_config_round_trips_through_json():
-    config = replace(TINY, channel_mults=(1, 2, 2), stem_patch=1, attention_stages=(1, 2), dropout=0.1,
-                     extra={"note": "kept"})
+    config = replace(
+        TINY, channel_mults=(1, 2, 2), stem_patch=1, attention_stages=(1, 2), dropout=0.1, extra={"note": "kept"}
+    )
     card = json.loads(json.dumps(config.to_dict()))  # tuples become lists on the way
     rebuilt = UNetConfig(**card)
     assert rebuilt == config and isinstance(rebuilt.channel_mults, tuple)
@@ -61,20 +65,23 @@ def test_config_round_trips_through_json():
     assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
 
 
-@pytest.mark.parametrize(("changes", "message"), [
-    ({"stem_patch": 3}, r"image_size 28 is not divisible by stem_patch 3"),
-    ({"channel_mults": (1, 2, 2)}, r"3 stages halve the side 2 times, but 14 is not divisible by 4"),
-    ({"attention_stages": (2,)}, r"attention_stages must index 0\.\.1"),
-    ({"groups": 3}, r"groups 3 must divide the channels of every stage \[8, 16\]"),
-    ({"attention_heads": 3}, r"attention_heads 3 must divide the channels \[16\]"),
-    ({"base_channels": 0}, r"base_channels must be a positive integer, got 0"),
-    ({"base_channels": 5, "groups": 5, "attention_heads": 5}, r"base_channels must be even"),
-    ({"channel_mults": ()}, r"channel_mults must be one or more positive integers"),
-    ({"blocks_per_stage": 0}, r"blocks_per_stage must be a positive integer"),
-    ({"num_classes": 0}, r"num_classes must be a positive integer"),
-    ({"stem_patch": 0}, r"stem_patch must be a positive integer"),
-    ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
-])
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"stem_patch": 3}, r"image_size 28 is not divisible by stem_patch 3"),
+        ({"channel_mults": (1, 2, 2)}, r"3 stages halve the side 2 times, but 14 is not divisible by 4"),
+        ({"attention_stages": (2,)}, r"attention_stages must index 0\.\.1"),
+        ({"groups": 3}, r"groups 3 must divide the channels of every stage \[8, 16\]"),
+        ({"attention_heads": 3}, r"attention_heads 3 must divide the channels \[16\]"),
+        ({"base_channels": 0}, r"base_channels must be a positive integer, got 0"),
+        ({"base_channels": 5, "groups": 5, "attention_heads": 5}, r"base_channels must be even"),
+        ({"channel_mults": ()}, r"channel_mults must be one or more positive integers"),
+        ({"blocks_per_stage": 0}, r"blocks_per_stage must be a positive integer"),
+        ({"num_classes": 0}, r"num_classes must be a positive integer"),
+        ({"stem_patch": 0}, r"stem_patch must be a positive integer"),
+        ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+    ],
+)
 def test_bad_configs_raise_value_error_saying_what_is_allowed(changes, message):
     with pytest.raises(ValueError, match=message):
         replace(TINY, **changes)

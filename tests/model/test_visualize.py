@@ -91,22 +91,71 @@ def test_reverse_grid_puts_x_t_above_the_x0_prediction(tiny_weights):
 
 def test_cli_forward_writes_the_png(tiny_weights, small_fashion_dir, tmp_path, capsys):
     out = tmp_path / "pics" / "forward.png"
-    assert main(["forward", "--weights", str(tiny_weights), "--data-dir", str(small_fashion_dir), "-o", str(out),
-                 "--scale", "1"]) == 0
+    assert (
+        main(
+            [
+                "forward",
+                "--weights",
+                str(tiny_weights),
+                "--data-dir",
+                str(small_fashion_dir),
+                "-o",
+                str(out),
+                "--scale",
+                "1",
+            ]
+        )
+        == 0
+    )
     with Image.open(out) as picture:
         assert picture.size == (11 * 30 + 2, 10 * 30 + 2) and picture.mode == "L"
         images, _ = example_images(small_fashion_dir)
         assert np.array_equal(tile(picture, 4, 0, 1), to_uint8(to_model_range(images[4:5]))[0])
     assert "t = 0, 100, 200" in capsys.readouterr().out
     # Without weights, a named schedule is enough.
-    assert main(["forward", "--schedule", "linear", "--weights", str(tmp_path / "none.safetensors"),
-                 "--data-dir", str(small_fashion_dir), "-o", str(tmp_path / "f2.png")]) == 0
+    assert (
+        main(
+            [
+                "forward",
+                "--schedule",
+                "linear",
+                "--weights",
+                str(tmp_path / "none.safetensors"),
+                "--data-dir",
+                str(small_fashion_dir),
+                "-o",
+                str(tmp_path / "f2.png"),
+            ]
+        )
+        == 0
+    )
 
 
 def test_cli_reverse_writes_the_png(tiny_weights, tmp_path, capsys):
     out = tmp_path / "reverse.png"
-    assert main(["reverse", "--weights", str(tiny_weights), "--sampler", "dpm++", "--steps", "4", "--every", "2",
-                 "--classes", "0", "9", "--scale", "2", "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "reverse",
+                "--weights",
+                str(tiny_weights),
+                "--sampler",
+                "dpm++",
+                "--steps",
+                "4",
+                "--every",
+                "2",
+                "--classes",
+                "0",
+                "9",
+                "--scale",
+                "2",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     with Image.open(out) as picture:
         assert picture.size == ((4 * 30 + 2) * 2, (4 * 30 + 2) * 2)  # steps 0, 2, 3 and the sample
     printed = capsys.readouterr().out
