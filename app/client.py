@@ -3,6 +3,9 @@
     python -m app.client generate --class dress -n 16 -o out/          # 16 PNGs in out/
     python -m app.client generate --class 3 -n 16 --grid -o out/       # one PNG grid
     python -m app.client stream --class "ankle boot" -n 4 -o out/ --previews
+    python -m app.client generate --class dress -n 4 --rerank clip --candidates 16 -o out/   # best 4 of 16
+    python -m app.client score out/*.png --class dress                  # CLIP similarity to the class prompt
+    python -m app.client score a.png b.png --text "a red dress" --text "a boot"
 
 The server is ``--url`` (default: $FASHION_URL or http://127.0.0.1:8000); the API key is
 ``--api-key`` or $FASHION_API_KEY. Exit status: 0 on success, 1 when the server refused or
@@ -33,6 +36,11 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
             body[key] = getattr(args, key)
     if getattr(args, "preview_every", None) is not None:
         body["preview_every"] = args.preview_every
+    if args.rerank:
+        body["rerank"] = {"by": args.rerank, "candidates": args.candidates} if args.candidates else args.rerank
+    elif args.candidates:
+        print("--candidates needs --rerank clip or --rerank classifier", file=sys.stderr)
+        raise SystemExit(2)
     return body
 
 
@@ -88,7 +96,15 @@ def generate(args: argparse.Namespace) -> int:
         f"{result['params']['steps']} steps, seed {result['params']['seed']}; {t['total_ms']:.0f} ms, "
         f"batch of {t['batch_images']})"
     )
+    _print_rerank(result)
     return 0
+
+
+def _print_rerank(result: dict[str, Any]) -> None:
+    rerank = result.get("rerank")
+    if rerank:
+        kept = ", ".join(f"seed {img['seed']}: {img['score']:.4f}" for img in result["images"])
+        print(f"kept the best {len(result['images'])} of {rerank['candidates']} by {rerank['by']} ({kept})")
 
 
 def stream(args: argparse.Namespace) -> int:
@@ -119,6 +135,7 @@ def stream(args: argparse.Namespace) -> int:
             elif event.event == "done":
                 paths = save_images(data, out)
                 print(f"wrote {len(paths)} images to {out}")
+                _print_rerank(data)
                 return 0
             elif event.event == "error":
                 err = data["error"]
@@ -126,6 +143,32 @@ def stream(args: argparse.Namespace) -> int:
                 return 1
     print("the stream ended without a done event", file=sys.stderr)
     return 1
+
+
+def score(args: argparse.Namespace) -> int:
+    """POST the files to /clip/score as multipart/form-data; print one row per file."""
+    if (args.cls is None) == (not args.text):
+        print("give either --class or one or more --text", file=sys.stderr)
+        return 2
+    data: dict[str, Any] = {"class": args.cls} if args.cls is not None else {"texts": args.text}
+    files = [("files", (Path(f).name, Path(f).read_bytes(), "application/octet-stream")) for f in args.files]
+    with httpx.Client(base_url=args.url, timeout=args.timeout) as client:
+        response = client.post("/clip/score", files=files, data=data, headers=_headers(args))
+    if response.status_code != 200:
+        print(_error_text(response), file=sys.stderr)
+        return 1
+    result = response.json()
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"CLIP {result['model']}; cosine similarity (CLIPScore) per text:")
+    for i, text in enumerate(result["texts"]):
+        print(f"  [{i}] {text}")
+    width = max(len(Path(f).name) for f in args.files)
+    for name, sims, scores in zip(args.files, result["similarity"], result["clip_score"], strict=True):
+        cells = "  ".join(f"[{i}] {c:+.4f} ({s:5.2f})" for i, (c, s) in enumerate(zip(sims, scores, strict=True)))
+        print(f"{Path(name).name:<{width}}  {cells}")
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -146,11 +189,19 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"])
         s.add_argument("--guidance", type=float)
         s.add_argument("--seed", type=int)
+        s.add_argument("--rerank", choices=["clip", "classifier"], help="sample more candidates, keep the best n")
+        s.add_argument("--candidates", type=int, help="candidates to sample with --rerank (default: 4 n)")
         if name == "generate":
             s.add_argument("--grid", action="store_true", help="ask for one PNG grid instead of n files")
         else:
             s.add_argument("--preview-every", type=int, help="previews every k steps")
             s.add_argument("--previews", action="store_true", help="also save the preview PNGs under OUT/previews")
+    s = sub.add_parser("score", help="CLIP similarity of image files with a class's prompts or with texts")
+    s.set_defaults(fn=score)
+    s.add_argument("files", nargs="+", help="image files (PNG, JPEG, ...)")
+    s.add_argument("--class", dest="cls", help="index 0-9 or a name: score against the class's prompts")
+    s.add_argument("--text", action="append", help="a prompt to score against (repeatable)")
+    s.add_argument("--json", action="store_true", help="print the server's JSON answer")
     return p
 
 

@@ -7,16 +7,20 @@ import base64
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, Request
 
+from app.clip_service import ClipService
 from app.engine import Engine, EngineClosed, Job, JobResult, JobSpec, ProgressCallback, QueueFull
 from app.errors import ApiError
-from app.schemas import SEED_MAX, GenerateRequestBase, GenerateResponse, ImageOut, Params, Timings
+from app.schemas import SEED_MAX, GenerateRequestBase, GenerateResponse, ImageOut, Params, RerankOut, Timings
 from app.scorers import Scorer
 from app.settings import Settings
 from model.data import CLASS_NAMES
+
+if TYPE_CHECKING:
+    from app.rerank import Ranked
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,7 @@ class Serving:
     T: int  # diffusion steps of the schedule (ddpm always runs all of them)
     device: str
     card: dict[str, Any]
-    scorers: dict[str, Scorer] = field(default_factory=dict)  # issue 4: CLIP / classifier rerankers
+    scorers: dict[str, Scorer] = field(default_factory=dict)  # rerank methods: "clip", "classifier"
 
 
 def get_settings(request: Request) -> Settings:
@@ -56,12 +60,25 @@ def get_serving(request: Request) -> Serving:
     return serving
 
 
+def get_clip(request: Request) -> ClipService:
+    clip: ClipService | None = getattr(request.app.state, "clip", None)
+    if clip is None:
+        raise ApiError(503, "the server is starting or shutting down", code="not_ready", headers={"Retry-After": "5"})
+    return clip
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ServingDep = Annotated[Serving, Depends(get_serving)]
+ClipDep = Annotated[ClipService, Depends(get_clip)]
 
 
-def resolve(body: GenerateRequestBase, serving: Serving, settings: Settings) -> tuple[JobSpec, Params]:
-    """Fill in defaults and seeds; the checks that need the loaded weights (ddpm's T) happen here."""
+def resolve(
+    body: GenerateRequestBase, serving: Serving, settings: Settings, candidates: int | None = None
+) -> tuple[JobSpec, Params]:
+    """Fill in defaults and seeds; the checks that need the loaded weights (ddpm's T) happen here.
+
+    With ``candidates`` (rerank) the job samples that many images, seeds ``seed .. seed + candidates - 1``;
+    ``params.n`` stays the number the client gets back."""
     sampler = body.sampler or serving.defaults.sampler
     steps = body.steps if body.steps is not None else serving.defaults.steps
     guidance = body.guidance if body.guidance is not None else serving.defaults.guidance
@@ -85,7 +102,7 @@ def resolve(body: GenerateRequestBase, serving: Serving, settings: Settings) -> 
                 param="sampler",
             )
     base = body.seed if body.seed is not None else secrets.randbelow(SEED_MAX + 1)
-    seeds = tuple(base + i for i in range(body.n))
+    seeds = tuple(base + i for i in range(candidates or body.n))
     spec = JobSpec(label=body.class_, seeds=seeds, sampler=sampler, steps=steps, guidance=float(guidance))
     params = Params.model_validate(
         {
@@ -111,11 +128,29 @@ def submit(engine: Engine, spec: JobSpec, on_progress: ProgressCallback | None =
         raise ApiError(503, "the server is shutting down", code="not_ready", headers={"Retry-After": "5"}) from err
 
 
-def response_body(serving: Serving, params: Params, result: JobResult, accepted: float) -> GenerateResponse:
+def response_body(
+    serving: Serving, params: Params, result: JobResult, accepted: float, ranked: Ranked | None = None
+) -> GenerateResponse:
+    """The answer to /generate (and the stream's ``done``); with ``ranked``, the best n candidates, best first."""
+    chosen = range(len(result.pngs)) if ranked is None else [int(i) for i in ranked.order]
     images = [
-        ImageOut(index=i, seed=params.seed + i, png=base64.b64encode(png).decode("ascii"))
-        for i, png in enumerate(result.pngs)
+        ImageOut(
+            index=rank,
+            seed=params.seed + i,
+            png=base64.b64encode(result.pngs[i]).decode("ascii"),
+            score=None if ranked is None else float(ranked.scores[i]),
+        )
+        for rank, i in enumerate(chosen)
     ]
+    rerank = None
+    if ranked is not None:
+        rerank = RerankOut(
+            by=ranked.by,
+            candidates=len(ranked.scores),
+            measure=ranked.measure,
+            scores=[float(s) for s in ranked.scores],
+            scoring_ms=round(ranked.scoring_s * 1e3, 2),
+        )
     timings = Timings(
         queue_ms=round(result.queued_s * 1e3, 2),
         sampling_ms=round(result.sampling_s * 1e3, 2),
@@ -123,4 +158,4 @@ def response_body(serving: Serving, params: Params, result: JobResult, accepted:
         batch_images=result.batch_images,
         batch_jobs=result.batch_jobs,
     )
-    return GenerateResponse(model=serving.name, params=params, images=images, timings=timings)
+    return GenerateResponse(model=serving.name, params=params, images=images, timings=timings, rerank=rerank)

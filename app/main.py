@@ -4,6 +4,10 @@ Nothing heavy happens at import: the lifespan loads the weights (safetensors + J
 no pickle) onto the device, starts the engine, runs a warm-up batch, and only then
 reports ready. Weights that are missing or corrupt stop startup with a message naming the
 file and the problem, and uvicorn exits non-zero.
+
+The rerank scorers come next: the classifier (small, loaded before ready; missing weights only
+disable rerank by classifier) and CLIP, which loads on a background thread after the service
+is ready (``app.clip_service``); /readyz reports both beside the main model.
 """
 
 from __future__ import annotations
@@ -16,14 +20,16 @@ from typing import Any
 import anyio
 from fastapi import FastAPI
 
+from app.clip_service import ClipScorer, ClipService
 from app.deps import Defaults, Serving
 from app.device import prepare, resolve_device
 from app.engine import Engine, JobSpec
 from app.errors import install_handlers
 from app.metrics import Metrics
 from app.middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
-from app.routes import generate, health, metrics, stream
+from app.routes import clip, generate, health, metrics, stream
 from app.schemas import Limits, allowed_values, request_models
+from app.scorers import Scorer, load_classifier_scorer
 from app.settings import Settings
 from model.io import WeightsError, load_weights
 
@@ -57,6 +63,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     metrics: Metrics = app.state.metrics
     try:
         device = resolve_device(settings.device)
+        clip_service = ClipService(settings, metrics, str(device))  # "loading" until started below
         loaded = await anyio.to_thread.run_sync(load_weights, settings.weights, device)
         T = loaded.denoiser.schedule.T
         defaults = sampling_defaults(settings, loaded.card, T)
@@ -85,13 +92,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             warm_sampler = "ddim" if defaults.sampler == "ddpm" else defaults.sampler
             await engine.run(JobSpec(0, (0,), warm_sampler, min(2, T), defaults.guidance), record=False)
         name = str(loaded.card.get("name") or loaded.path.stem)
+        classifier = await anyio.to_thread.run_sync(load_classifier_scorer, settings.classifier_weights, device)
+        scorers: dict[str, Scorer] = {"clip": ClipScorer(clip_service), "classifier": classifier}
         metrics.model.info({"name": name, "weights": loaded.path.name, **runtime.describe()})
         metrics.ready.set(1)
-        app.state.serving = Serving(engine, name, defaults, T, str(device), loaded.card)
+        app.state.clip = clip_service
+        app.state.serving = Serving(engine, name, defaults, T, str(device), loaded.card, scorers)
         log.info("ready: %s on %s (%s parameters)", name, device, runtime.parameters)
+        clip_service.start()  # after ready: CLIP never delays the service
         yield
     finally:
         app.state.serving = None
+        app.state.clip = None
+        clip_service.close()
         metrics.ready.set(0)
         await anyio.to_thread.run_sync(engine.stop)
 
@@ -99,7 +112,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app with its own settings, metrics registry and (once started) engine."""
     settings = settings or Settings()
-    limits = Limits(settings.max_images, settings.max_steps, settings.max_guidance)
+    limits = Limits(settings.max_images, settings.max_steps, settings.max_guidance, settings.max_candidates)
     generate_model, stream_model = request_models(limits)
     app = FastAPI(
         title="Fashion-MNIST diffusion",
@@ -110,18 +123,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.serving = None
+    app.state.clip = None
     install_handlers(app, allowed_values(stream_model))
     routers = [
         health.router,
         metrics.router,
         generate.build_router(generate_model),
         stream.build_router(stream_model),
+        clip.build_router(settings),
     ]
     for router in routers:
         app.include_router(router)
     paths = {str(getattr(route, "path", "")) for router in routers for route in router.routes}
     # add_middleware puts each one outside the previous: body limit innermost, metrics outermost.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        path_limits={"/clip/score": settings.clip_max_body_bytes},
+    )
     app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value() if settings.api_key else None)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, paths=paths)
     return app

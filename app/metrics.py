@@ -6,12 +6,25 @@ Names follow the Prometheus conventions: a ``fashion_`` namespace, base units
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Enum,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
 
 NAMESPACE = "fashion"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+CLIP_OUTCOMES = ("ok", "invalid", "too_large", "unavailable", "overloaded", "error")
+CLIP_USES = ("score", "rerank")
+CLIP_STATES = ("loading", "ready", "unavailable")
+RERANK_METHODS = ("clip", "classifier")
 
 
 class Metrics:
@@ -63,7 +76,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.images = Counter("images_generated", "images delivered to clients", ["sampler"], namespace=ns, registry=r)
+        self.images = Counter("images_generated", "images sampled (rerank candidates included)", ["sampler"], namespace=ns, registry=r)
         self.steps = Counter(
             "sampler_steps", "sampler steps run (one network evaluation of a batch each)", namespace=ns, registry=r
         )
@@ -81,12 +94,53 @@ class Metrics:
         self.jobs_failed = Counter("jobs_failed", "jobs that ended in an error", ["reason"], namespace=ns, registry=r)
         self.model = Info("model", "the loaded weights", namespace=ns, registry=r)
         self.ready = Gauge("ready", "1 when the weights are loaded and warm", namespace=ns, registry=r)
+        # CLIP scoring (POST /clip/score, rerank by clip) and reranking.
+        self.clip_requests = Counter(
+            "clip_requests",
+            "POST /clip/score requests by outcome (bodies refused by size before routing count only as HTTP 413s)",
+            ["outcome"],
+            namespace=ns,
+            registry=r,
+        )
+        self.clip_images = Counter(
+            "clip_images_scored", "images CLIP embedded and scored, by use", ["use"], namespace=ns, registry=r
+        )
+        self.clip_duration = Histogram(
+            "clip_scoring_duration_seconds",
+            "wall time of one CLIP scoring call on its worker thread (decoding included), by use",
+            ["use"],
+            namespace=ns,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.clip_status = Enum(
+            "clip_status", "state of the CLIP model", states=list(CLIP_STATES), namespace=ns, registry=r
+        )
+        self.clip_model = Info("clip_model", "the CLIP model configured", namespace=ns, registry=r)
+        self.rerank = Counter(
+            "rerank_requests", "generations reranked, by method", ["method"], namespace=ns, registry=r
+        )
+        self.rerank_candidates = Counter(
+            "rerank_candidates",
+            "candidate images sampled for reranking, by method",
+            ["method"],
+            namespace=ns,
+            registry=r,
+        )
         # Known label values start at zero, so rate() and alerts see the series before the first event.
         for stage in ("queued", "running"):
             self.jobs_cancelled.labels(stage)
         self.jobs_rejected.labels("queue_full")
         for sampler in ("ddpm", "ddim", "dpm++"):
             self.images.labels(sampler)
+        for outcome in CLIP_OUTCOMES:
+            self.clip_requests.labels(outcome)
+        for use in CLIP_USES:
+            self.clip_images.labels(use)
+            self.clip_duration.labels(use)
+        for method in RERANK_METHODS:
+            self.rerank.labels(method)
+            self.rerank_candidates.labels(method)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""

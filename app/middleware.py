@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hmac
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -101,24 +101,28 @@ class ApiKeyMiddleware:
 
 
 class BodyLimitMiddleware:
-    """Refuses bodies over ``max_bytes`` with 413: at once from Content-Length, else while reading.
+    """Refuses bodies over ``max_bytes`` (or the path's own limit in ``path_limits``) with 413: at once
+    from Content-Length, else while reading.
 
-    Bodies are small JSON objects, so a chunked body is read up to the limit before the app
-    sees it; later ``receive`` calls go straight through, keeping disconnect detection intact.
+    Bodies are small JSON objects (or, on the paths with their own limit, uploads that the route
+    reads into memory), so a chunked body is read up to the limit before the app sees it; later
+    ``receive`` calls go straight through, keeping disconnect detection intact.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, path_limits: Mapping[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.path_limits = dict(path_limits or {})
 
-    def _too_large(self, size: int | None) -> str:
+    def _too_large(self, size: int | None, limit: int) -> str:
         got = f"{size} bytes" if size is not None else "more"
-        return f"the request body is too large ({got}); the limit is {self.max_bytes} bytes"
+        return f"the request body is too large ({got}); the limit is {limit} bytes"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.path_limits.get(scope["path"], self.max_bytes)
         declared = None
         for name, value in scope.get("headers", []):
             if name == b"content-length":
@@ -126,8 +130,8 @@ class BodyLimitMiddleware:
                     declared = int(value)
                 except ValueError:
                     declared = None
-        if declared is not None and declared > self.max_bytes:
-            await send_error(send, 413, self._too_large(declared), code="body_too_large")
+        if declared is not None and declared > limit:
+            await send_error(send, 413, self._too_large(declared, limit), code="body_too_large")
             return
         if declared is not None:
             await self.app(scope, receive, send)
@@ -141,8 +145,8 @@ class BodyLimitMiddleware:
                 return
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
-            if size > self.max_bytes:
-                await send_error(send, 413, self._too_large(None), code="body_too_large")
+            if size > limit:
+                await send_error(send, 413, self._too_large(None, limit), code="body_too_large")
                 return
             if not message.get("more_body", False):
                 break

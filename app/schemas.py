@@ -19,6 +19,9 @@ from model.data import CLASS_NAMES, NUM_CLASSES
 
 SEED_MAX = 2**32 - 1
 SamplerName = Literal["ddpm", "ddim", "dpm++"]
+RerankMethod = Literal["clip", "classifier"]
+ComponentStatus = Literal["loading", "ready", "unavailable"]
+MAX_TEXT_CHARS = 1000  # a prompt longer than this cannot fit CLIP's 77 tokens anyway
 
 
 # --- class: an index or a name ---------------------------------------------------------------
@@ -107,15 +110,59 @@ class Limits:
     max_images: int
     max_steps: int
     max_guidance: float
+    max_candidates: int = 64
 
     @property
     def default_n(self) -> int:
         return min(16, self.max_images)
 
 
+class RerankBase(BaseModel):
+    """Sample ``candidates`` images, score each against the requested class, return the best ``n``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    by: RerankMethod = Field(
+        description="clip: cosine similarity to the class prompt under CLIP; classifier: the project's "
+        "Fashion-MNIST classifier's probability of the class (works without CLIP)"
+    )
+    candidates: PositiveInt | None = Field(
+        default=None, description="images to sample and score, at least n; default: 4 n, capped at the server's limit"
+    )
+
+
+def _rerank_shorthand(value: Any) -> Any:
+    # "rerank": "clip" is {"by": "clip"} with the default number of candidates (also ?rerank=clip).
+    return {"by": value} if isinstance(value, str) else value
+
+
+RERANK_DESCRIPTION = (
+    'keep the best n of more candidates: {"by": "clip" | "classifier", "candidates": K} with n <= K, or just '
+    '"clip" / "classifier" for K = 4 n; candidate i is drawn with seed + i, and each returned image carries its '
+    "seed and score"
+)
+RERANK_ALLOWED = '"clip", "classifier", or {"by": "clip" | "classifier", "candidates": K} with n <= K'
+
+
 def _limited_fields(limits: Limits) -> dict[str, Any]:
     """The fields whose bounds come from the settings, as ``create_model`` takes them."""
+    rerank = create_model(
+        "Rerank",
+        __base__=RerankBase,
+        __doc__=RerankBase.__doc__,
+        candidates=(
+            bounded_int(1, limits.max_candidates) | None,
+            Field(
+                default=None,
+                description="images to sample and score, at least n; default: 4 n, capped at the server's limit",
+            ),
+        ),
+    )
     return {
+        "rerank": (
+            Annotated[rerank, BeforeValidator(_rerank_shorthand)] | None,
+            Field(default=None, description=RERANK_DESCRIPTION),
+        ),
         "n": (bounded_int(1, limits.max_images), Field(default=limits.default_n, description="how many images")),
         "steps": (
             bounded_int(1, limits.max_steps) | None,
@@ -148,8 +195,9 @@ class GenerateRequestBase(BaseModel):
     seed: Seed | None = Field(
         default=None, description="image i is drawn with seed + i; omitted: a random seed, reported back"
     )
-    # Issue 4 adds an optional ``rerank`` field here (sample candidates, keep the best n by a scorer
-    # from ``Serving.scorers``); see app/scorers.py.
+    rerank: Annotated[RerankBase, BeforeValidator(_rerank_shorthand)] | None = Field(
+        default=None, description=RERANK_DESCRIPTION
+    )
 
 
 class StreamRequestBase(GenerateRequestBase):
@@ -184,6 +232,8 @@ def allowed_values(model: type[BaseModel]) -> dict[str, str]:
         options = [o for o in prop.get("anyOf", [prop]) if o.get("type") != "null"]
         if key == "class":
             out[key] = CLASS_ALLOWED
+        elif key == "rerank":
+            out[key] = RERANK_ALLOWED
         elif len(options) == 1 and "enum" in options[0]:
             out[key] = "one of " + ", ".join(map(str, options[0]["enum"]))
         elif len(options) == 1 and options[0].get("type") in ("integer", "number"):
@@ -200,9 +250,10 @@ def allowed_values(model: type[BaseModel]) -> dict[str, str]:
 
 
 class ImageOut(BaseModel):
-    index: int = Field(description="position in the request, 0-based")
-    seed: int = Field(description="the seed this image was drawn with (base seed + index)")
+    index: int = Field(description="position in the answer, 0-based (with rerank: the rank, best first)")
+    seed: int = Field(description="the seed this image was drawn with (base seed + index; with rerank: + candidate)")
     png: str = Field(description="base64 of a 28x28 grayscale PNG")
+    score: float | None = Field(default=None, description="with rerank only: the image's score, higher is better")
 
 
 class Params(BaseModel):
@@ -227,11 +278,20 @@ class Timings(BaseModel):
     batch_jobs: int = Field(description="requests in that batch")
 
 
+class RerankOut(BaseModel):
+    by: RerankMethod
+    candidates: int = Field(description="images sampled and scored; candidate i was drawn with seed + i")
+    measure: str = Field(description="what the score is")
+    scores: list[float] = Field(description="every candidate's score, in seed order (candidate i: seed + i)")
+    scoring_ms: float = Field(description="scoring the candidates, on a worker thread")
+
+
 class GenerateResponse(BaseModel):
     model: str = Field(description="name of the weights that drew the images")
     params: Params
     images: list[ImageOut]
     timings: Timings
+    rerank: RerankOut | None = Field(default=None, description="with rerank only: how the images were chosen")
 
 
 class StartEvent(BaseModel):
@@ -259,7 +319,63 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class ComponentHealth(BaseModel):
+    status: ComponentStatus
+    model: str | None = Field(default=None, description="what is (or was to be) loaded")
+    message: str | None = Field(default=None, description="why it is unavailable, and how to provide it")
+
+
 class Health(BaseModel):
     status: str
     model: str | None = None
     device: str | None = None
+    clip: ComponentHealth | None = Field(
+        default=None, description="CLIP (POST /clip/score, rerank by clip); the service is ready without it"
+    )
+    classifier: ComponentHealth | None = Field(default=None, description="the classifier behind rerank by classifier")
+
+
+# --- CLIP scoring ------------------------------------------------------------------------------
+
+Prompt = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
+
+
+class ClipTargets(BaseModel):
+    """What to score the images against: ``texts``, or ``class`` (prompts from the class name)."""
+
+    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True)
+
+    texts: list[Prompt] | None = Field(default=None, description="prompts; each image is scored with each one")
+    class_: ClassField | None = Field(
+        default=None, alias="class", description="a class whose name fills the server's prompt templates"
+    )
+
+
+class ClipScoreRequest(ClipTargets):
+    """Body of ``POST /clip/score`` as JSON; multipart/form-data sends the images as ``files`` instead."""
+
+    images: list[str] = Field(
+        description="base64-encoded images (PNG, JPEG, WebP, GIF or BMP; data: URLs too), any size up to the "
+        "server's pixel limit; 28x28 grayscale is what the generator makes"
+    )
+
+
+class ClipTimings(BaseModel):
+    queue_ms: float = Field(description="waiting for a free scoring thread")
+    scoring_ms: float = Field(description="decoding, embedding and comparing, on the worker thread")
+    total_ms: float = Field(description="from accepting the request to the response")
+
+
+class ClipScoreResponse(BaseModel):
+    model_config = ConfigDict(serialize_by_alias=True, validate_by_name=True, validate_by_alias=True)
+
+    model: str = Field(description="the CLIP model (architecture and weights)")
+    texts: list[str] = Field(description="the prompts scored, in column order (the class's prompts with class)")
+    class_: int | None = Field(default=None, alias="class")
+    class_name: str | None = None
+    similarity: list[list[float]] = Field(description="cosine similarity, [image][text], in [-1, 1]")
+    clip_score: list[list[float]] = Field(description="CLIPScore, 100 * max(cos, 0), [image][text]")
+    class_similarity: list[float] | None = Field(
+        default=None, description="with class: cosine with the class embedding (its prompts averaged), per image"
+    )
+    timings: ClipTimings

@@ -15,10 +15,21 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.clip import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEFAULT_TEMPLATES
 from model.samplers import SAMPLERS
 
 ENV_PREFIX = "FASHION_"
 WEIGHTS_RELATIVE = Path("weights") / "fashion-unet.safetensors"
+CLASSIFIER_RELATIVE = Path("weights") / "classifier.safetensors"
+MiB = 1024 * 1024
+
+
+def _shipped(relative: Path) -> Path:
+    beside_package = Path(__file__).resolve().parent.parent / relative
+    if beside_package.exists():
+        return beside_package
+    in_cwd = Path.cwd() / relative
+    return in_cwd if in_cwd.exists() else beside_package
 
 
 def default_weights_path() -> Path:
@@ -28,11 +39,12 @@ def default_weights_path() -> Path:
     in a container that holds the repository at /app; an installed (site-packages) copy of
     the package falls back to ``./weights`` under the working directory.
     """
-    beside_package = Path(__file__).resolve().parent.parent / WEIGHTS_RELATIVE
-    if beside_package.exists():
-        return beside_package
-    in_cwd = Path.cwd() / WEIGHTS_RELATIVE
-    return in_cwd if in_cwd.exists() else beside_package
+    return _shipped(WEIGHTS_RELATIVE)
+
+
+def default_classifier_path() -> Path:
+    """The shipped evaluation classifier, ``<repo root>/weights/classifier.safetensors``, found the same way."""
+    return _shipped(CLASSIFIER_RELATIVE)
 
 
 class Settings(BaseSettings):
@@ -80,6 +92,91 @@ class Settings(BaseSettings):
 
     warmup: bool = Field(default=True, description="run one small batch before reporting ready")
 
+    # Reranking (``rerank`` on /generate) and the classifier it can rank by.
+    classifier_weights: Path | None = Field(
+        default_factory=default_classifier_path,
+        description=(
+            "the Fashion-MNIST classifier (.safetensors + .json card) behind rerank by classifier; "
+            "empty: none (rerank by classifier answers 503)"
+        ),
+    )
+    rerank_max_candidates: int | None = Field(
+        default=None, ge=1, description="most candidates one rerank may sample; None: max_batch (one batch)"
+    )
+
+    # CLIP (``POST /clip/score`` and rerank by clip). It loads on a background thread once the main
+    # model is ready: /readyz never waits for it and reports its status beside the main model's.
+    clip_enabled: bool = Field(
+        default=True, description="load CLIP as configured below; false: CLIP routes answer 503, generation works"
+    )
+    clip_model: str = Field(default=DEFAULT_MODEL, description="open_clip architecture name, e.g. ViT-B-32")
+    clip_pretrained: str | None = Field(
+        default=DEFAULT_PRETRAINED,
+        description="open_clip pretrained tag for clip_model, looked up in clip_cache_dir; empty: none",
+    )
+    clip_checkpoint: Path | None = Field(
+        default=None, description="a local state dict (.safetensors/.pt) for clip_model; wins over clip_pretrained"
+    )
+    clip_cache_dir: Path | None = Field(
+        default=None, description="where pretrained tags are downloaded to and found; None: huggingface_hub's cache"
+    )
+    clip_download: bool = Field(
+        default=False,
+        description=(
+            "download clip_pretrained from the model hub when clip_cache_dir lacks it. Off by default: the service "
+            "then never touches the network, and a host without internet reports CLIP unavailable at once instead "
+            "of after a minute of hub retries. Turn it on where the host has internet, or fetch once with "
+            "`python -m model.clip fetch --cache-dir DIR` and point clip_cache_dir there"
+        ),
+    )
+    clip_random_init: bool = Field(
+        default=False,
+        description="tests and smoke runs only: random CLIP weights when neither tag nor checkpoint is set",
+    )
+    clip_templates: tuple[str, ...] = Field(
+        default=DEFAULT_TEMPLATES,
+        description="prompt templates with one {} for the class name (a JSON list in the environment); averaged",
+    )
+    clip_max_images: int = Field(default=32, ge=1, le=1024, description="most images one /clip/score call may send")
+    clip_max_image_bytes: int = Field(
+        default=256 * 1024, ge=1024, le=64 * MiB, description="largest encoded image (file, or base64-decoded)"
+    )
+    clip_max_pixels: int = Field(
+        default=1024 * 1024, ge=28 * 28, description="largest width * height, read from the header before decoding"
+    )
+    clip_max_texts: int = Field(default=64, ge=1, le=1024, description="most texts one /clip/score call may send")
+    clip_concurrency: int = Field(default=1, ge=1, le=64, description="CLIP scoring calls running at once (threads)")
+    clip_queue_size: int = Field(
+        default=8, ge=0, description="scoring calls that may wait for a free thread; one more is refused with 429"
+    )
+
+    @field_validator("clip_pretrained", "clip_checkpoint", "clip_cache_dir", "classifier_weights", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("clip_model", mode="before")
+    @classmethod
+    def _clip_model(cls, value: object) -> object:
+        return DEFAULT_MODEL if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("clip_templates")
+    @classmethod
+    def _templates(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value or any(t.count("{}") != 1 for t in value):
+            raise ValueError(f"clip_templates must be a non-empty list of strings with exactly one {{}}; got {value}")
+        return value
+
+    @property
+    def max_candidates(self) -> int:
+        return self.rerank_max_candidates or self.max_batch
+
+    @property
+    def clip_max_body_bytes(self) -> int:
+        """The largest /clip/score body: every image at its limit, base64 in JSON, plus room for the texts."""
+        per_image = -(-self.clip_max_image_bytes // 3) * 4 + 1024  # base64, and multipart headers or JSON quoting
+        return max(self.max_body_bytes, self.clip_max_images * per_image + self.clip_max_texts * 4096 + 64 * 1024)
+
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
@@ -106,6 +203,11 @@ class Settings(BaseSettings):
             raise ValueError(f"steps ({self.steps}) must not exceed max_steps ({self.max_steps})")
         if self.guidance is not None and self.guidance > self.max_guidance:
             raise ValueError(f"guidance ({self.guidance}) must not exceed max_guidance ({self.max_guidance})")
+        if self.rerank_max_candidates is not None and self.rerank_max_candidates > self.max_batch:
+            raise ValueError(
+                f"rerank_max_candidates ({self.rerank_max_candidates}) must not exceed max_batch ({self.max_batch}): "
+                "a rerank's candidates are sampled in one batch"
+            )
         if self.sampler is not None and self.sampler not in SAMPLERS:  # pragma: no cover - Literal guards it
             raise ValueError(f"sampler must be one of {SAMPLERS}")
         return self

@@ -11,6 +11,7 @@ from typing import Any
 import anyio
 from fastapi import APIRouter, Request, Response
 
+from app import rerank
 from app.deps import Serving, ServingDep, SettingsDep, resolve, response_body, submit
 from app.engine import EngineClosed, Job, JobCancelled, JobResult
 from app.errors import ApiError
@@ -24,7 +25,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         413: "request body too large",
         422: "invalid parameters: the message names the field and what it accepts",
         429: "the queue is full; retry after the Retry-After header's seconds",
-        503: "the model is not loaded yet, or the server is shutting down",
+        503: "the model is not loaded yet, the server is shutting down, or the rerank method is unavailable "
+        "(the message says how to provide its weights)",
     }.items()
 }
 
@@ -79,16 +81,21 @@ def grid_png(images: Any) -> bytes:
     return png_bytes(grid(images, ncol=math.ceil(math.sqrt(len(images)))))
 
 
-def png_headers(serving: Serving, params: Params) -> dict[str, str]:
-    return {
+def png_headers(serving: Serving, params: Params, ranked: rerank.Ranked | None = None) -> dict[str, str]:
+    chosen = range(params.n) if ranked is None else [int(i) for i in ranked.order]
+    headers = {
         "X-Model": serving.name,
         "X-Class": str(params.class_),
         "X-Sampler": params.sampler,
         "X-Steps": str(params.steps),
         "X-Guidance": str(params.guidance),
         "X-Seed": str(params.seed),
-        "X-Seeds": ",".join(str(params.seed + i) for i in range(params.n)),
+        "X-Seeds": ",".join(str(params.seed + i) for i in chosen),
     }
+    if ranked is not None:
+        headers["X-Rerank"] = f"{ranked.by};candidates={len(ranked.scores)}"
+        headers["X-Scores"] = ",".join(f"{ranked.scores[i]:.6g}" for i in chosen)
+    return headers
 
 
 def build_router(body_model: type[GenerateRequestBase]) -> APIRouter:
@@ -98,6 +105,7 @@ def build_router(body_model: type[GenerateRequestBase]) -> APIRouter:
     @router.post(
         "/generate",
         response_model=GenerateResponse,
+        response_model_exclude_none=True,
         responses={
             200: {"content": {"image/png": {}}, "description": "JSON, or one PNG grid with Accept: image/png"},
             **ERRORS,
@@ -107,15 +115,20 @@ def build_router(body_model: type[GenerateRequestBase]) -> APIRouter:
     async def generate(body: body_model, request: Request, serving: ServingDep, settings: SettingsDep) -> Any:  # type: ignore[valid-type]
         """Sample ``n`` 28x28 images of ``class``. Image i uses seed ``seed + i``, so the same seed and
         parameters give byte-identical PNGs whatever else shares the batch. With ``Accept: image/png``
-        the answer is one PNG grid (seeds in the ``X-Seeds`` header)."""
+        the answer is one PNG grid (seeds in the ``X-Seeds`` header).
+
+        With ``rerank``, ``candidates`` images (seeds ``seed``, ``seed + 1``, ...) are sampled and scored,
+        and the best ``n`` come back best first, each with its own seed and score."""
         accepted = time.monotonic()
-        spec, params = resolve(body, serving, settings)
+        plan = rerank.plan(body, serving, settings)
+        spec, params = resolve(body, serving, settings, candidates=plan.candidates if plan else None)
         job = submit(serving.engine, spec)
         result = await wait_for_result(job, request, serving)
-        # Issue 4's rerank plugs in here: score result.images with serving.scorers[...] and keep the best n.
+        ranked = await rerank.rank(plan, result, spec.label, serving.engine.metrics) if plan else None
         if wants_png(request.headers.get("accept")):
-            png = await anyio.to_thread.run_sync(grid_png, result.images)
-            return Response(png, media_type="image/png", headers=png_headers(serving, params))
-        return response_body(serving, params, result, accepted)
+            chosen = result.images if ranked is None else result.images[ranked.order]
+            png = await anyio.to_thread.run_sync(grid_png, chosen)
+            return Response(png, media_type="image/png", headers=png_headers(serving, params, ranked))
+        return response_body(serving, params, result, accepted, ranked)
 
     return router

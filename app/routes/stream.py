@@ -3,8 +3,9 @@
 ``POST /generate/stream`` takes the ``/generate`` body; ``GET /generate/stream?class=dress&n=4``
 the same fields as a query, for browsers' ``EventSource``. Events, in order: ``start``;
 one ``step`` per sampler step (previews of x0 and x_t every ``preview_every`` steps);
-then ``done`` with the final images as ``/generate`` returns them, or ``error`` with the
-error object (the 200 status line has gone out by then). The job is queued before the
+then ``done`` with the final images as ``/generate`` returns them (with ``rerank``: the best n of
+the candidates, scored after the last step; the steps preview all candidates), or ``error`` with
+the error object (the 200 status line has gone out by then). The job is queued before the
 response starts, so a full queue is still a plain 429; a client that disconnects cancels
 its job, which stops within one step.
 """
@@ -24,9 +25,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
+from app import rerank
 from app.deps import Serving, ServingDep, SettingsDep, resolve, response_body, submit
 from app.engine import EngineClosed, Job, JobCancelled, Progress
-from app.errors import TYPES, error_payload
+from app.errors import TYPES, ApiError, error_payload
 from app.routes.generate import ERRORS
 from app.schemas import Params, StartEvent, StepEvent, StreamRequestBase
 from app.settings import Settings
@@ -43,6 +45,7 @@ class StreamJob:
     serving: Serving
     accepted: float
     queue_depth: int
+    plan: rerank.RerankPlan | None = None
 
 
 async def _cancel_on_disconnect(request: Request, serving: Serving, job: Job) -> None:
@@ -56,14 +59,15 @@ async def _opened(
     body: StreamRequestBase, request: Request, serving: Serving, settings: Settings
 ) -> AsyncIterator[StreamJob]:
     accepted = time.monotonic()
-    spec, params = resolve(body, serving, settings)
+    plan = rerank.plan(body, serving, settings)
+    spec, params = resolve(body, serving, settings, candidates=plan.candidates if plan else None)
     every = body.preview_every or max(1, math.ceil(spec.steps / PREVIEWS_PER_RUN))
     events: asyncio.Queue[Any] = asyncio.Queue()
     job = submit(serving.engine, spec, on_progress=events.put_nowait, preview_every=every)
     job.future.add_done_callback(lambda _: events.put_nowait(_DONE))
     watcher = asyncio.ensure_future(_cancel_on_disconnect(request, serving, job))
     try:
-        yield StreamJob(job, params, events, serving, accepted, serving.engine.queue_depth)
+        yield StreamJob(job, params, events, serving, accepted, serving.engine.queue_depth, plan)
     finally:
         watcher.cancel()
         if not job.future.done():
@@ -74,8 +78,8 @@ def _b64(png: bytes | None) -> str | None:
     return base64.b64encode(png).decode("ascii") if png is not None else None
 
 
-def _error_event(status: int, message: str, code: str, seq: int) -> ServerSentEvent:
-    return ServerSentEvent(event="error", id=str(seq), data=error_payload(message, TYPES[status], None, code))
+def _error_event(status: int, message: str, code: str, seq: int, param: str | None = None) -> ServerSentEvent:
+    return ServerSentEvent(event="error", id=str(seq), data=error_payload(message, TYPES[status], param, code))
 
 
 async def _events(sj: StreamJob) -> AsyncIterator[ServerSentEvent]:
@@ -100,8 +104,16 @@ async def _events(sj: StreamJob) -> AsyncIterator[ServerSentEvent]:
         except Exception as err:
             yield _error_event(500, f"sampling failed: {type(err).__name__}: {err}", "sampling_failed", seq)
         else:
-            done = response_body(sj.serving, sj.params, result, sj.accepted)
-            yield ServerSentEvent(event="done", id=str(seq), data=done.model_dump(mode="json", by_alias=True))
+            ranked = None
+            if sj.plan is not None:
+                try:
+                    ranked = await rerank.rank(sj.plan, result, sj.job.spec.label, sj.serving.engine.metrics)
+                except ApiError as err:
+                    yield _error_event(err.status, err.message, err.code, seq, err.param)
+                    return
+            done = response_body(sj.serving, sj.params, result, sj.accepted, ranked)
+            data = done.model_dump(mode="json", by_alias=True, exclude_none=True)
+            yield ServerSentEvent(event="done", id=str(seq), data=data)
     finally:
         if not sj.job.future.done():
             sj.serving.engine.cancel(sj.job)

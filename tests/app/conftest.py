@@ -162,3 +162,88 @@ def metric() -> Callable[..., float]:
 @pytest.fixture
 def error_of() -> Callable[[Any, int], dict[str, Any]]:
     return _error_of
+
+
+# --- CLIP and the classifier (issue 4) ----------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def empty_clip_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("clip-cache")
+
+
+@pytest.fixture(autouse=True)
+def _hermetic_clip(_clean_env: None, empty_clip_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Apps built from default settings look for CLIP in an empty cache (and never download): CLIP is
+    unavailable at once, whatever this machine's huggingface cache holds, and no test loads a real model."""
+    monkeypatch.setenv("FASHION_CLIP_CACHE_DIR", str(empty_clip_cache))
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Fashion-MNIST classifier (safetensors + card), for rerank by classifier."""
+    from model.classifier import Classifier, ClassifierConfig
+    from model.io import save_weights_file
+
+    torch.manual_seed(0)
+    model = Classifier(ClassifierConfig(widths=(8, 16, 32))).eval()
+    with torch.no_grad():  # an untrained head gives every image about 0.1 for every class; spread them out
+        model.head.weight.mul_(200.0)
+    path = tmp_path_factory.mktemp("classifier") / "clf.safetensors"
+    save_weights_file(model.state_dict(), path)
+    path.with_suffix(".json").write_text(json.dumps({"kind": "classifier", "config": {"widths": [8, 16, 32]}}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny open_clip architecture with seed-7 random weights, saved as a local checkpoint file."""
+    from model.clip import TINY_MODEL, ClipSpec, load_clip, save_checkpoint
+
+    clip = load_clip(ClipSpec(model=TINY_MODEL, pretrained=None, random_init=True, seed=7))
+    return save_checkpoint(clip.model, tmp_path_factory.mktemp("clip") / "tiny-clip.safetensors")
+
+
+@pytest.fixture
+def clip_settings(make_settings: Callable[..., Settings], tiny_classifier: Path) -> Callable[..., Settings]:
+    """Settings for the tiny CLIP loaded by name with random weights (no network: downloads stay off)."""
+    from model.clip import TINY_MODEL
+
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "clip_model": TINY_MODEL,
+            "clip_pretrained": "",
+            "clip_random_init": True,
+            "clip_download": False,
+            "classifier_weights": tiny_classifier,
+        }
+        values.update(overrides)
+        return make_settings(**values)
+
+    return make
+
+
+def _wait_for_clip(client: TestClient, timeout: float = 120.0) -> dict[str, Any]:
+    """Poll /readyz until CLIP has finished loading (it loads in the background); the /readyz body then."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        body = client.get("/readyz").json()
+        if body["clip"]["status"] != "loading":
+            return body
+        assert time.monotonic() < deadline, "CLIP did not finish loading"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def wait_for_clip() -> Callable[..., dict[str, Any]]:
+    return _wait_for_clip
+
+
+@pytest.fixture
+def clip_client(clip_settings: Callable[..., Settings]) -> Iterator[TestClient]:
+    """A real app with the tiny CLIP ready and the tiny classifier loaded."""
+    with TestClient(create_app(clip_settings())) as c:
+        assert _wait_for_clip(c)["clip"]["status"] == "ready"
+        yield c

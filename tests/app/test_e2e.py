@@ -53,7 +53,9 @@ def live(app_weights: Path) -> Iterator[str]:
 def test_generate_over_http(live: str, decode_png: Callable, metric: Callable) -> None:
     with httpx.Client(base_url=live, timeout=60) as http:
         assert http.get("/healthz").json() == {"status": "ok"}
-        assert http.get("/readyz").json() == {"status": "ready", "model": "tiny-test", "device": "cpu"}
+        ready = http.get("/readyz").json()
+        assert (ready["status"], ready["model"], ready["device"]) == ("ready", "tiny-test", "cpu")
+        assert ready["clip"]["status"] in ("loading", "unavailable")  # no CLIP weights here; ready all the same
         r = http.post("/generate", json={"class": "sneaker", "n": 4, "seed": 9})
         assert r.status_code == 200
         images = [decode_png(img["png"]) for img in r.json()["images"]]

@@ -1,0 +1,98 @@
+"""``rerank`` on ``POST /generate`` and the stream: sample K candidates, score them, keep the best n.
+
+Everything that can refuse a rerank (too few candidates, a scorer whose model is missing or
+still loading) is checked by ``plan`` before anything is sampled. The candidates are one engine
+job with seeds ``seed .. seed + K - 1``, so a kept image is reproduced by a plain ``/generate``
+with its own seed; ``rank`` scores them on a worker thread, within the scorer's limiter.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import anyio
+import numpy as np
+
+from app.deps import Serving
+from app.engine import JobResult
+from app.errors import ApiError
+from app.metrics import Metrics
+from app.schemas import GenerateRequestBase, RerankMethod
+from app.scorers import Scorer, ScorerUnavailable
+from app.settings import Settings
+
+DEFAULT_FACTOR = 4  # candidates per kept image when the request does not say
+
+
+@dataclass(frozen=True)
+class RerankPlan:
+    by: RerankMethod
+    scorer: Scorer
+    n: int  # images to keep
+    candidates: int  # images to sample and score
+
+
+@dataclass(frozen=True)
+class Ranked:
+    by: RerankMethod
+    measure: str  # what the score is, in words
+    order: np.ndarray  # (n,) candidate indices, best first
+    scores: np.ndarray  # (K,) every candidate's score, candidate i drawn with seed + i
+    scoring_s: float
+
+
+def unavailable(err: ScorerUnavailable) -> ApiError:
+    headers = {"Retry-After": str(err.retry_after)} if err.retry_after else None
+    return ApiError(503, err.message, code=err.code, param="rerank", headers=headers)
+
+
+def plan(body: GenerateRequestBase, serving: Serving, settings: Settings) -> RerankPlan | None:
+    """The rerank a request asks for, checked; None without one. Raises ApiError 422 / 503."""
+    spec = body.rerank
+    if spec is None:
+        return None
+    limit = settings.max_candidates
+    if spec.candidates is None:
+        candidates = min(DEFAULT_FACTOR * body.n, limit)
+        if candidates < body.n:
+            raise ApiError(
+                422,
+                f"rerank: n ({body.n}) is more than the {limit} candidates this server samples at most; "
+                f"allowed: n <= {limit} with rerank",
+                code="too_many_for_rerank",
+                param="n",
+            )
+    else:
+        candidates = spec.candidates
+        if candidates < body.n:
+            raise ApiError(
+                422,
+                f"rerank.candidates: must be at least n ({body.n}); allowed: {body.n}..{limit}; got {candidates}",
+                code="candidates_below_n",
+                param="rerank.candidates",
+            )
+    scorer = serving.scorers.get(spec.by)
+    if scorer is None:  # the lifespan registers every method; a missing one is a configuration bug
+        raise ApiError(503, f"rerank by {spec.by} is not available on this server", code="rerank_unavailable")
+    try:
+        scorer.check()
+    except ScorerUnavailable as err:
+        raise unavailable(err) from err
+    return RerankPlan(spec.by, scorer, body.n, candidates)
+
+
+async def rank(plan: RerankPlan, result: JobResult, label: int, metrics: Metrics) -> Ranked:
+    """Score the candidates (uint8 (K, 28, 28)) against ``label`` and order them, best first."""
+    labels = np.full(len(result.images), label, dtype=np.int64)  # (K,)
+    start = time.perf_counter()
+    try:
+        scores = await anyio.to_thread.run_sync(plan.scorer.score, result.images, labels, limiter=plan.scorer.limiter)
+    except ScorerUnavailable as err:
+        raise unavailable(err) from err
+    elapsed = time.perf_counter() - start
+    scores = np.asarray(scores, dtype=np.float64)  # (K,)
+    order = np.argsort(-scores, kind="stable")[: plan.n]  # ties keep seed order
+    metrics.rerank.labels(plan.by).inc()
+    metrics.rerank_candidates.labels(plan.by).inc(len(scores))
+    return Ranked(plan.by, plan.scorer.describe(), order, scores, elapsed)
