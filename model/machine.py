@@ -20,9 +20,10 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def describe(device: torch.device | str = "cpu") -> str:
+def describe(device: torch.device | str = "cpu", threads: int | None = None) -> str:
+    """CPU or GPU model, torch version and CPU threads (``threads``: as configured, else torch's current)."""
     device = torch.device(device)
-    torch_part = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    torch_part = f"torch {torch.__version__}, {threads or torch.get_num_threads()} threads"
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (host: {cpu_model()}), {torch_part}"
     return f"{cpu_model()}, {os.cpu_count()} logical CPUs, {torch_part}"

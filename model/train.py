@@ -330,7 +330,7 @@ def export(cfg: TrainConfig, ckpt_path: Path) -> Path:
         "images_seen": state["images_seen"],
         "batch_size": cfg.batch_size,
         "wall_minutes": round(state["elapsed"] / 60, 2),
-        "hardware": describe(device),
+        "hardware": describe(device, cfg.threads),
         "torch": torch.__version__,
         "final_train_loss": state["train_loss"],
         "final_val_loss": state["val_loss"],
