@@ -76,7 +76,9 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.images = Counter("images_generated", "images sampled (rerank candidates included)", ["sampler"], namespace=ns, registry=r)
+        self.images = Counter(
+            "images_generated", "images sampled (rerank candidates included)", ["sampler"], namespace=ns, registry=r
+        )
         self.steps = Counter(
             "sampler_steps", "sampler steps run (one network evaluation of a batch each)", namespace=ns, registry=r
         )

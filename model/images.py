@@ -20,7 +20,7 @@ def grid(images: np.ndarray, ncol: int, pad: int = 2, scale: int = 1, background
         r, c = divmod(i, ncol)
         canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = img
     out = Image.fromarray(canvas, mode="L")
-    return out.resize((out.width * scale, out.height * scale), Image.NEAREST) if scale > 1 else out
+    return out.resize((out.width * scale, out.height * scale), Image.Resampling.NEAREST) if scale > 1 else out
 
 
 def png_bytes(image: np.ndarray | Image.Image) -> bytes:

@@ -82,6 +82,13 @@ class UNetConfig:
         return asdict(self)
 
 
+def zero_init(layer: nn.Conv2d) -> None:
+    """Zero a layer's weight and bias, so the branch it ends contributes nothing at first."""
+    nn.init.zeros_(layer.weight)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps (Vaswani et al. 2017, sec. 3.5)."""
     half = dim // 2
@@ -101,8 +108,7 @@ class ResBlock(nn.Module):
         self.norm2 = nn.GroupNorm(groups, c_out)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
-        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
-        nn.init.zeros_(self.conv2.bias)
+        zero_init(self.conv2)  # each block starts as the identity
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -124,8 +130,7 @@ class Attention(nn.Module):
         self.norm = nn.GroupNorm(groups, channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.out = nn.Conv2d(channels, channels, 1)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        zero_init(self.out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -154,7 +159,7 @@ class UNet(nn.Module):
         self.stem = nn.Conv2d(stem_in, c0, 3, padding=1)
 
         def block(c_in: int, c_out: int, stage: int) -> nn.ModuleList:
-            layers = [ResBlock(c_in, c_out, emb_dim, cfg.groups, cfg.dropout)]
+            layers: list[nn.Module] = [ResBlock(c_in, c_out, emb_dim, cfg.groups, cfg.dropout)]
             if stage in cfg.attention_stages:
                 layers.append(Attention(c_out, cfg.attention_heads, cfg.groups))
             return nn.ModuleList(layers)
@@ -194,8 +199,7 @@ class UNet(nn.Module):
 
         self.out_norm = nn.GroupNorm(cfg.groups, c)
         self.out_conv = nn.Conv2d(c, stem_in, 3, padding=1)
-        nn.init.zeros_(self.out_conv.weight)
-        nn.init.zeros_(self.out_conv.bias)
+        zero_init(self.out_conv)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -204,21 +208,25 @@ class UNet(nn.Module):
             x = F.pixel_unshuffle(x, cfg.stem_patch)  # (B, p*p, H/p, W/p)
         h = self.stem(x)  # (B, C, H/p, W/p)
         skips = [h]
-        for layers in self.down:
-            for layer in layers:
-                h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        for layers in self.down.children():
+            h = _apply(layers, h, emb)
             skips.append(h)
-        for layer in self.mid:
-            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
-        for layers in self.up:
-            if isinstance(layers[0], ResBlock):
+        h = _apply(self.mid, h, emb)
+        for layers in self.up.children():
+            if isinstance(next(layers.children()), ResBlock):
                 h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, h, w)
-            for layer in layers:
-                h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+            h = _apply(layers, h, emb)
         h = self.out_conv(F.silu(self.out_norm(h)))  # (B, p*p, H/p, W/p)
         if cfg.stem_patch > 1:
             h = F.pixel_shuffle(h, cfg.stem_patch)  # (B, 1, H, W)
         return h
+
+
+def _apply(layers: nn.Module, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    """Run a ModuleList in order; residual blocks also take the embedding."""
+    for layer in layers.children():
+        h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+    return h
 
 
 def count_parameters(model: nn.Module) -> int:
