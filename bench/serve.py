@@ -43,17 +43,13 @@ from app.settings import default_weights_path  # noqa: E402
 from model.io import load_weights, save_weights  # noqa: E402
 from model.machine import describe  # noqa: E402
 from model.samplers import generators_from_seeds, sample, to_uint8  # noqa: E402
-from model.unet import UNet, UNetConfig  # noqa: E402
+from model.unet import UNetConfig, perturbed_unet  # noqa: E402
 
 
 def tiny_weights(directory: Path) -> Path:
     """A small random U-Net (v-prediction keeps its output bounded) for checking the script."""
     config = UNetConfig(base_channels=8, channel_mults=(1, 2), attention_stages=(), groups=4)
-    torch.manual_seed(0)
-    net = UNet(config)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    net = perturbed_unet(config)
     card = {
         "name": "bench-tiny",
         "unet": config.to_dict(),

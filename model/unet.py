@@ -229,5 +229,21 @@ def _apply(layers: nn.Module, h: torch.Tensor, emb: torch.Tensor) -> torch.Tenso
     return h
 
 
+def perturbed_unet(config: UNetConfig, seed: int = 0, scale: float = 0.05) -> UNet:
+    """A UNet in eval mode whose parameters all carry seeded noise, for tests and smoke runs.
+
+    A fresh UNet outputs exactly zero (its output layer and every residual branch start at zero),
+    so every image would be the same; the noise makes its output depend on x_t, t and the class,
+    as a trained network's does. Its images mean nothing.
+    """
+    with torch.random.fork_rng():  # seeded init and noise, without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = UNet(config).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * scale)
+    return model
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -12,26 +12,15 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from model.data import CLASS_NAMES, ENV_DIR, FILES
 from model.io import save_weights
-from model.unet import UNet, UNetConfig
+from model.unet import UNet, UNetConfig, perturbed_unet
 
 # $FASHION_MNIST_DIR if set, else ../shared/data/fashion-mnist beside the checkout.
 DATA_DIR = Path(os.environ.get(ENV_DIR) or Path(__file__).resolve().parents[2] / "shared/data/fashion-mnist")
 
 TINY_UNET = UNetConfig(base_channels=8, channel_mults=(1, 2), attention_stages=(), groups=4)
-
-
-def perturbed_unet(config: UNetConfig, seed: int = 0, scale: float = 0.05) -> UNet:
-    """A UNet in eval mode whose parameters all carry seeded noise, so none of its paths is zero."""
-    model = UNet(config).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model
 
 
 def tiny_card_for(config: UNetConfig, name: str = "tiny", prediction: str = "v", schedule: str = "cosine") -> dict:

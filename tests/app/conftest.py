@@ -24,7 +24,7 @@ from app.main import create_app
 from app.settings import Settings
 from model.data import CLASS_NAMES
 from model.io import save_weights
-from model.unet import UNet, UNetConfig
+from model.unet import UNetConfig, perturbed_unet
 
 TINY = UNetConfig(base_channels=8, channel_mults=(1, 2), attention_stages=(), groups=4)
 TEST_STEPS = 3  # the card's default steps: enough to exercise multistep solvers, cheap on 2 cores
@@ -37,11 +37,7 @@ def build_tiny_weights(path: Path, seed: int = 0) -> Path:
     make every image the same; perturbing all weights gives seed-dependent, non-trivial images.
     v-prediction keeps the untrained network's x0 predictions bounded.
     """
-    torch.manual_seed(seed)
-    net = UNet(TINY)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    net = perturbed_unet(TINY, seed)
     card = {
         "name": "tiny-test",
         "unet": TINY.to_dict(),
