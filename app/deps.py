@@ -28,6 +28,7 @@ class Defaults:
     sampler: str
     steps: int
     guidance: float
+    guidance_interval: tuple[float, float] | None = None  # noise levels where guidance applies; None: all
 
 
 @dataclass
@@ -112,6 +113,7 @@ def resolve(
             "sampler": sampler,
             "steps": steps,
             "guidance": float(guidance),
+            "guidance_interval": serving.defaults.guidance_interval,
             "seed": base,
         }
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -54,7 +55,9 @@ def sampling_defaults(settings: Settings, card: dict[str, Any], T: int) -> Defau
         )
     if not 0 <= float(guidance) <= settings.max_guidance:
         raise WeightsError(f"default guidance {guidance} outside 0..{settings.max_guidance} (FASHION_GUIDANCE)")
-    return Defaults(sampler=sampler, steps=int(steps), guidance=float(guidance))
+    interval = settings.guidance_interval or section.get("guidance_interval")
+    interval = None if interval == "all" or interval is None else (float(interval[0]), float(interval[1]))
+    return Defaults(sampler=sampler, steps=int(steps), guidance=float(guidance), guidance_interval=interval)
 
 
 @asynccontextmanager
@@ -67,6 +70,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loaded = await anyio.to_thread.run_sync(load_weights, settings.weights, device)
         T = loaded.denoiser.schedule.T
         defaults = sampling_defaults(settings, loaded.card, T)
+        loaded = replace(loaded, denoiser=replace(loaded.denoiser, guidance_interval=defaults.guidance_interval))
     except (WeightsError, RuntimeError) as err:
         log.error("cannot start: %s", err)
         raise

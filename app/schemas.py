@@ -267,6 +267,12 @@ class Params(BaseModel):
     sampler: SamplerName
     steps: int
     guidance: float
+    guidance_interval: tuple[float, float] | None = Field(
+        default=None,
+        description=(
+            "guidance applied only at noise levels sigma_lo < sigma_t <= sigma_hi (the server's); absent: every step"
+        ),
+    )
     seed: int = Field(description="base seed; image i used seed + i")
 
 

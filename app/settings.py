@@ -75,6 +75,13 @@ class Settings(BaseSettings):
     sampler: Literal["ddpm", "ddim", "dpm++"] | None = None
     steps: int | None = Field(default=None, ge=1)
     guidance: float | None = Field(default=None, ge=0.0, allow_inf_nan=False)
+    guidance_interval: tuple[float, float] | Literal["all"] | None = Field(
+        default=None,
+        description=(
+            "guide only at noise levels sigma_lo < sigma_t <= sigma_hi, as JSON [lo, hi]; 'all': every step; "
+            "None: the weights card's"
+        ),
+    )
 
     # Limits.
     max_images: int = Field(default=64, ge=1, description="most images one request may ask for")
@@ -176,6 +183,13 @@ class Settings(BaseSettings):
         """The largest /clip/score body: every image at its limit, base64 in JSON, plus room for the texts."""
         per_image = -(-self.clip_max_image_bytes // 3) * 4 + 1024  # base64, and multipart headers or JSON quoting
         return max(self.max_body_bytes, self.clip_max_images * per_image + self.clip_max_texts * 4096 + 64 * 1024)
+
+    @field_validator("guidance_interval")
+    @classmethod
+    def _interval(cls, value: tuple[float, float] | str | None) -> tuple[float, float] | str | None:
+        if isinstance(value, tuple) and not 0 <= value[0] < value[1]:
+            raise ValueError(f"guidance_interval must be [sigma_lo, sigma_hi] with 0 <= lo < hi, or 'all'; got {value}")
+        return value
 
     @field_validator("device")
     @classmethod

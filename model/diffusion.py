@@ -69,6 +69,12 @@ class Schedule:
         ab = self.alpha_bar
         return np.log(ab) - np.log1p(-ab)
 
+    def noise_level(self) -> np.ndarray:
+        """sigma_t = sqrt((1 - alpha_bar) / alpha_bar), the noise scale of x_t / sqrt(alpha_bar) = x_0 + sigma eps
+        in the variance-exploding view (Karras et al. 2022, table 1), increasing in t."""
+        ab = self.alpha_bar
+        return np.sqrt((1 - ab) / ab)
+
     def to_dict(self) -> dict:
         return {"name": self.name, "T": self.T}
 

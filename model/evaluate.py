@@ -14,6 +14,7 @@ zero-shot accuracy per class for the samples and for real test images.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 
 from model.classifier import load_classifier, predict
 from model.data import CLASS_NAMES, NUM_CLASSES, FashionMNIST, to_model_range
-from model.io import atomic_write_bytes, load_weights
+from model.io import atomic_write_bytes, load_weights, read_card
 from model.machine import describe
 from model.samplers import generators_from_seeds, sample, to_uint8
 
@@ -66,9 +67,14 @@ def evaluate(
     device: str = "cpu",
     seed: int = 0,
     clip_spec=None,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> dict:
-    """Generate, classify and measure; returns the figures as a dict (see ``format_table``)."""
+    """Generate, classify and measure; returns the figures as a dict (see ``format_table``).
+    ``guidance_interval`` replaces the card's (None: guidance at every step)."""
     weights = load_weights(weights_path, device)
+    weights = dataclasses.replace(
+        weights, denoiser=dataclasses.replace(weights.denoiser, guidance_interval=guidance_interval)
+    )
     classifier = load_classifier(classifier_path, device)
     data = FashionMNIST.load(data_dir)
 
@@ -88,6 +94,7 @@ def evaluate(
         "sampler": sampler,
         "steps": steps,
         "guidance": guidance,
+        "guidance_interval": list(guidance_interval) if guidance_interval else None,
         "per_class": per_class,
         "accuracy": float((pred == labels).mean()),
         "accuracy_per_class": {CLASS_NAMES[c]: float((pred[labels == c] == c).mean()) for c in range(NUM_CLASSES)},
@@ -112,10 +119,14 @@ def evaluate(
     return result
 
 
+def describe_interval(interval) -> str:
+    return f" for {interval[0]:g} < sigma <= {interval[1]:g}" if interval else ""
+
+
 def format_table(r: dict) -> str:
     lines = [
         f"samples: {r['per_class']} per class, {r['sampler']} {r['steps']} steps, guidance {r['guidance']}"
-        f"  ({r['generation_seconds']} s on {r['machine']})",
+        f"{describe_interval(r.get('guidance_interval'))}  ({r['generation_seconds']} s on {r['machine']})",
         "",
         f"{'class':<14}{'accuracy':>10}",
     ]
@@ -151,9 +162,30 @@ def write_card(weights_path: str | Path, result: dict) -> Path:
     }
     if "clip" in result:
         card["quality"]["clip"] = result["clip"]
-    card["sampling"] = {"sampler": result["sampler"], "steps": result["steps"], "guidance": result["guidance"]}
+    card["sampling"] = {
+        "sampler": result["sampler"],
+        "steps": result["steps"],
+        "guidance": result["guidance"],
+        "guidance_interval": result.get("guidance_interval"),
+    }
     atomic_write_bytes(card_path, (json.dumps(card, indent=2) + "\n").encode())
     return card_path
+
+
+def parse_interval(parser: argparse.ArgumentParser, values: list[str] | None, weights: str):
+    """--guidance-interval LO HI, 'all' (None) or, when absent, the weights card's interval."""
+    if values is None:
+        interval = (read_card(Path(weights)).get("sampling") or {}).get("guidance_interval")
+        return tuple(interval) if interval else None
+    if values == ["all"]:
+        return None
+    try:
+        lo, hi = (float(v) for v in values)
+    except ValueError:
+        parser.error(f"--guidance-interval takes two noise levels SIGMA_LO SIGMA_HI or 'all', got {values}")
+    if not 0 <= lo < hi:
+        parser.error(f"--guidance-interval needs 0 <= SIGMA_LO < SIGMA_HI, got {lo} {hi}")
+    return lo, hi
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,6 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sampler", default="dpm++", choices=("ddpm", "ddim", "dpm++"))
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, nargs="+", default=[2.0], help="one or more scales to compare")
+    p.add_argument(
+        "--guidance-interval",
+        nargs="+",
+        default=None,
+        metavar="SIGMA",
+        help="guide only where SIGMA_LO < sigma_t <= SIGMA_HI; 'all': every step; default: the card's interval",
+    )
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -179,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    interval = parse_interval(p, a.guidance_interval, a.weights)
     clip_spec = None
     if a.clip:
         from model.clip import DEFAULT_MODEL, DEFAULT_PRETRAINED, ClipSpec
@@ -204,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             a.device,
             a.seed,
             clip_spec,
+            interval,
         )
         print(format_table(r), end="\n\n", flush=True)
         results.append(r)

@@ -82,6 +82,10 @@ def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") ->
         prediction = card["diffusion"]["prediction"]
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
+        interval = (card.get("sampling") or {}).get("guidance_interval")
+        if interval is not None:
+            lo, hi = (float(v) for v in interval)
+            interval = (lo, hi)
     except (TypeError, KeyError, ValueError) as err:
         raise WeightsError(f"{path.with_suffix('.json')}: invalid config ({err})") from err
     model = UNet(config)
@@ -96,4 +100,8 @@ def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") ->
         detail = " ".join(line.strip() for line in str(err).splitlines()[1:2])[:300]
         raise WeightsError(f"{path}: tensors do not match the card's config ({detail})") from err
     model.to(device).eval().requires_grad_(False)
-    return LoadedWeights(Denoiser(model, schedule, prediction, config.num_classes), card, path)
+    try:
+        denoiser = Denoiser(model, schedule, prediction, config.num_classes, interval)
+    except ValueError as err:
+        raise WeightsError(f"{path.with_suffix('.json')}: invalid sampling.guidance_interval ({err})") from err
+    return LoadedWeights(denoiser, card, path)

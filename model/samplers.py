@@ -48,6 +48,24 @@ class Denoiser:
     schedule: Schedule
     prediction: str  # "eps" or "v": what the network was trained to output
     null_class: int  # label of the unconditional branch
+    # (sigma_lo, sigma_hi): guide only at noise levels sigma_lo < sigma_t <= sigma_hi (Schedule.noise_level)
+    # and use the plain conditional model elsewhere; None guides every step.
+    guidance_interval: tuple[float, float] | None = None
+
+    def __post_init__(self):
+        if self.guidance_interval is not None:
+            lo, hi = self.guidance_interval
+            if not (np.isfinite(lo) and 0 <= lo < hi):
+                raise ValueError(f"guidance_interval must be (sigma_lo, sigma_hi) with 0 <= lo < hi, got {(lo, hi)}")
+
+    def guides_at(self, t: int) -> bool:
+        """Whether guidance applies at timestep t (Kynkaanniemi et al. 2024: guidance at high noise
+        collapses the variety of shapes, at low noise it only sharpens detail; the middle is what
+        makes a sample look like its class)."""
+        if self.guidance_interval is None:
+            return True
+        lo, hi = self.guidance_interval
+        return lo < float(self.schedule.noise_level()[t]) <= hi
 
     @torch.no_grad()
     def __call__(
@@ -57,11 +75,11 @@ class Denoiser:
 
         Ho & Salimans 2022, eq. 6: out = out_uncond + w (out_cond - out_uncond); w = 1 is the plain
         conditional model, w = 0 the unconditional one. The output is linear in eps and v alike, so
-        guiding the raw output is the same as guiding eps.
+        guiding the raw output is the same as guiding eps. Outside ``guidance_interval`` w is 1.
         """
         b = len(x_t)
         tt = torch.full((b,), t, device=x_t.device, dtype=torch.float32)
-        if guidance == 1.0:
+        if guidance == 1.0 or not self.guides_at(t):
             out = self.model(x_t, tt, y)
         else:
             null = torch.full_like(y, self.null_class)

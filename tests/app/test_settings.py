@@ -51,6 +51,7 @@ def test_environment_prefix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
         ({"guidance": 30.0}, "max_guidance"),
         ({"queue_size": 0}, "queue_size"),
         ({"sampler": "euler"}, "sampler"),
+        ({"guidance_interval": (5.0, 1.0)}, "guidance_interval must be"),
     ],
 )
 def test_bad_settings_fail_fast(values: dict, needle: str) -> None:
@@ -69,5 +70,9 @@ def test_sampling_defaults_precedence() -> None:
     assert sampling_defaults(Settings(steps=7, guidance=1.0), card, 1000) == Defaults("ddim", 7, 1.0)
     assert sampling_defaults(Settings(), {}, 1000) == Defaults("dpm++", 20, 1.0)
     assert sampling_defaults(Settings(sampler="ddpm"), {}, 1000).steps == 1000
+    card["sampling"]["guidance_interval"] = [0.3, 5]
+    assert sampling_defaults(Settings(), card, 1000).guidance_interval == (0.3, 5.0)
+    assert sampling_defaults(Settings(guidance_interval=(1, 2)), card, 1000).guidance_interval == (1.0, 2.0)
+    assert sampling_defaults(Settings(guidance_interval="all"), card, 1000).guidance_interval is None
     with pytest.raises(WeightsError, match="steps"):
         sampling_defaults(Settings(max_steps=10), card, 1000)

@@ -31,6 +31,7 @@ def test_event_sequence_is_complete_and_ordered(client: TestClient, parse_sse: C
         "sampler": "ddim",
         "steps": 5,
         "guidance": 2.0,
+        "guidance_interval": None,
         "seed": 11,
     }
     assert start["job"] and start["queue_depth"] >= 0

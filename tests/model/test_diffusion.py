@@ -71,6 +71,14 @@ def test_log_snr_is_log_of_alpha_bar_over_one_minus_alpha_bar():
     assert np.all(np.diff(s.log_snr()) < 0)
 
 
+def test_noise_level_is_the_ve_sigma_of_x_t_over_sqrt_alpha_bar():
+    s = Schedule.named("linear")
+    for t in (0, 300, 999):
+        ab = linear_alpha_bar(t)
+        assert s.noise_level()[t] == pytest.approx(math.sqrt((1 - ab) / ab), rel=1e-9)
+    assert np.all(np.diff(s.noise_level()) > 0)
+
+
 # --- forward process -----------------------------------------------------------------------------
 
 

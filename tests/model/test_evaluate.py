@@ -9,7 +9,7 @@ import torch
 
 from model.classifier import Classifier, ClassifierConfig, load_classifier, predict, train_classifier
 from model.clip import TINY_MODEL, ClipSpec
-from model.evaluate import evaluate, format_table, frechet_distance, write_card
+from model.evaluate import evaluate, format_table, frechet_distance, main, write_card
 from model.io import WeightsError, save_weights, save_weights_file
 from model.unet import UNet, UNetConfig
 
@@ -97,4 +97,33 @@ def test_evaluate_end_to_end_with_tiny_models(tmp_path):
     written = json.loads(write_card(weights, r).read_text())
     assert written["quality"]["accuracy"] == r["accuracy"]
     assert written["quality"]["clip"]["per_class"] == r["clip"]["per_class"]
-    assert written["sampling"] == {"sampler": "dpm++", "steps": 2, "guidance": 1.5}
+    assert written["sampling"] == {"sampler": "dpm++", "steps": 2, "guidance": 1.5, "guidance_interval": None}
+
+
+@needs_data
+def test_evaluate_cli_takes_a_guidance_interval_and_keeps_it_in_the_card(tmp_path, capsys):
+    unet = UNet(UNetConfig(base_channels=8, attention_stages=(), groups=4))
+    card = {
+        "name": "tiny",
+        "unet": unet.config.to_dict(),
+        "diffusion": {"schedule": "cosine", "T": 1000, "prediction": "v"},
+    }
+    weights = tmp_path / "tiny.safetensors"
+    save_weights(unet, card, weights)
+    clf = tmp_path / "clf.safetensors"
+    save_weights_file(Classifier(ClassifierConfig(widths=(8, 16, 32))).state_dict(), clf)
+    clf.with_suffix(".json").write_text(json.dumps({"config": {"widths": [8, 16, 32]}}))
+    common = ["--weights", str(weights), "--classifier", str(clf), "--data-dir", str(DATA), "--per-class", "2"]
+    common += ["--steps", "3", "--guidance", "2", "--json", str(tmp_path / "r.json")]
+
+    assert main([*common, "--guidance-interval", "0.5", "5", "--write-card"]) == 0
+    assert "guidance 2.0 for 0.5 < sigma <= 5" in capsys.readouterr().out
+    assert json.loads(weights.with_suffix(".json").read_text())["sampling"]["guidance_interval"] == [0.5, 5.0]
+    # Without the flag the card's interval is used; 'all' guides every step.
+    main(common)
+    assert json.loads((tmp_path / "r.json").read_text())[0]["guidance_interval"] == [0.5, 5.0]
+    main([*common, "--guidance-interval", "all"])
+    assert json.loads((tmp_path / "r.json").read_text())[0]["guidance_interval"] is None
+    with pytest.raises(SystemExit):
+        main([*common, "--guidance-interval", "5", "0.5"])
+    assert "--guidance-interval needs 0 <= SIGMA_LO < SIGMA_HI" in capsys.readouterr().err

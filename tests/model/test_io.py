@@ -109,6 +109,25 @@ def test_card_with_an_invalid_config(tiny_weights, edit, message):
         load_weights(tiny_weights)
 
 
+def test_the_cards_guidance_interval_reaches_the_denoiser(tiny_weights):
+    assert load_weights(tiny_weights).denoiser.guidance_interval is None
+    _edit_card(tiny_weights, lambda c: c.setdefault("sampling", {}).update(guidance_interval=[0.3, 6]))
+    assert load_weights(tiny_weights).denoiser.guidance_interval == (0.3, 6.0)
+
+
+@pytest.mark.parametrize(
+    ("interval", "message"),
+    [
+        ([0.3], r"invalid config \(not enough values"),
+        ([5, 1], r"invalid sampling.guidance_interval \(guidance_interval"),
+    ],
+)
+def test_a_bad_guidance_interval_in_the_card(tiny_weights, interval, message):
+    _edit_card(tiny_weights, lambda c: c.setdefault("sampling", {}).update(guidance_interval=interval))
+    with pytest.raises(WeightsError, match=rf"tiny\.json: {message}"):
+        load_weights(tiny_weights)
+
+
 def test_tensors_that_do_not_match_the_card(tiny_weights, tiny_unet_config, tiny_card):
     # Weights of a wider network under the tiny card: every tensor name exists, the shapes differ.
     save_weights(UNet(replace(tiny_unet_config, base_channels=16)), tiny_card, tiny_weights)

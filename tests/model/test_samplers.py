@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -233,6 +234,38 @@ def test_guided_sampler_output_matches_a_hand_computation():
     v = -0.5 + 2.5 * (0.4 + 0.5)
     ab = sch.alpha_bar[999]
     torch.testing.assert_close(x[0].double(), math.sqrt(ab) * x_T - math.sqrt(1 - ab) * v, atol=1e-6, rtol=0)
+
+
+def test_guidance_applies_only_inside_the_interval():
+    sch = Schedule.named("cosine")
+    sigma = sch.noise_level()
+    model = ConstantPerLabel(VALUES)
+    den = Denoiser(model, sch, "v", NULL, guidance_interval=(float(sigma[200]), float(sigma[800])))
+    x_t = torch.zeros(1, 1, 28, 28)
+    y = torch.tensor([3])
+    for t, guided in [(100, False), (200, False), (201, True), (500, True), (800, True), (801, False), (999, False)]:
+        model.calls.clear()
+        eps, _ = den(x_t, t, y, 3.0)
+        v = -0.5 + 3.0 * (0.3 + 0.5) if guided else 0.3  # guided, or the plain conditional output
+        a = math.sqrt(sch.alpha_bar[t])
+        torch.testing.assert_close(eps, torch.full_like(eps, a * v), atol=1e-5, rtol=0)
+        assert model.calls == ([(2, [3, NULL])] if guided else [(1, [3])]), t  # no wasted unconditional pass
+
+
+def test_a_guidance_interval_changes_only_the_steps_outside_it():
+    sch = Schedule.named("cosine")
+    den = Denoiser(GaussianOracle(sch, "v", class_images(4), 0.3), sch, "v", NULL)
+    everywhere, _ = run(den, [3], [7], "dpm++", 10, 0.0, guidance=3.0)
+    wide = dataclasses.replace(den, guidance_interval=(0.0, math.inf))
+    torch.testing.assert_close(run(wide, [3], [7], "dpm++", 10, 0.0, guidance=3.0)[0], everywhere, atol=0, rtol=0)
+    narrow = dataclasses.replace(den, guidance_interval=(0.5, 5.0))
+    assert not torch.allclose(run(narrow, [3], [7], "dpm++", 10, 0.0, guidance=3.0)[0], everywhere, atol=1e-4)
+
+
+@pytest.mark.parametrize("interval", [(1.0, 1.0), (2.0, 1.0), (-0.1, 1.0), (math.nan, 1.0)])
+def test_a_bad_guidance_interval_is_refused(interval):
+    with pytest.raises(ValueError, match="guidance_interval must be"):
+        Denoiser(ConstantPerLabel(VALUES), Schedule.named("cosine"), "v", NULL, guidance_interval=interval)
 
 
 # --- seeds ---------------------------------------------------------------------------------------
