@@ -16,7 +16,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.clip import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEFAULT_TEMPLATES
-from model.samplers import SAMPLERS
+from model.samplers import SAMPLERS, check_guidance_interval
 
 ENV_PREFIX = "FASHION_"
 WEIGHTS_RELATIVE = Path("weights") / "fashion-unet.safetensors"
@@ -187,8 +187,8 @@ class Settings(BaseSettings):
     @field_validator("guidance_interval")
     @classmethod
     def _interval(cls, value: tuple[float, float] | str | None) -> tuple[float, float] | str | None:
-        if isinstance(value, tuple) and not 0 <= value[0] < value[1]:
-            raise ValueError(f"guidance_interval must be [sigma_lo, sigma_hi] with 0 <= lo < hi, or 'all'; got {value}")
+        if isinstance(value, tuple):
+            check_guidance_interval(*value)
         return value
 
     @field_validator("device")

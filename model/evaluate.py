@@ -26,7 +26,7 @@ from model.classifier import load_classifier, predict
 from model.data import CLASS_NAMES, NUM_CLASSES, FashionMNIST, to_model_range
 from model.io import atomic_write_bytes, load_weights, read_card
 from model.machine import describe
-from model.samplers import generators_from_seeds, sample, to_uint8
+from model.samplers import check_guidance_interval, generators_from_seeds, sample, to_uint8
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -183,7 +183,9 @@ def parse_interval(parser: argparse.ArgumentParser, values: list[str] | None, we
         lo, hi = (float(v) for v in values)
     except ValueError:
         parser.error(f"--guidance-interval takes two noise levels SIGMA_LO SIGMA_HI or 'all', got {values}")
-    if not 0 <= lo < hi:
+    try:
+        check_guidance_interval(lo, hi)
+    except ValueError:
         parser.error(f"--guidance-interval needs 0 <= SIGMA_LO < SIGMA_HI, got {lo} {hi}")
     return lo, hi
 

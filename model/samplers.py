@@ -40,6 +40,11 @@ class Step:
 StepCallback = Callable[[Step], bool | None]  # return True to stop the run
 
 
+def check_guidance_interval(lo: float, hi: float) -> None:
+    if not (np.isfinite(lo) and 0 <= lo < hi):
+        raise ValueError(f"guidance_interval must be (sigma_lo, sigma_hi) with 0 <= lo < hi, got {(lo, hi)}")
+
+
 @dataclass(frozen=True)
 class Denoiser:
     """A trained network with its schedule and target, evaluated with classifier-free guidance."""
@@ -54,9 +59,7 @@ class Denoiser:
 
     def __post_init__(self):
         if self.guidance_interval is not None:
-            lo, hi = self.guidance_interval
-            if not (np.isfinite(lo) and 0 <= lo < hi):
-                raise ValueError(f"guidance_interval must be (sigma_lo, sigma_hi) with 0 <= lo < hi, got {(lo, hi)}")
+            check_guidance_interval(*self.guidance_interval)
 
     def guides_at(self, t: int) -> bool:
         """Whether guidance applies at timestep t (Kynkaanniemi et al. 2024: guidance at high noise

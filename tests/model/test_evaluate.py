@@ -66,8 +66,8 @@ def test_classifier_learns_from_a_small_subset(tmp_path):
     assert (tmp_path / "clf.json").exists() and not list(tmp_path.glob("*.part"))
 
 
-@needs_data
-def test_evaluate_end_to_end_with_tiny_models(tmp_path):
+def tiny_models(tmp_path: Path) -> tuple[Path, Path]:
+    """An untrained tiny U-Net and classifier, saved with their cards: (weights, classifier)."""
     unet = UNet(UNetConfig(base_channels=8, attention_stages=(), groups=4))
     card = {
         "name": "tiny",
@@ -79,6 +79,12 @@ def test_evaluate_end_to_end_with_tiny_models(tmp_path):
     clf = tmp_path / "clf.safetensors"
     save_weights_file(Classifier(ClassifierConfig(widths=(8, 16, 32))).state_dict(), clf)
     clf.with_suffix(".json").write_text(json.dumps({"config": {"widths": [8, 16, 32]}}))
+    return weights, clf
+
+
+@needs_data
+def test_evaluate_end_to_end_with_tiny_models(tmp_path):
+    weights, clf = tiny_models(tmp_path)
 
     clip = ClipSpec(model=TINY_MODEL, pretrained=None, random_init=True)
     r = evaluate(weights, clf, str(DATA), per_class=3, steps=2, guidance=1.5, batch_size=16, clip_spec=clip)
@@ -102,17 +108,7 @@ def test_evaluate_end_to_end_with_tiny_models(tmp_path):
 
 @needs_data
 def test_evaluate_cli_takes_a_guidance_interval_and_keeps_it_in_the_card(tmp_path, capsys):
-    unet = UNet(UNetConfig(base_channels=8, attention_stages=(), groups=4))
-    card = {
-        "name": "tiny",
-        "unet": unet.config.to_dict(),
-        "diffusion": {"schedule": "cosine", "T": 1000, "prediction": "v"},
-    }
-    weights = tmp_path / "tiny.safetensors"
-    save_weights(unet, card, weights)
-    clf = tmp_path / "clf.safetensors"
-    save_weights_file(Classifier(ClassifierConfig(widths=(8, 16, 32))).state_dict(), clf)
-    clf.with_suffix(".json").write_text(json.dumps({"config": {"widths": [8, 16, 32]}}))
+    weights, clf = tiny_models(tmp_path)
     common = ["--weights", str(weights), "--classifier", str(clf), "--data-dir", str(DATA), "--per-class", "2"]
     common += ["--steps", "3", "--guidance", "2", "--json", str(tmp_path / "r.json")]
 
