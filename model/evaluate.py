@@ -1,12 +1,14 @@
 """Measure the quality of a trained model's samples.
 
     python -m model.evaluate --weights weights/fashion-unet.safetensors \
-        --classifier weights/classifier.safetensors --per-class 500 --sampler dpm++ --steps 20 --guidance 2
+        --classifier weights/classifier.safetensors --per-class 500 --sampler dpm++ --steps 20 --guidance 1.25 1.5
 
 Generates ``--per-class`` samples of every class and prints a table: the class accuracy of the
 samples (judged by the project's own classifier, per class and overall), and the Frechet
 distance between the classifier's features of the samples and of the real test set, beside
 the same distance for as many real training images (the floor a perfect model would reach).
+Sampler, steps, guidance and guidance interval default to the weights card's "sampling" section,
+so a bare ``python -m model.evaluate`` re-measures the shipped configuration.
 ``--write-card`` stores the figures in the weights card; ``--clip`` adds CLIP similarity and
 zero-shot accuracy per class for the samples and for real test images.
 """
@@ -24,7 +26,7 @@ import torch
 
 from model.classifier import load_classifier, predict
 from model.data import CLASS_NAMES, NUM_CLASSES, FashionMNIST, to_model_range
-from model.io import atomic_write_bytes, load_weights, read_card
+from model.io import WeightsError, atomic_write_bytes, load_weights, read_card
 from model.machine import describe
 from model.samplers import check_guidance_interval, generators_from_seeds, sample, to_uint8
 
@@ -89,6 +91,7 @@ def evaluate(
     rng = np.random.default_rng(seed)
     real_idx = rng.choice(len(data.train_images), size=len(images), replace=False)
     _, real_feats = predict(classifier, to_model_range(data.train_images[real_idx]).to(device))
+    distance, floor = frechet_distance(feats, test_feats), frechet_distance(real_feats, test_feats)
 
     result = {
         "sampler": sampler,
@@ -99,12 +102,12 @@ def evaluate(
         "accuracy": float((pred == labels).mean()),
         "accuracy_per_class": {CLASS_NAMES[c]: float((pred[labels == c] == c).mean()) for c in range(NUM_CLASSES)},
         "classifier_test_accuracy": float((test_probs.argmax(1) == data.test_labels).mean()),
-        "frechet_distance": frechet_distance(feats, test_feats),
-        "frechet_distance_real_train": frechet_distance(real_feats, test_feats),
+        "frechet_distance": distance,
+        "frechet_distance_real_train": floor,
+        "frechet_ratio": distance / floor,
         "generation_seconds": round(gen_seconds, 1),
         "machine": describe(device),
     }
-    result["frechet_ratio"] = result["frechet_distance"] / result["frechet_distance_real_train"]
     if clip_spec is not None:
         from model.clip import evaluate_clip, load_clip
 
@@ -172,10 +175,10 @@ def write_card(weights_path: str | Path, result: dict) -> Path:
     return card_path
 
 
-def parse_interval(parser: argparse.ArgumentParser, values: list[str] | None, weights: str):
+def parse_interval(parser: argparse.ArgumentParser, values: list[str] | None, card_sampling: dict):
     """--guidance-interval LO HI, 'all' (None) or, when absent, the weights card's interval."""
     if values is None:
-        interval = (read_card(Path(weights)).get("sampling") or {}).get("guidance_interval")
+        interval = card_sampling.get("guidance_interval")
         return tuple(interval) if interval else None
     if values == ["all"]:
         return None
@@ -196,9 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classifier", default="weights/classifier.safetensors")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--per-class", type=int, default=500)
-    p.add_argument("--sampler", default="dpm++", choices=("ddpm", "ddim", "dpm++"))
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, nargs="+", default=[2.0], help="one or more scales to compare")
+    p.add_argument("--sampler", default=None, choices=("ddpm", "ddim", "dpm++"), help="default: the card's, else dpm++")
+    p.add_argument("--steps", type=int, default=None, help="default: the card's, else 20")
+    p.add_argument(
+        "--guidance", type=float, nargs="+", default=None, help="one or more scales to compare; default: the card's"
+    )
     p.add_argument(
         "--guidance-interval",
         nargs="+",
@@ -220,7 +225,14 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    interval = parse_interval(p, a.guidance_interval, a.weights)
+    try:
+        card_sampling = read_card(Path(a.weights)).get("sampling") or {}
+    except WeightsError as err:
+        p.error(str(err))
+    interval = parse_interval(p, a.guidance_interval, card_sampling)
+    sampler = a.sampler or card_sampling.get("sampler", "dpm++")
+    steps = a.steps or card_sampling.get("steps", 20)
+    guidances = a.guidance or [card_sampling.get("guidance", 2.0)]
     clip_spec = None
     if a.clip:
         from model.clip import DEFAULT_MODEL, DEFAULT_PRETRAINED, ClipSpec
@@ -233,14 +245,14 @@ def main(argv: list[str] | None = None) -> int:
             device=a.device,
         )
     results = []
-    for g in a.guidance:
+    for g in guidances:
         r = evaluate(
             a.weights,
             a.classifier,
             a.data_dir,
             a.per_class,
-            a.sampler,
-            a.steps,
+            sampler,
+            steps,
             g,
             a.batch_size,
             a.device,

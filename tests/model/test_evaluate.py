@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.classifier import Classifier, ClassifierConfig, load_classifier, predict, train_classifier
+from model.classifier import Classifier, ClassifierConfig, load_classifier, predict, random_shift, train_classifier
 from model.clip import TINY_MODEL, ClipSpec
 from model.evaluate import evaluate, format_table, frechet_distance, main, write_card
 from model.io import WeightsError, save_weights, save_weights_file
@@ -52,6 +52,24 @@ def test_classifier_roundtrip_and_missing_file(tmp_path):
 
 
 @needs_data
+def test_random_shift_moves_each_image_by_its_own_offset_over_background():
+    torch.manual_seed(0)
+    x = torch.full((64, 1, 28, 28), -1.0)
+    x[:, 0, 10:18, 24:28] = torch.linspace(0, 1, 64).view(64, 1, 1)  # a block against the right edge
+    shifted = random_shift(x, max_shift=2)
+    offsets = set()
+    for level, after in zip(torch.linspace(0, 1, 64), shifted[:, 0], strict=True):
+        rows, cols = torch.nonzero(after > -1, as_tuple=True)
+        dy, dx = int(rows.min()) - 10, int(cols.min()) - 24
+        assert max(abs(dy), abs(dx)) <= 2
+        # The block moved whole; what leaves the frame is gone and nothing wraps around.
+        expected = torch.full((28, 28), -1.0)
+        expected[10 + dy : 18 + dy, 24 + dx : 28 + dx] = level
+        assert torch.equal(after, expected)
+        offsets.add((dy, dx))
+    assert len(offsets) > 10  # per image, not one shift for the batch
+
+
 def test_classifier_learns_from_a_small_subset(tmp_path):
     card = train_classifier(
         str(DATA),
@@ -110,16 +128,22 @@ def test_evaluate_end_to_end_with_tiny_models(tmp_path):
 def test_evaluate_cli_takes_a_guidance_interval_and_keeps_it_in_the_card(tmp_path, capsys):
     weights, clf = tiny_models(tmp_path)
     common = ["--weights", str(weights), "--classifier", str(clf), "--data-dir", str(DATA), "--per-class", "2"]
-    common += ["--steps", "3", "--guidance", "2", "--json", str(tmp_path / "r.json")]
+    common += ["--json", str(tmp_path / "r.json")]
+    written = ["--sampler", "ddim", "--steps", "3", "--guidance", "2", "--guidance-interval", "0.5", "5"]
 
-    assert main([*common, "--guidance-interval", "0.5", "5", "--write-card"]) == 0
-    assert "guidance 2.0 for 0.5 < sigma <= 5" in capsys.readouterr().out
+    assert main([*common, *written, "--write-card"]) == 0
+    assert "ddim 3 steps, guidance 2.0 for 0.5 < sigma <= 5" in capsys.readouterr().out
     assert json.loads(weights.with_suffix(".json").read_text())["sampling"]["guidance_interval"] == [0.5, 5.0]
-    # Without the flag the card's interval is used; 'all' guides every step.
+    # Without flags the card's sampling section is re-measured; 'all' guides every step.
     main(common)
-    assert json.loads((tmp_path / "r.json").read_text())[0]["guidance_interval"] == [0.5, 5.0]
+    result = json.loads((tmp_path / "r.json").read_text())[0]
+    assert (result["sampler"], result["steps"], result["guidance"]) == ("ddim", 3, 2.0)
+    assert result["guidance_interval"] == [0.5, 5.0]
     main([*common, "--guidance-interval", "all"])
     assert json.loads((tmp_path / "r.json").read_text())[0]["guidance_interval"] is None
     with pytest.raises(SystemExit):
         main([*common, "--guidance-interval", "5", "0.5"])
     assert "--guidance-interval needs 0 <= SIGMA_LO < SIGMA_HI" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*common, "--weights", str(tmp_path / "missing.safetensors")])
+    assert "missing.json: card not found" in capsys.readouterr().err
