@@ -8,6 +8,7 @@ its name and T, and ``Schedule.named`` rebuilds the same numbers.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,7 +138,7 @@ def loss_weight(schedule: Schedule, t: torch.Tensor, prediction: str, min_snr_ga
 
 
 def training_loss(
-    model: torch.nn.Module,
+    model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     schedule: Schedule,
     x0: torch.Tensor,
     y: torch.Tensor,

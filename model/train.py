@@ -172,7 +172,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     schedule = Schedule.named(cfg.schedule, cfg.T)
     model = UNet(cfg.unet).to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
+    model = model.to(memory_format=memory_format)  # type: ignore[call-overload]  # missing from torch's stubs
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(model, cfg.ema_decay)
     start_epoch, step, images_seen, elapsed = 0, 0, 0, 0.0

@@ -169,9 +169,9 @@ def main(argv: list[str] | None = None) -> int:
             guidance = args.guidance
             if guidance is None:
                 guidance = loaded.card.get("sampling", {}).get("guidance", 1.0)
-            labels = torch.tensor(args.classes)
-            seeds = [args.seed + i for i in range(len(labels))]
-            traj = reverse_trajectory(loaded.denoiser, labels, seeds, args.sampler, steps, every, guidance, args.eta)
+            classes = torch.tensor(args.classes)
+            seeds = [args.seed + i for i in range(len(classes))]
+            traj = reverse_trajectory(loaded.denoiser, classes, seeds, args.sampler, steps, every, guidance, args.eta)
             picture = reverse_grid(traj, args.scale)
             names = [CLASS_NAMES[c] if c < NUM_CLASSES else "null" for c in args.classes]
             print(f"rows: x_t / x0 prediction for {', '.join(names)}")
