@@ -51,7 +51,6 @@ def test_classifier_roundtrip_and_missing_file(tmp_path):
         load_classifier(tmp_path / "nope.safetensors")
 
 
-@needs_data
 def test_random_shift_moves_each_image_by_its_own_offset_over_background():
     torch.manual_seed(0)
     x = torch.full((64, 1, 28, 28), -1.0)
@@ -70,6 +69,7 @@ def test_random_shift_moves_each_image_by_its_own_offset_over_background():
     assert len(offsets) > 10  # per image, not one shift for the batch
 
 
+@needs_data
 def test_classifier_learns_from_a_small_subset(tmp_path):
     card = train_classifier(
         str(DATA),
