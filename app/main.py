@@ -32,7 +32,7 @@ from app.routes import clip, generate, health, metrics, stream
 from app.schemas import Limits, allowed_values, request_models
 from app.scorers import Scorer, load_classifier_scorer
 from app.settings import Settings
-from model.io import WeightsError, load_weights
+from model.io import WeightsError, card_guidance_interval, load_weights
 
 log = logging.getLogger("app")
 
@@ -55,8 +55,10 @@ def sampling_defaults(settings: Settings, card: dict[str, Any], T: int) -> Defau
         )
     if not 0 <= float(guidance) <= settings.max_guidance:
         raise WeightsError(f"default guidance {guidance} outside 0..{settings.max_guidance} (FASHION_GUIDANCE)")
-    interval = settings.guidance_interval or section.get("guidance_interval")
-    interval = None if interval == "all" or interval is None else (float(interval[0]), float(interval[1]))
+    if settings.guidance_interval is None:
+        interval = card_guidance_interval(card)
+    else:
+        interval = None if settings.guidance_interval == "all" else settings.guidance_interval
     return Defaults(sampler=sampler, steps=int(steps), guidance=float(guidance), guidance_interval=interval)
 
 

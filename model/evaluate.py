@@ -26,7 +26,7 @@ import torch
 
 from model.classifier import load_classifier, predict
 from model.data import CLASS_NAMES, NUM_CLASSES, FashionMNIST, to_model_range
-from model.io import WeightsError, atomic_write_bytes, load_weights, read_card
+from model.io import WeightsError, atomic_write_bytes, card_guidance_interval, load_weights, read_card
 from model.machine import describe
 from model.samplers import check_guidance_interval, generators_from_seeds, sample, to_uint8
 
@@ -175,11 +175,13 @@ def write_card(weights_path: str | Path, result: dict) -> Path:
     return card_path
 
 
-def parse_interval(parser: argparse.ArgumentParser, values: list[str] | None, card_sampling: dict):
+def parse_interval(parser: argparse.ArgumentParser, values: list[str] | None, card: dict):
     """--guidance-interval LO HI, 'all' (None) or, when absent, the weights card's interval."""
     if values is None:
-        interval = card_sampling.get("guidance_interval")
-        return tuple(interval) if interval else None
+        try:
+            return card_guidance_interval(card)
+        except (TypeError, ValueError) as err:
+            parser.error(f"the weights card's sampling.guidance_interval is invalid ({err})")
     if values == ["all"]:
         return None
     try:
@@ -226,10 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     try:
-        card_sampling = read_card(Path(a.weights)).get("sampling") or {}
+        card = read_card(Path(a.weights))
     except WeightsError as err:
         p.error(str(err))
-    interval = parse_interval(p, a.guidance_interval, card_sampling)
+    card_sampling = card.get("sampling") or {}
+    interval = parse_interval(p, a.guidance_interval, card)
     sampler = a.sampler or card_sampling.get("sampler", "dpm++")
     steps = a.steps or card_sampling.get("steps", 20)
     guidances = a.guidance or [card_sampling.get("guidance", 2.0)]

@@ -68,6 +68,16 @@ class LoadedWeights:
         return self.denoiser.model  # type: ignore[return-value]
 
 
+def card_guidance_interval(card: dict) -> tuple[float, float] | None:
+    """The card's ``sampling.guidance_interval`` as (sigma_lo, sigma_hi), None when absent (guidance at
+    every step). A malformed entry raises TypeError or ValueError; the Denoiser checks the bounds."""
+    interval = (card.get("sampling") or {}).get("guidance_interval")
+    if interval is None:
+        return None
+    lo, hi = (float(v) for v in interval)
+    return lo, hi
+
+
 def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedWeights:
     """Rebuild the network from its card and load the safetensors weights (no pickle involved)."""
     path = Path(path)
@@ -82,10 +92,7 @@ def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") ->
         prediction = card["diffusion"]["prediction"]
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
-        interval = (card.get("sampling") or {}).get("guidance_interval")
-        if interval is not None:
-            lo, hi = (float(v) for v in interval)
-            interval = (lo, hi)
+        interval = card_guidance_interval(card)
     except (TypeError, KeyError, ValueError) as err:
         raise WeightsError(f"{path.with_suffix('.json')}: invalid config ({err})") from err
     model = UNet(config)
