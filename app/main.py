@@ -32,19 +32,21 @@ from app.routes import clip, generate, health, metrics, stream
 from app.schemas import Limits, allowed_values, request_models
 from app.scorers import Scorer, load_classifier_scorer
 from app.settings import Settings
-from model.io import WeightsError, card_guidance_interval, load_weights
+from model.io import WeightsError, card_sampling, load_weights
 
 log = logging.getLogger("app")
 
-FALLBACK = Defaults(sampler="dpm++", steps=20, guidance=1.0)  # when neither settings nor card say
-
 
 def sampling_defaults(settings: Settings, card: dict[str, Any], T: int) -> Defaults:
-    """Settings override the weights card's "sampling" section, which overrides the fallback."""
-    section = card.get("sampling") or {}
-    sampler = settings.sampler or section.get("sampler") or FALLBACK.sampler
-    steps = settings.steps or section.get("steps") or FALLBACK.steps
-    guidance = settings.guidance if settings.guidance is not None else section.get("guidance", FALLBACK.guidance)
+    """Settings override the weights card's "sampling" section (model.io.card_sampling, which fills
+    what the card leaves out)."""
+    try:
+        from_card = card_sampling(card)
+    except (TypeError, ValueError) as err:
+        raise WeightsError(f"card sampling section is invalid ({err})") from err
+    sampler = settings.sampler or from_card.sampler
+    steps = settings.steps or from_card.steps
+    guidance = settings.guidance if settings.guidance is not None else from_card.guidance
     if sampler == "ddpm":
         steps = T
     if sampler not in ("ddpm", "ddim", "dpm++"):
@@ -56,7 +58,7 @@ def sampling_defaults(settings: Settings, card: dict[str, Any], T: int) -> Defau
     if not 0 <= float(guidance) <= settings.max_guidance:
         raise WeightsError(f"default guidance {guidance} outside 0..{settings.max_guidance} (FASHION_GUIDANCE)")
     if settings.guidance_interval is None:
-        interval = card_guidance_interval(card)
+        interval = from_card.guidance_interval
     else:
         interval = None if settings.guidance_interval == "all" else settings.guidance_interval
     return Defaults(sampler=sampler, steps=int(steps), guidance=float(guidance), guidance_interval=interval)

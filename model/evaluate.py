@@ -26,7 +26,7 @@ import torch
 
 from model.classifier import load_classifier, predict
 from model.data import CLASS_NAMES, NUM_CLASSES, FashionMNIST, to_model_range
-from model.io import WeightsError, atomic_write_bytes, card_guidance_interval, load_weights, read_card
+from model.io import WeightsError, atomic_write_bytes, card_sampling, load_weights, read_card
 from model.machine import describe
 from model.samplers import check_guidance_interval, generators_from_seeds, sample, to_uint8
 
@@ -175,13 +175,10 @@ def write_card(weights_path: str | Path, result: dict) -> Path:
     return card_path
 
 
-def parse_interval(parser: argparse.ArgumentParser, values: list[str] | None, card: dict):
+def parse_interval(parser: argparse.ArgumentParser, values: list[str] | None, card_interval):
     """--guidance-interval LO HI, 'all' (None) or, when absent, the weights card's interval."""
     if values is None:
-        try:
-            return card_guidance_interval(card)
-        except (TypeError, ValueError) as err:
-            parser.error(f"the weights card's sampling.guidance_interval is invalid ({err})")
+        return card_interval
     if values == ["all"]:
         return None
     try:
@@ -204,7 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sampler", default=None, choices=("ddpm", "ddim", "dpm++"), help="default: the card's, else dpm++")
     p.add_argument("--steps", type=int, default=None, help="default: the card's, else 20")
     p.add_argument(
-        "--guidance", type=float, nargs="+", default=None, help="one or more scales to compare; default: the card's"
+        "--guidance",
+        type=float,
+        nargs="+",
+        default=None,
+        help="one or more scales to compare; default: the card's, else 1",
     )
     p.add_argument(
         "--guidance-interval",
@@ -231,11 +232,14 @@ def main(argv: list[str] | None = None) -> int:
         card = read_card(Path(a.weights))
     except WeightsError as err:
         p.error(str(err))
-    card_sampling = card.get("sampling") or {}
-    interval = parse_interval(p, a.guidance_interval, card)
-    sampler = a.sampler or card_sampling.get("sampler", "dpm++")
-    steps = a.steps or card_sampling.get("steps", 20)
-    guidances = a.guidance or [card_sampling.get("guidance", 2.0)]
+    try:
+        from_card = card_sampling(card)
+    except (TypeError, ValueError) as err:
+        p.error(f"the weights card's sampling section is invalid ({err})")
+    interval = parse_interval(p, a.guidance_interval, from_card.guidance_interval)
+    sampler = a.sampler or from_card.sampler
+    steps = a.steps or from_card.steps
+    guidances = a.guidance or [from_card.guidance]
     clip_spec = None
     if a.clip:
         from model.clip import DEFAULT_MODEL, DEFAULT_PRETRAINED, ClipSpec

@@ -78,6 +78,30 @@ def card_guidance_interval(card: dict) -> tuple[float, float] | None:
     return lo, hi
 
 
+@dataclass(frozen=True)
+class CardSampling:
+    """How the weights are meant to be sampled: the card's ``sampling`` section, and what applies
+    where the card leaves a field out."""
+
+    sampler: str = "dpm++"
+    steps: int = 20
+    guidance: float = 1.0  # the plain conditional model
+    guidance_interval: tuple[float, float] | None = None  # guide every step
+
+
+def card_sampling(card: dict) -> CardSampling:
+    """The card's sampling section over the defaults of ``CardSampling``. A malformed entry raises
+    TypeError or ValueError; ranges are for the caller to check against its own limits."""
+    section = card.get("sampling") or {}
+    default = CardSampling()
+    return CardSampling(
+        sampler=section.get("sampler") or default.sampler,
+        steps=int(section.get("steps") or default.steps),
+        guidance=float(section.get("guidance", default.guidance)),
+        guidance_interval=card_guidance_interval(card),
+    )
+
+
 def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedWeights:
     """Rebuild the network from its card and load the safetensors weights (no pickle involved)."""
     path = Path(path)

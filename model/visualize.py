@@ -26,7 +26,7 @@ from model.atomic import atomic_path
 from model.data import CLASS_NAMES, FILES, NUM_CLASSES, read_idx, resolve_dir, to_model_range
 from model.diffusion import SCHEDULES, Schedule, q_sample
 from model.images import grid
-from model.io import WeightsError, load_weights, read_card
+from model.io import WeightsError, card_sampling, load_weights, read_card
 from model.samplers import SAMPLERS, Denoiser, Step, generators_from_seeds, sample, to_uint8
 
 DEFAULT_WEIGHTS = "weights/fashion-unet.safetensors"
@@ -166,9 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             loaded = load_weights(args.weights)
             steps = args.steps or DEFAULT_STEPS[args.sampler]
             every = args.every or max(1, steps // 10)
-            guidance = args.guidance
-            if guidance is None:
-                guidance = loaded.card.get("sampling", {}).get("guidance", 1.0)
+            guidance = args.guidance if args.guidance is not None else card_sampling(loaded.card).guidance
             classes = torch.tensor(args.classes)
             seeds = [args.seed + i for i in range(len(classes))]
             traj = reverse_trajectory(loaded.denoiser, classes, seeds, args.sampler, steps, every, guidance, args.eta)

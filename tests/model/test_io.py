@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from model.io import WeightsError, load_weights, read_card, save_weights
+from model.io import CardSampling, WeightsError, card_sampling, load_weights, read_card, save_weights
 from model.unet import UNet
 
 
@@ -126,6 +126,14 @@ def test_a_bad_guidance_interval_in_the_card(tiny_weights, interval, message):
     _edit_card(tiny_weights, lambda c: c.setdefault("sampling", {}).update(guidance_interval=interval))
     with pytest.raises(WeightsError, match=rf"tiny\.json: {message}"):
         load_weights(tiny_weights)
+
+
+def test_card_sampling_fills_what_the_card_leaves_out():
+    assert card_sampling({}) == CardSampling("dpm++", 20, 1.0, None)
+    card = {"sampling": {"sampler": "ddim", "steps": 30, "guidance": 0, "guidance_interval": [0.3, 6]}}
+    assert card_sampling(card) == CardSampling("ddim", 30, 0.0, (0.3, 6.0))  # guidance 0 is a value, not absent
+    with pytest.raises(ValueError):
+        card_sampling({"sampling": {"guidance": "strong"}})
 
 
 def test_tensors_that_do_not_match_the_card(tiny_weights, tiny_unet_config, tiny_card):
