@@ -68,7 +68,7 @@ ENV FASHION_WEIGHTS=/srv/fashion/weights/fashion-unet.safetensors \
     FASHION_CLIP_CACHE_DIR=/opt/clip-cache \
     UVICORN_HOST=0.0.0.0 \
     UVICORN_PORT=8000 \
-    UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN=10
+    FASHION_DRAIN_SECONDS=30
 
 USER ${APP_UID}
 EXPOSE 8000
@@ -78,6 +78,7 @@ EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('UVICORN_PORT', '8000'), timeout=4)"]
 
-# `uvicorn app.main:app`, configured by UVICORN_HOST / UVICORN_PORT / UVICORN_LOG_LEVEL ... (uvicorn reads
-# UVICORN_* for every flag), so the address can change without a new command line.
-CMD ["python", "-m", "uvicorn", "app.main:app"]
+# `python -m app` listens on UVICORN_HOST / UVICORN_PORT, so the address can change without a new command
+# line. On `docker stop` (SIGTERM) it drains: running and queued jobs get FASHION_DRAIN_SECONDS to finish,
+# then it exits 0; compose's stop_grace_period leaves it 10 s more than that.
+CMD ["python", "-m", "app"]

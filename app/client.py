@@ -94,7 +94,7 @@ def generate(args: argparse.Namespace) -> int:
     print(
         f"wrote {len(paths)} images to {out} ({result['params']['class_name']}, {result['params']['sampler']} "
         f"{result['params']['steps']} steps, seed {result['params']['seed']}; {t['total_ms']:.0f} ms, "
-        f"batch of {t['batch_images']})"
+        f"shared the device with up to {t['batch_jobs'] - 1} other requests)"
     )
     _print_rerank(result)
     return 0

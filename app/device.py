@@ -117,7 +117,7 @@ def prepare(
         cudagraphs = device.type == "cuda"
         mode = "reduce-overhead" if cudagraphs else "default"
         net = cast(nn.Module, (compiler or torch.compile)(net, mode=mode, dynamic=False))
-    rows = fixed_rows if fixed_rows is not None else (2 * max_batch if device.type == "cuda" else CPU_ROWS)
+    rows = fixed_rows if fixed_rows is not None else (max_batch if device.type == "cuda" else CPU_ROWS)
     if rows:
         net = FixedRows(net, rows, clone_outputs=cudagraphs)
     denoiser = replace(loaded.denoiser, model=net)

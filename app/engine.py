@@ -1,181 +1,101 @@
-"""The batching engine: one worker thread owns the device; requests are jobs in a bounded queue.
+"""The step-level engine: every active job shares every network evaluation, whatever its parameters.
 
-Jobs that share sampler, steps and guidance are merged into one batch, up to ``max_batch``
-images, waiting at most ``batch_wait_s`` after the oldest job arrived for company (the
-dynamic batching of Triton's ``max_queue_delay`` and Ray Serve's ``batch_wait_timeout_s``).
-Each image keeps its own ``torch.Generator`` and the network runs on fixed-size chunks
-(``app.device.FixedRows``), so a job's images do not depend on its batch mates.
+One worker thread owns the device. Each *tick* is one network evaluation over the rows of every
+active job, whatever its sampler, step count, guidance, class or progress: each row brings its own
+timestep, a job that guides at that step also brings a null-class row per image, guidance is
+combined per job (``model.samplers.Denoiser.rows``), and then every job advances one step of its
+own sampler (``model.samplers.step``). This is the iteration-level scheduling of LLM servers (Orca,
+OSDI 2022; vLLM's continuous batching) applied to diffusion: a job that arrives joins at the next
+tick, a finished job leaves at once, a cancelled one at the next tick, and no job waits for
+another to end.
 
-Threading: ``submit`` and ``cancel`` are called on the event loop and only take a lock;
-sampling runs on the worker thread; results and progress go back to the loop through
-``loop.call_soon_threadsafe``. Each job has a cancel flag that the sampler's step callback
-checks at every step: a cancelled job gets no more events, and a batch whose jobs are all
-cancelled stops within one step.
+Admission is first come, first served within a row budget (``max_rows`` rows per evaluation; a
+job counts its peak rows, 2 per image when it guides). The oldest waiting job is always the next
+to enter: a later job never overtakes it, even when it would fit, so a large job gets in as soon
+as enough rows free up however many small jobs keep arriving, and small jobs flow past a large
+*running* job because the budget is shared, not held for the length of a batch. A job larger than
+the whole budget is refused at submission (``JobTooLarge``).
+
+Each image keeps its own ``torch.Generator`` and the network runs on fixed-size chunks of rows
+(``app.device.FixedRows``), so an image's bytes depend only on its seed and parameters, never on
+which jobs shared its ticks or when it joined.
+
+Threading: ``submit``, ``cancel`` and ``drain`` are called on the event loop and only take a
+lock; ticks run on the worker thread; encoding, metrics and delivery to the loop run on the
+output thread (``app.output``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import heapq
 import logging
 import math
 import threading
 import time
-import uuid
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from app.device import Runtime
-from app.metrics import Metrics
-from model.images import grid, png_bytes
-from model.samplers import SamplingStopped, Step, generators_from_seeds, sample, to_uint8
+from app.jobs import EngineClosed, EventCallback, Job, JobCancelled, JobResult, JobSpec, JobTooLarge, Queued, QueueFull
+from app.output import Observer, Output
+from model.samplers import SamplerState, generators_from_seeds, start, step, to_uint8
 
 log = logging.getLogger("app")
 
-
-class QueueFull(Exception):
-    """The queue holds ``queue_size`` jobs already; try again in ``retry_after`` seconds."""
-
-    def __init__(self, depth: int, retry_after: int) -> None:
-        super().__init__(f"the queue is full ({depth} jobs waiting); retry in {retry_after} s")
-        self.depth = depth
-        self.retry_after = retry_after
+DEFAULT_TICK_S = 0.1  # the tick time assumed for estimates before the first tick is measured
 
 
-class EngineClosed(Exception):
-    """The engine is stopped or stopping; no job can run."""
+@dataclass
+class _Running:
+    """An admitted job and its trajectories."""
+
+    job: Job
+    state: SamplerState
+    labels: torch.Tensor  # (n,)
 
 
-class JobCancelled(Exception):
-    """The job was cancelled (its client went away) before it finished."""
+def admission_ticks(active: list[tuple[int, int]], queued: list[tuple[int, int]], budget: int) -> list[int]:
+    """Ticks from now until each queued job is admitted, first come first served.
 
-
-@dataclass(frozen=True)
-class JobSpec:
-    """What to sample: ``len(seeds)`` images of class ``label``; image i is drawn from ``seeds[i]``."""
-
-    label: int
-    seeds: tuple[int, ...]
-    sampler: str
-    steps: int
-    guidance: float
-
-    @property
-    def n(self) -> int:
-        return len(self.seeds)
-
-    @property
-    def key(self) -> tuple[str, int, float]:
-        """Jobs with equal keys can share a batch: the sampler loop is the same for all their images."""
-        return (self.sampler, self.steps, self.guidance)
-
-
-@dataclass(frozen=True)
-class Progress:
-    """One sampler step of one job, as its progress callback sees it."""
-
-    index: int  # 0-based step
-    total: int
-    t: int  # timestep the network was evaluated at
-    x0_png: bytes | None  # grid of the job's x0 predictions, on preview steps only
-    xt_png: bytes | None  # grid of the job's x_t, on preview steps only
-
-
-@dataclass(frozen=True)
-class JobResult:
-    images: np.ndarray  # uint8 (n, 28, 28)
-    pngs: tuple[bytes, ...]  # one PNG per image
-    queued_s: float  # from submit to the start of its batch
-    sampling_s: float  # the whole batch on the device, PNG encoding included
-    batch_images: int
-    batch_jobs: int
-
-
-ProgressCallback = Callable[[Progress], Any]
-
-
-def _settle(future: asyncio.Future[JobResult], result: JobResult | None, error: BaseException | None) -> None:
-    if future.done():  # the awaiting request was cancelled meanwhile
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)  # type: ignore[arg-type]
-
-
-def _mark_retrieved(future: asyncio.Future[JobResult]) -> None:
-    if not future.cancelled():
-        future.exception()
-
-
-class Job:
-    """A submitted request: its spec, a future for the result, a cancel flag, and optional progress."""
-
-    def __init__(
-        self,
-        spec: JobSpec,
-        loop: asyncio.AbstractEventLoop,
-        on_progress: ProgressCallback | None = None,
-        preview_every: int = 0,
-        record: bool = True,
-    ) -> None:
-        self.id = uuid.uuid4().hex[:12]
-        self.spec = spec
-        self.future: asyncio.Future[JobResult] = loop.create_future()
-        # A job whose client left may end in JobCancelled that nobody awaits any more; mark such
-        # exceptions as seen so asyncio does not log them. Waiters still receive them.
-        self.future.add_done_callback(_mark_retrieved)
-        self.on_progress = on_progress  # called on the event loop
-        self.preview_every = preview_every  # attach previews every k steps; 0: never
-        self.record = record  # False for the warm-up job: it stays out of the metrics
-        self.submitted = time.monotonic()
-        self.state = "queued"  # queued -> running -> done | cancelled | failed (guarded by the engine's lock)
-        self._cancel = threading.Event()
-        self._loop = loop
-
-    @property
-    def cancel_requested(self) -> bool:
-        return self._cancel.is_set()
-
-    def _call_on_loop(self, fn: Callable[..., Any], *args: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
-            self._loop.call_soon_threadsafe(fn, *args)
-
-    def _finish(self, result: JobResult | None = None, error: BaseException | None = None) -> None:
-        self._call_on_loop(_settle, self.future, result, error)
-
-    def _emit(self, progress: Progress) -> None:
-        if self.on_progress is not None:
-            self._call_on_loop(self.on_progress, progress)
+    ``active``: (rows, steps left) of each running job; ``queued``: (rows, steps) of each waiting
+    job in order. A job enters once the rows in use plus its own fit the budget; it cannot enter
+    before the job ahead of it."""
+    finishing = [(left, rows) for rows, left in active]
+    heapq.heapify(finishing)
+    used = sum(rows for rows, _ in active)
+    now, out = 0, []
+    for rows, steps in queued:
+        while used + rows > budget and finishing:
+            end, freed = heapq.heappop(finishing)
+            now, used = max(now, end), used - freed
+        out.append(now)
+        heapq.heappush(finishing, (now + steps, rows))
+        used += rows
+    return out
 
 
 class Engine:
     """Owns the device through one worker thread; see the module docstring."""
 
-    def __init__(
-        self,
-        runtime: Runtime,
-        metrics: Metrics,
-        *,
-        queue_size: int = 64,
-        max_batch: int = 64,
-        batch_wait_s: float = 0.005,
-    ) -> None:
+    def __init__(self, runtime: Runtime, observer: Observer, *, queue_size: int = 64, max_rows: int = 128) -> None:
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         self.runtime = runtime
-        self.metrics = metrics
+        self.observer = observer
         self.queue_size = queue_size
-        self.max_batch = max_batch
-        self.batch_wait_s = batch_wait_s
+        self.max_rows = max_rows
         self._pending: deque[Job] = deque()
+        self._running: list[_Running] = []
         self._cond = threading.Condition()
         self._closing = False
+        self._drain_deadline: float | None = None
         self._thread: threading.Thread | None = None
-        self._batch_s = 0.0  # moving average of batch wall time, for Retry-After
+        self._output = Output(observer)
+        self._tick_s = 0.0  # moving average of the tick's wall time, for estimates
 
     # --- event-loop side ---------------------------------------------------------------------
 
@@ -187,49 +107,57 @@ class Engine:
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._closing
+        """Accepting jobs: started, and neither draining nor stopped."""
+        alive = self._thread is not None and self._thread.is_alive()
+        return alive and not self._closing and self._drain_deadline is None
 
     @property
     def queue_depth(self) -> int:
         return len(self._pending)
 
+    @property
+    def active_jobs(self) -> int:
+        return len(self._running)
+
     def submit(
         self,
         spec: JobSpec,
         *,
-        on_progress: ProgressCallback | None = None,
+        on_event: EventCallback | None = None,
         preview_every: int = 0,
         record: bool = True,
     ) -> Job:
-        """Queue a job (on the event loop); raises QueueFull at once when ``queue_size`` jobs wait."""
-        if spec.n > self.max_batch:
-            raise ValueError(f"a job of {spec.n} images cannot fit a batch of at most {self.max_batch}")
+        """Queue a job (on the event loop). Raises JobTooLarge for a job over the row budget,
+        QueueFull at once when ``queue_size`` jobs wait, EngineClosed when stopping or draining."""
+        if spec.rows > self.max_rows:
+            raise JobTooLarge(spec.rows, self.max_rows, spec.n)
         loop = asyncio.get_running_loop()
         with self._cond:
-            if self._closing or self._thread is None:
-                raise EngineClosed("the engine is not running")
+            if self._closing or self._thread is None or self._drain_deadline is not None:
+                raise EngineClosed("the server is shutting down" if self._thread else "the engine is not running")
             if record and len(self._pending) >= self.queue_size:
-                self.metrics.jobs_rejected.labels("queue_full").inc()
-                raise QueueFull(len(self._pending), self._retry_after())
-            job = Job(spec, loop, on_progress, preview_every, record)
+                self._output.call(self.observer.rejected, "queue_full")
+                raise QueueFull(len(self._pending), self._retry_after_locked())
+            job = Job(spec, loop, on_event, preview_every, record)
             self._pending.append(job)
-            self.metrics.queue_depth.set(len(self._pending))
+            self._output.call(self.observer.depth, len(self._pending), len(self._running))
             self._cond.notify_all()
         return job
 
     def cancel(self, job: Job) -> bool:
-        """Ask a job to stop; True if it had not finished. A queued job leaves the queue at once."""
+        """Ask a job to stop; True if it had not finished. A queued job leaves the queue at once,
+        a running one at the next tick, and neither gets any more events."""
         with self._cond:
             if job.state == "queued":
                 self._pending.remove(job)
                 job.state = "cancelled"
-                self.metrics.queue_depth.set(len(self._pending))
-                self.metrics.jobs_cancelled.labels("queued").inc()
-                job._finish(error=JobCancelled(f"job {job.id} cancelled while queued"))
+                job.request_cancel()
+                self._output.failed(job, JobCancelled(f"job {job.id} cancelled while queued"), "queued")
+                self._output.call(self.observer.depth, len(self._pending), len(self._running))
                 self._cond.notify_all()
                 return True
             if job.state == "running":
-                job._cancel.set()  # the worker counts it when its step callback sees the flag
+                job.request_cancel()  # the worker lets it go at the next tick
                 return True
             return False
 
@@ -242,153 +170,162 @@ class Engine:
             if not job.future.done():
                 self.cancel(job)
 
+    def drain(self, seconds: float) -> None:
+        """Refuse new jobs, keep running the admitted and queued ones, and fail whatever has not
+        finished ``seconds`` from now with EngineClosed."""
+        with self._cond:
+            if self._drain_deadline is None:
+                self._drain_deadline = time.monotonic() + seconds
+                log.info(
+                    "draining: %d running, %d queued, %.0f s to finish", len(self._running), len(self._pending), seconds
+                )
+            self._cond.notify_all()
+
     def stop(self, timeout: float = 30.0) -> None:
-        """Refuse new jobs, fail queued ones, stop the running batch at its next step, join the worker."""
+        """Refuse new jobs, fail the queued and running ones at the next tick, join the worker, and
+        deliver everything still on its way."""
         with self._cond:
             self._closing = True
-            pending = list(self._pending)
-            self._pending.clear()
-            for job in pending:
-                job.state = "failed"
-                job._finish(error=EngineClosed("the server is shutting down"))
-            self.metrics.queue_depth.set(0)
             self._cond.notify_all()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        with self._cond:  # the worker is gone (or stuck): nothing may stay waiting
+            self._fail_all_locked(EngineClosed("the server is shutting down"))
+        self._output.close()
 
-    def _retry_after(self) -> int:
-        queued_images = sum(job.spec.n for job in self._pending)
-        estimate = max(self._batch_s, 0.1) * (1 + queued_images / self.max_batch)
-        return max(1, math.ceil(estimate))
+    def retry_after(self) -> int:
+        with self._cond:
+            return self._retry_after_locked()
+
+    def estimated_start_s(self) -> list[float]:
+        """Seconds from now until each queued job is admitted, at the measured tick time."""
+        with self._cond:
+            return self._estimates_locked()
+
+    def _estimates_locked(self) -> list[float]:
+        active = [(r.job.spec.rows, r.state.total - r.state.index) for r in self._running]
+        queued = [(job.spec.rows, job.spec.steps) for job in self._pending]
+        tick = self._tick_s or DEFAULT_TICK_S
+        return [ticks * tick for ticks in admission_ticks(active, queued, self.max_rows)]
+
+    def _retry_after_locked(self) -> int:
+        """Until the oldest waiting job is admitted, which frees a place in the queue."""
+        estimates = self._estimates_locked()
+        return max(1, math.ceil(estimates[0] if estimates else self._tick_s))
 
     # --- worker side ---------------------------------------------------------------------------
 
     def _work(self) -> None:
         while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            try:
-                self._execute(batch)
-            except BaseException as err:  # never let the worker die with jobs waiting on it
-                log.exception("engine batch failed")
-                for job in batch:
-                    job._finish(error=err)
-
-    def _next_batch(self) -> list[Job] | None:
-        """Block for the oldest job, then gather compatible ones until the batch is full or the wait is over."""
-        with self._cond:
-            while True:
+            with self._cond:
                 if self._closing:
-                    return None
-                if not self._pending:
-                    self._cond.wait()
+                    self._fail_all_locked(EngineClosed("the server is shutting down"))
+                    return
+                if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
+                    self._fail_all_locked(EngineClosed("the server is shutting down: the job did not finish in time"))
+                self._release_cancelled_locked()
+                self._admit_locked()
+                if not self._running:
+                    self._cond.wait(timeout=self._idle_wait_locked())
                     continue
-                first = self._pending[0]
-                chosen: list[Job] = []
-                size = 0
-                for job in self._pending:
-                    if job.spec.key == first.spec.key and size + job.spec.n <= self.max_batch:
-                        chosen.append(job)
-                        size += job.spec.n
-                wait = first.submitted + self.batch_wait_s - time.monotonic()
-                if size >= self.max_batch or wait <= 0:
-                    for job in chosen:
-                        self._pending.remove(job)
-                        job.state = "running"
-                    self.metrics.queue_depth.set(len(self._pending))
-                    self.metrics.jobs_running.set(len(chosen))
-                    return chosen
-                self._cond.wait(wait)
+                batch = list(self._running)
+            try:
+                self._tick(batch)
+            except Exception as err:  # never let the worker die with jobs waiting on it
+                log.exception("a tick of %d jobs failed", len(batch))
+                with self._cond:
+                    for r in batch:
+                        if r in self._running:
+                            self._running.remove(r)
+                            r.job.state = "failed"
+                            self._output.failed(r.job, err)
 
-    def _progress(self, step: Step, job: Job, offset: int) -> Progress:
-        k = job.preview_every
-        x0_png = xt_png = None
-        if k and ((step.index + 1) % k == 0 or step.index + 1 == step.total):
-            n = job.spec.n
-            ncol = math.ceil(math.sqrt(n))
-            x0_png = png_bytes(grid(to_uint8(step.x0_pred[offset : offset + n].float()), ncol))
-            xt_png = png_bytes(grid(to_uint8(step.x_t[offset : offset + n].float()), ncol))
-        return Progress(step.index, step.total, step.t, x0_png, xt_png)
+    def _idle_wait_locked(self) -> float | None:
+        if self._drain_deadline is not None and self._pending:
+            return max(0.0, self._drain_deadline - time.monotonic())
+        return None
 
-    def _execute(self, batch: list[Job]) -> None:
-        start = time.monotonic()
-        record = any(job.record for job in batch)
-        spec = batch[0].spec
-        offsets = np.cumsum([0] + [job.spec.n for job in batch]).tolist()
-        labels = torch.tensor([job.spec.label for job in batch for _ in job.spec.seeds], device=self.runtime.device)
-        generators = generators_from_seeds([seed for job in batch for seed in job.spec.seeds])
-        dropped: set[int] = set()
-        last = start
+    def _fail_all_locked(self, error: EngineClosed) -> None:
+        for job in [*self._pending, *(r.job for r in self._running)]:
+            job.state = "failed"
+            self._output.failed(job, error)
+        self._pending.clear()
+        self._running.clear()
+        self._output.call(self.observer.depth, 0, 0)
 
-        def on_step(step: Step) -> bool:
-            nonlocal last
+    def _release_cancelled_locked(self) -> None:
+        for r in [r for r in self._running if r.job.cancel_requested]:
+            self._running.remove(r)
+            r.job.state = "cancelled"
+            self._output.failed(r.job, JobCancelled(f"job {r.job.id} cancelled while sampling"), "running")
+
+    def _admit_locked(self) -> None:
+        """First come, first served: the oldest waiting job enters when its rows fit; nobody overtakes it."""
+        used = sum(r.job.spec.rows for r in self._running)
+        now = time.monotonic()
+        changed = False
+        while self._pending and used + self._pending[0].spec.rows <= self.max_rows:
+            job = self._pending.popleft()
+            spec = job.spec
+            schedule, device = self.runtime.denoiser.schedule, self.runtime.device
+            state = start(spec.sampler, schedule, spec.steps, generators_from_seeds(spec.seeds), device=device)
+            labels = torch.full((spec.n,), spec.label, dtype=torch.long, device=self.runtime.device)
+            self._running.append(_Running(job, state, labels))
+            job.state, job.admitted = "running", now
+            used += spec.rows
+            changed = True
+            if job.record:
+                self._output.call(self.observer.admitted, now - job.submitted)
+        if self._pending:  # tell the ones still waiting where they stand, when that changed
+            for position, (job, eta) in enumerate(zip(self._pending, self._estimates_locked(), strict=True), 1):
+                if job.position != position:
+                    job.position = position
+                    self._output.queued(job, Queued(position, eta))
+        if changed:
+            self._output.call(self.observer.depth, len(self._pending), len(self._running))
+
+    def _tick(self, batch: list[_Running]) -> None:
+        """One network evaluation over every active job's rows, then one step of each job."""
+        t0 = time.monotonic()
+        den = self.runtime.denoiser
+        x = torch.cat([r.state.x for r in batch])  # (rows, C, H, W)
+        y = torch.cat([r.labels for r in batch])
+        ts = [r.state.t for r in batch for _ in range(r.job.spec.n)]
+        ws = [r.job.spec.guidance for r in batch for _ in range(r.job.spec.n)]
+        with torch.inference_mode(), self.runtime.autocast():
+            eps, x0 = den.rows(x, ts, y, ws)
+        images = len(x)
+        rows = images + sum(r.job.spec.n for r in batch if den.needs_null_row(r.state.t, r.job.spec.guidance))
+        finished: list[tuple[_Running, torch.Tensor]] = []
+        offset = 0
+        for r in batch:
+            n, job, before = r.job.spec.n, r.job, r.state
+            e, p = eps[offset : offset + n], x0[offset : offset + n]
+            offset += n
+            r.state = step(before, den.schedule, e, p)
+            job.peak_images, job.peak_jobs = max(job.peak_images, images), max(job.peak_jobs, len(batch))
+            if job.on_event is not None:
+                preview = job.previews_at(before.index, before.total)
+                x0_u8 = to_uint8(p.float()) if preview else None
+                xt_u8 = to_uint8(before.x.float()) if preview else None
+                first = time.monotonic() - job.submitted if before.index == 0 else 0.0
+                self._output.step(job, before.index, before.total, before.t, x0_u8, xt_u8, first)
+            elif before.index == 0 and job.record:
+                self._output.call(self.observer.first_step, time.monotonic() - job.submitted)
+            if r.state.done:
+                finished.append((r, r.state.x))
+        elapsed = time.monotonic() - t0
+        self._tick_s = elapsed if self._tick_s == 0 else 0.8 * self._tick_s + 0.2 * elapsed
+        if any(r.job.record for r in batch):
+            self._output.call(self.observer.tick, rows, len(batch), elapsed)
+        if finished:
             now = time.monotonic()
-            if record:
-                self.metrics.steps.inc()
-                self.metrics.step_duration.observe(now - last)
-            last = now
-            if self._closing:
-                return True
-            for k, job in enumerate(batch):
-                if k in dropped:
-                    continue
-                if job.cancel_requested:
-                    dropped.add(k)
-                    self._drop(job)
-                elif job.on_progress is not None:
-                    job._emit(self._progress(step, job, offsets[k]))
-            return len(dropped) == len(batch)
-
-        images: np.ndarray | None = None
-        error: BaseException | None = None
-        try:
-            with torch.inference_mode(), self.runtime.autocast():
-                x = sample(self.runtime.denoiser, labels, generators, spec.sampler, spec.steps, spec.guidance, on_step)
-            images = to_uint8(x.float())  # (B, 28, 28)
-        except SamplingStopped:
-            error = EngineClosed("the server is shutting down")
-        except Exception as err:
-            log.exception("sampling failed for a batch of %d jobs", len(batch))
-            error = err
-        live = [(k, job) for k, job in enumerate(batch) if k not in dropped]
-        results: dict[int, JobResult] = {}
-        if images is not None:
-            for k, job in live:
-                own = images[offsets[k] : offsets[k + 1]]
-                pngs = tuple(png_bytes(img) for img in own)
-                results[k] = JobResult(own, pngs, start - job.submitted, 0.0, int(offsets[-1]), len(batch))
-        elapsed = time.monotonic() - start
-        self._batch_s = elapsed if self._batch_s == 0 else 0.8 * self._batch_s + 0.2 * elapsed
-        if record:  # before the futures settle, so a client that has its answer sees the metrics moved
-            m = self.metrics
-            m.batch_images.observe(offsets[-1])
-            m.batch_jobs.observe(len(batch))
-            m.batch_duration.observe(elapsed)
-            for job in batch:
-                m.queue_wait.observe(start - job.submitted)
-            for k, job in live:
-                if k in results:
-                    m.images.labels(spec.sampler).inc(job.spec.n)
-                else:
-                    m.jobs_failed.labels(type(error).__name__).inc()
-        with self._cond:
-            self.metrics.jobs_running.set(0)
-            for k, job in live:
-                if k in results:
-                    job.state = "done"
-                    res = results[k]
-                    job._finish(
-                        JobResult(res.images, res.pngs, res.queued_s, elapsed, res.batch_images, res.batch_jobs)
-                    )
-                else:
-                    job.state = "failed"
-                    job._finish(error=error)
-
-    def _drop(self, job: Job) -> None:
-        """A running job's flag was seen: it gets no more events and its waiter hears JobCancelled."""
-        with self._cond:
-            job.state = "cancelled"
-        if job.record:
-            self.metrics.jobs_cancelled.labels("running").inc()
-        job._finish(error=JobCancelled(f"job {job.id} cancelled while sampling"))
+            with self._cond:
+                for r, sample in finished:
+                    if r not in self._running:  # stop() gave up on the worker and failed it already
+                        continue
+                    self._running.remove(r)
+                    if r.job.state == "running":
+                        r.job.state = "done"
+                        self._output.result(r.job, to_uint8(sample.float()), now)
+                self._output.call(self.observer.depth, len(self._pending), len(self._running))

@@ -22,15 +22,16 @@ import anyio
 from fastapi import FastAPI
 
 from app.clip_service import ClipScorer, ClipService
-from app.deps import Defaults, Serving
 from app.device import prepare, resolve_device
-from app.engine import Engine, JobSpec
+from app.engine import Engine
 from app.errors import install_handlers
-from app.metrics import Metrics
+from app.jobs import JobSpec
+from app.metrics import EngineMetrics, Metrics
 from app.middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
 from app.routes import clip, generate, health, metrics, stream
 from app.schemas import Limits, allowed_values, request_models
 from app.scorers import Scorer, load_classifier_scorer
+from app.serving import Defaults, Serving
 from app.settings import Settings
 from model.io import WeightsError, card_sampling, load_weights
 
@@ -87,13 +88,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         fixed_rows=settings.fixed_rows,
         max_batch=settings.max_batch,
     )
-    engine = Engine(
-        runtime,
-        metrics,
-        queue_size=settings.queue_size,
-        max_batch=settings.max_batch,
-        batch_wait_s=settings.batch_wait_ms / 1e3,
-    )
+    engine = Engine(runtime, EngineMetrics(metrics), queue_size=settings.queue_size, max_rows=settings.max_batch)
     engine.start()
     try:
         if settings.warmup:
@@ -105,7 +100,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics.model.info({"name": name, "weights": loaded.path.name, **runtime.describe()})
         metrics.ready.set(1)
         app.state.clip = clip_service
-        app.state.serving = Serving(engine, name, defaults, T, str(device), loaded.card, scorers)
+        app.state.serving = Serving(engine, name, defaults, T, str(device), loaded.card, metrics, scorers)
         log.info("ready: %s on %s (%s parameters)", name, device, runtime.parameters)
         clip_service.start()  # after ready: CLIP never delays the service
         yield
@@ -115,6 +110,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         clip_service.close()
         metrics.ready.set(0)
         await anyio.to_thread.run_sync(engine.stop)
+
+
+def begin_drain(app: FastAPI) -> None:
+    """SIGTERM: refuse new generations (503, /readyz too) and give running and queued jobs, streams
+    included, ``drain_seconds`` to finish; what is left then ends in 503 or a stream ``error`` event.
+    The server (``app.__main__``) keeps its connections open meanwhile and exits once they are done."""
+    serving: Serving | None = getattr(app.state, "serving", None)
+    settings: Settings = app.state.settings
+    app.state.metrics.ready.set(0)
+    if serving is not None:
+        serving.engine.drain(settings.drain_seconds)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -17,6 +17,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from app.jobs import Job
+
 NAMESPACE = "fashion"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -49,29 +51,38 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        # Engine.
-        self.queue_depth = Gauge("queue_depth", "jobs waiting for the device", namespace=ns, registry=r)
-        self.jobs_running = Gauge("jobs_running", "jobs in the batch on the device now", namespace=ns, registry=r)
-        self.batch_images = Histogram(
-            "batch_size_images", "images per sampled batch", namespace=ns, buckets=BATCH_BUCKETS, registry=r
+        # Engine: one tick is one network evaluation over the rows of every active job.
+        self.queue_depth = Gauge("queue_depth", "jobs waiting for room in the row budget", namespace=ns, registry=r)
+        self.jobs_active = Gauge(
+            "jobs_active", "jobs admitted and stepping on the device now", namespace=ns, registry=r
         )
-        self.batch_jobs = Histogram(
-            "batch_size_jobs",
-            "jobs (requests) merged into one sampled batch",
+        self.tick_rows = Histogram(
+            "tick_rows",
+            "rows in one network evaluation (images, plus a null-class row per guided image)",
             namespace=ns,
             buckets=BATCH_BUCKETS,
             registry=r,
         )
+        self.tick_jobs = Histogram(
+            "tick_jobs", "jobs that shared one network evaluation", namespace=ns, buckets=BATCH_BUCKETS, registry=r
+        )
+        self.tick_duration = Histogram(
+            "tick_duration_seconds",
+            "wall time of one tick: the network evaluation and every job's sampler step",
+            namespace=ns,
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
         self.queue_wait = Histogram(
             "queue_wait_seconds",
-            "time a job waited before its batch started",
+            "time from a job's submission to its admission",
             namespace=ns,
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.batch_duration = Histogram(
-            "batch_duration_seconds",
-            "wall time of one sampled batch",
+        self.time_to_first_step = Histogram(
+            "time_to_first_step_seconds",
+            "time from a job's submission to the end of its first step",
             namespace=ns,
             buckets=LATENCY_BUCKETS,
             registry=r,
@@ -80,14 +91,7 @@ class Metrics:
             "images_generated", "images sampled (rerank candidates included)", ["sampler"], namespace=ns, registry=r
         )
         self.steps = Counter(
-            "sampler_steps", "sampler steps run (one network evaluation of a batch each)", namespace=ns, registry=r
-        )
-        self.step_duration = Histogram(
-            "sampler_step_duration_seconds",
-            "wall time of one sampler step of a batch",
-            namespace=ns,
-            buckets=STEP_BUCKETS,
-            registry=r,
+            "sampler_steps", "sampler steps taken, one per active job per tick", namespace=ns, registry=r
         )
         self.jobs_cancelled = Counter(
             "jobs_cancelled", "jobs stopped because their client went away", ["stage"], namespace=ns, registry=r
@@ -147,3 +151,38 @@ class Metrics:
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class EngineMetrics:
+    """The engine's observer (``app.output.Observer``), on Prometheus metrics; called on the output thread."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    def tick(self, rows: int, jobs: int, seconds: float) -> None:
+        self.m.tick_rows.observe(rows)
+        self.m.tick_jobs.observe(jobs)
+        self.m.tick_duration.observe(seconds)
+        self.m.steps.inc(jobs)
+
+    def depth(self, queued: int, active: int) -> None:
+        self.m.queue_depth.set(queued)
+        self.m.jobs_active.set(active)
+
+    def admitted(self, waited_s: float) -> None:
+        self.m.queue_wait.observe(waited_s)
+
+    def first_step(self, seconds: float) -> None:
+        self.m.time_to_first_step.observe(seconds)
+
+    def rejected(self, reason: str) -> None:
+        self.m.jobs_rejected.labels(reason).inc()
+
+    def done(self, job: Job) -> None:
+        self.m.images.labels(job.spec.sampler).inc(job.spec.n)
+
+    def cancelled(self, stage: str) -> None:
+        self.m.jobs_cancelled.labels(stage).inc()
+
+    def failed(self, error: BaseException) -> None:
+        self.m.jobs_failed.labels(type(error).__name__).inc()

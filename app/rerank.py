@@ -9,14 +9,14 @@ with its own seed; ``rank`` scores them on a worker thread, within the scorer's 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import anyio
 import numpy as np
 
-from app.deps import Serving
-from app.engine import JobResult
 from app.errors import ApiError
+from app.jobs import JobResult
 from app.metrics import Metrics
 from app.schemas import GenerateRequestBase, RerankMethod
 from app.scorers import Scorer, ScorerUnavailable
@@ -47,7 +47,7 @@ def unavailable(err: ScorerUnavailable) -> ApiError:
     return ApiError(503, err.message, code=err.code, param="rerank", headers=headers)
 
 
-def plan(body: GenerateRequestBase, serving: Serving, settings: Settings) -> RerankPlan | None:
+def plan(body: GenerateRequestBase, scorers: Mapping[str, Scorer], settings: Settings) -> RerankPlan | None:
     """The rerank a request asks for, checked; None without one. Raises ApiError 422 / 503."""
     spec = body.rerank
     if spec is None:
@@ -72,7 +72,7 @@ def plan(body: GenerateRequestBase, serving: Serving, settings: Settings) -> Rer
                 code="candidates_below_n",
                 param="rerank.candidates",
             )
-    scorer = serving.scorers.get(spec.by)
+    scorer = scorers.get(spec.by)
     if scorer is None:  # the lifespan registers every method; a missing one is a configuration bug
         raise ApiError(503, f"rerank by {spec.by} is not available on this server", code="rerank_unavailable")
     try:

@@ -277,11 +277,11 @@ class Params(BaseModel):
 
 
 class Timings(BaseModel):
-    queue_ms: float = Field(description="waiting for the device")
-    sampling_ms: float = Field(description="the batch this request was part of, on the device")
+    queue_ms: float = Field(description="waiting for room in the device's row budget")
+    sampling_ms: float = Field(description="from admission to the last step, sharing every step with other requests")
     total_ms: float = Field(description="from accepting the request to the response")
-    batch_images: int = Field(description="images in the batch that carried this request")
-    batch_jobs: int = Field(description="requests in that batch")
+    batch_images: int = Field(description="most images that shared one network evaluation with this request")
+    batch_jobs: int = Field(description="most requests that shared one network evaluation with it")
 
 
 class RerankOut(BaseModel):
@@ -304,6 +304,11 @@ class StartEvent(BaseModel):
     job: str
     params: Params
     queue_depth: int = Field(description="jobs waiting ahead, including this one")
+
+
+class QueuedEvent(BaseModel):
+    position: int = Field(description="place among the jobs waiting for the device; 1 is next")
+    estimated_start_s: float = Field(description="estimated seconds until it starts, at the measured tick time")
 
 
 class StepEvent(BaseModel):

@@ -90,8 +90,20 @@ class Settings(BaseSettings):
         default=20.0, ge=0.0, allow_inf_nan=False, description="largest guidance scale accepted"
     )
     queue_size: int = Field(default=64, ge=1, description="jobs waiting for the device; one more is refused with 429")
-    max_batch: int = Field(default=64, ge=1, description="most images sampled together in one batch")
-    batch_wait_ms: float = Field(default=5.0, ge=0.0, le=10_000.0, description="how long a job waits for company")
+    max_batch: int = Field(
+        default=128,
+        ge=1,
+        description=(
+            "the row budget: most rows in one network evaluation, shared by every active job (an image is one "
+            "row, two while it is guided); a job needing more is refused with 422"
+        ),
+    )
+    drain_seconds: float = Field(
+        default=30.0,
+        ge=0.0,
+        le=3600.0,
+        description="on SIGTERM, how long running and queued jobs may take to finish before they get a 503",
+    )
     max_body_bytes: int = Field(default=64 * 1024, ge=256, description="larger request bodies are refused with 413")
 
     # Access.
@@ -108,7 +120,7 @@ class Settings(BaseSettings):
         ),
     )
     rerank_max_candidates: int | None = Field(
-        default=None, ge=1, description="most candidates one rerank may sample; None: max_batch (one batch)"
+        default=None, ge=1, description="most candidates one rerank may sample; None: max_images"
     )
 
     # CLIP (``POST /clip/score`` and rerank by clip). It loads on a background thread once the main
@@ -176,7 +188,7 @@ class Settings(BaseSettings):
 
     @property
     def max_candidates(self) -> int:
-        return self.rerank_max_candidates or self.max_batch
+        return self.rerank_max_candidates or self.max_images
 
     @property
     def clip_max_body_bytes(self) -> int:
@@ -211,7 +223,7 @@ class Settings(BaseSettings):
         if self.max_images > self.max_batch:
             raise ValueError(
                 f"max_images ({self.max_images}) must not exceed max_batch ({self.max_batch}): "
-                "one request must fit in one batch"
+                "one request must fit in one network evaluation"
             )
         if self.steps is not None and self.steps > self.max_steps:
             raise ValueError(f"steps ({self.steps}) must not exceed max_steps ({self.max_steps})")
@@ -220,7 +232,7 @@ class Settings(BaseSettings):
         if self.rerank_max_candidates is not None and self.rerank_max_candidates > self.max_batch:
             raise ValueError(
                 f"rerank_max_candidates ({self.rerank_max_candidates}) must not exceed max_batch ({self.max_batch}): "
-                "a rerank's candidates are sampled in one batch"
+                "a rerank's candidates are sampled as one job"
             )
         if self.sampler is not None and self.sampler not in SAMPLERS:  # pragma: no cover - Literal guards it
             raise ValueError(f"sampler must be one of {SAMPLERS}")

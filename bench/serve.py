@@ -1,19 +1,23 @@
-"""How much the service costs over sampling in-process, and what dynamic batching buys.
+"""What the service costs over sampling in-process, and what step-level batching buys.
 
     python bench/serve.py                       # the shipped weights, on the default device
-    python bench/serve.py --weights path/to/w.safetensors --device cuda
+    python bench/serve.py --server-repo ../old  # the same table against another checkout's server
     python bench/serve.py --tiny --steps 4      # a tiny random network: checks the script, not the model
 
-It starts the real service (``python -m app``) in a subprocess on a free loopback port and
-prints one table:
+It starts the real service (``python -m app``, from this checkout or ``--server-repo``) in a
+subprocess on a free loopback port and prints one table, each figure a ratio measured in this run:
 
-* latency of ``POST /generate`` with n=16 against the same sampling done in-process
-  (``model.samplers.sample`` on a batch of 16 + ``to_uint8``); the ratio is the service's
-  overhead (HTTP, queue, batching wait, fixed-row chunks, PNG + base64 + JSON);
-* throughput of 16 concurrent clients asking n=1 each against one client asking n=16;
-  the ratio is what batching recovers of a single big batch.
+1. a 1-image request's latency while a 16-image, 200-step DDIM job runs, against an idle server
+   (head-of-line blocking; whether it finished before the long job);
+2. eight concurrent requests that differ in sampler, steps and guidance, against the same requests
+   one by one;
+3. ``POST /generate`` with n=16 against the same sampling in-process (``model.samplers.sample`` on
+   a batch of 16 + ``to_uint8``, plain and on the service's fixed-row chunks): HTTP, queue, PNG,
+   base64 and JSON overhead;
+4. 16 concurrent clients asking n=1 each against one client asking n=16;
+5. time to the first ``step`` event of a stream, idle and while the long job runs.
 
-Medians over ``--repeats`` runs; the machine, torch and thread count are printed with it.
+Medians over ``--repeats`` runs for 3 and 4; the machine, torch and thread count are printed with it.
 Never part of the test suite.
 """
 
@@ -105,10 +109,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(weights: Path, device: str, port: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "FASHION_WEIGHTS": str(weights), "FASHION_DEVICE": device, "PYTHONPATH": str(REPO)}
+def start_server(weights: Path, device: str, port: int, repo: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "FASHION_WEIGHTS": str(weights), "FASHION_DEVICE": device, "PYTHONPATH": str(repo)}
     cmd = [sys.executable, "-m", "app", "--port", str(port), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO)
+    proc = subprocess.Popen(cmd, env=env, cwd=repo)
     deadline = time.monotonic() + 300
     while True:
         if proc.poll() is not None:
@@ -124,45 +128,75 @@ def start_server(weights: Path, device: str, port: int) -> subprocess.Popen[byte
         time.sleep(0.2)
 
 
-async def batches_so_far(http: httpx.AsyncClient) -> float:
-    """fashion_batch_size_jobs_count from the server's /metrics: how many batches it has sampled."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = (await http.get("/metrics")).text
-    for family in text_string_to_metric_families(text):
-        for sample_ in family.samples:
-            if sample_.name == "fashion_batch_size_jobs_count":
-                return sample_.value
-    return 0.0
+MIXED = [  # eight requests that differ only in sampler, steps and guidance (scenario 2)
+    ("dpm++", 10, None),
+    ("dpm++", 20, None),
+    ("dpm++", 20, 1.0),
+    ("ddim", 20, None),
+    ("ddim", 40, None),
+    ("dpm++", 15, 2.0),
+    ("ddim", 30, 1.0),
+    ("dpm++", 25, None),
+]
 
 
 async def measure(url: str, local: InProcess, body: dict, n: int, clients: int, repeats: int) -> dict:
-    """Per repeat, in turn: in-process (plain, fixed rows), one client n, ``clients`` clients n=1.
+    """Every scenario once, then the two throughput ones ``repeats`` times, interleaved with the
+    in-process runs so that slow drifts of a shared machine's load stay out of their ratios."""
+    runs: dict[str, list[float]] = {k: [] for k in ("plain", "fixed_rows", "single", "concurrent")}
+    async with httpx.AsyncClient(base_url=url, timeout=900) as http:
 
-    Interleaving keeps slow drifts of a shared machine's load out of the ratios."""
-    runs: dict[str, list[float]] = {k: [] for k in ("plain", "fixed_rows", "single", "concurrent", "batches")}
-    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
-
-        async def post(payload: dict) -> None:
+        async def post(payload: dict) -> float:
+            t0 = time.perf_counter()
             r = await http.post("/generate", json=payload)
             r.raise_for_status()
+            return time.perf_counter() - t0
+
+        async def first_step(payload: dict) -> float:
+            from httpx_sse import aconnect_sse
+
+            t0 = time.perf_counter()
+            async with aconnect_sse(http, "POST", "/generate/stream", json=payload) as source:
+                async for event in source.aiter_sse():
+                    if event.event == "step":
+                        return time.perf_counter() - t0
+            raise RuntimeError("the stream ended without a step")
 
         # Warm up both sides, and open one keep-alive connection per client, as long-lived clients hold.
         local.seconds("plain", n, 0)
         local.seconds("fixed_rows", n, 0)
         await post({**body, "n": n})
         await asyncio.gather(*(post({**body, "n": 1}) for _ in range(clients)))
+
+        # 1 and 5: a short request and a stream, idle and beside a long job.
+        one = {**body, "n": 1, "seed": 7}
+        runs["idle_one"] = [await post(one)]
+        runs["idle_first_step"] = [await first_step(one)]
+        long = asyncio.ensure_future(post({**body, "n": 16, "sampler": "ddim", "steps": 200, "seed": 1}))
+        await asyncio.sleep(2.0)  # well inside the long job
+        runs["loaded_one"] = [await post(one)]
+        runs["loaded_first_step"] = [await first_step(one)]
+        runs["short_first"] = [0.0 if long.done() else 1.0]
+        runs["long"] = [await long]
+
+        # 2: mixed parameters, together and one by one.
+        mixed = [
+            {**body, "n": 2, "seed": k, "sampler": s, "steps": st, **({} if g is None else {"guidance": g})}
+            for k, (s, st, g) in enumerate(MIXED)
+        ]
+        runs["mixed_serial"] = [sum([await post(m) for m in mixed])]
+        t0 = time.perf_counter()
+        await asyncio.gather(*(post(m) for m in mixed))
+        runs["mixed_together"] = [time.perf_counter() - t0]
+
+        # 3 and 4.
         for r in range(repeats):
             runs["plain"].append(local.seconds("plain", n, r))
             runs["fixed_rows"].append(local.seconds("fixed_rows", n, r))
-            t0 = time.perf_counter()
-            await post({**body, "n": n, "seed": r})
-            runs["single"].append(time.perf_counter() - t0)
-            before = await batches_so_far(http)
+            runs["single"].append(await post({**body, "n": n, "seed": r}))
             t0 = time.perf_counter()
             await asyncio.gather(*(post({**body, "n": 1, "seed": 1000 * r + k}) for k in range(clients)))
             runs["concurrent"].append(time.perf_counter() - t0)
-            runs["batches"].append(await batches_so_far(http) - before)
     return runs
 
 
@@ -177,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-n", type=int, default=16, help="images per big request")
     p.add_argument("--clients", type=int, default=16, help="concurrent clients asking n=1 each")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--server-repo", type=Path, default=REPO, help="the checkout whose service to start")
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -190,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
 
         local = InProcess(weights, args.device, sampler, steps, guidance)
         port = free_port()
-        server = start_server(weights, args.device, port)
+        server = start_server(weights, args.device, port, args.server_repo.resolve())
         try:
             body = {"class": 3, "sampler": sampler, "steps": steps, "guidance": guidance}
             runs = asyncio.run(measure(f"http://127.0.0.1:{port}", local, body, args.n, args.clients, args.repeats))
@@ -200,32 +235,54 @@ def main(argv: list[str] | None = None) -> None:
 
     n, c = args.n, args.clients
     name = card.get("name", weights.stem)
+    med = {key: statistics.median(values) for key, values in runs.items()}
     print(f"# bench/serve.py: {name}, {sampler} {steps} steps, guidance {guidance}, {args.device}")
+    print(f"# server: {args.server_repo.resolve()} ({git_head(args.server_repo)})")
     print(f"# machine: {where}")
-    print(f"# medians of {args.repeats} runs\n")
-    print("| measurement | seconds | images/s | ratio |")
-    print("|---|---:|---:|---:|")
+    print(f"# scenarios 1, 2, 5 once; 3 and 4 medians of {args.repeats} runs\n")
+    print("| # | measurement | seconds | ratio | target |")
+    print("|---|---|---:|---:|---|")
 
-    def row(what: str, key: str, images: int, ratio: str = "") -> None:
-        seconds = statistics.median(runs[key])
-        print(f"| {what} | {seconds:.3f} | {images / seconds:.1f} | {ratio} |")
+    def row(k: str, what: str, key: str, ratio: str = "", target: str = "") -> None:
+        print(f"| {k} | {what} | {med[key]:.3f} | {ratio} | {target} |")
 
     def ratio(f: Callable[[int], float]) -> float:
         return statistics.median(f(r) for r in range(args.repeats))
 
+    first = "finished before the long job" if med["short_first"] else "finished AFTER the long job"
+    row("1", "n=1 on an idle server", "idle_one")
+    row(
+        "1",
+        f"n=1 beside a 16-image ddim-200 job ({first})",
+        "loaded_one",
+        f"{med['loaded_one'] / med['idle_one']:.1f}x idle",
+        "<= 8x, before the long job",
+    )
+    row("1", "the 16-image ddim-200 job", "long")
+    row("2", "8 requests, mixed sampler/steps/guidance, one by one", "mixed_serial")
+    row("2", "the same 8 at once", "mixed_together", f"{med['mixed_together'] / med['mixed_serial']:.2f}", "<= 0.7")
     overhead = ratio(lambda r: runs["single"][r] / runs["plain"][r])
     own = ratio(lambda r: runs["single"][r] / runs["fixed_rows"][r])
     gain = ratio(lambda r: (c / runs["concurrent"][r]) / (n / runs["single"][r]))
-    batches = statistics.median(runs["batches"])
-    row(f"in-process sample(), n={n}", "plain", n)
-    row(f"in-process, fixed rows as served, n={n}", "fixed_rows", n)
-    row(f"POST /generate n={n}", "single", n, f"{overhead:.2f} of in-process (target <= 1.1); {own:.2f} of fixed rows")
+    row("3", f"in-process sample(), n={n}", "plain")
+    row("3", f"in-process, fixed rows as served, n={n}", "fixed_rows")
+    row("3", f"POST /generate n={n}", "single", f"{overhead:.2f} ({own:.2f} of fixed rows)", "<= 1.10")
+    row("4", f"{c} clients at once, n=1 each", "concurrent", f"{gain:.2f} of one n={n}", ">= 0.9")
+    row("5", "time to first step, idle", "idle_first_step")
     row(
-        f"{c} clients at once, n=1 each ({batches:.0f} batches)",
-        "concurrent",
-        c,
-        f"{gain:.2f} of one n={n} (target >= 0.8)",
+        "5",
+        "time to first step beside the long job",
+        "loaded_first_step",
+        f"{med['loaded_first_step'] / med['idle_first_step']:.1f}x idle",
     )
+
+
+def git_head(repo: Path) -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(repo), "log", "-1", "--format=%h %s"], capture_output=True, text=True)
+        return out.stdout.strip()[:72] or "not a git checkout"
+    except OSError:
+        return "git not found"
 
 
 if __name__ == "__main__":

@@ -1,8 +1,12 @@
 """Samplers: ancestral DDPM, DDIM and DPM-Solver++(2M), with classifier-free guidance.
 
-Each sampler is a pure function of (denoiser, labels, generators, steps, callback):
-nothing is shared between calls, so concurrent requests cannot disturb each other
-(the per-call state that diffusers' schedulers keep is what makes them unsafe to share).
+A sampler is an explicit per-trajectory state (``SamplerState``: x_t, the step index, the
+sampler's memory, the per-image generators) and a pure step function
+``step(state, schedule, eps, x0_pred) -> state``. Nothing is shared between trajectories, so an
+engine can advance many of them, each at its own step and with its own sampler, from one network
+evaluation (``Denoiser.rows`` takes a timestep and a guidance scale per row); ``sample`` is the
+thin loop driver over the same step that evaluation, the benches and the tests use. (The per-call
+state that diffusers' schedulers keep hidden is what makes them unsafe to share.)
 
 Every image draws all its randomness (x_T and any per-step noise) from its own
 ``torch.Generator``, so an image depends only on its seed and parameters, never on what
@@ -12,7 +16,7 @@ else is in the batch.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -45,6 +49,11 @@ def check_guidance_interval(lo: float, hi: float) -> None:
         raise ValueError(f"guidance_interval must be (sigma_lo, sigma_hi) with 0 <= lo < hi, got {(lo, hi)}")
 
 
+def check_guidance(guidance: float) -> None:
+    if not np.isfinite(guidance) or guidance < 0:
+        raise ValueError(f"guidance must be a finite number >= 0, got {guidance}")
+
+
 @dataclass(frozen=True)
 class Denoiser:
     """A trained network with its schedule and target, evaluated with classifier-free guidance."""
@@ -70,26 +79,44 @@ class Denoiser:
         lo, hi = self.guidance_interval
         return lo < float(self.schedule.noise_level()[t]) <= hi
 
+    def needs_null_row(self, t: int, guidance: float) -> bool:
+        """Whether a row at timestep t with this guidance scale also needs an unconditional pass."""
+        return guidance != 1.0 and self.guides_at(t)
+
     @torch.no_grad()
-    def __call__(
-        self, x_t: torch.Tensor, t: int, y: torch.Tensor, guidance: float
+    def rows(
+        self, x_t: torch.Tensor, t: Sequence[int], y: torch.Tensor, guidance: Sequence[float]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(eps, x0_pred) at timestep t, guided with scale ``guidance``.
+        """(eps, x0_pred) for rows that each bring their own timestep and guidance scale, from one
+        network evaluation: the conditional rows first, then a null-class row for each row that guides.
 
         Ho & Salimans 2022, eq. 6: out = out_uncond + w (out_cond - out_uncond); w = 1 is the plain
         conditional model, w = 0 the unconditional one. The output is linear in eps and v alike, so
         guiding the raw output is the same as guiding eps. Outside ``guidance_interval`` w is 1.
         """
         b = len(x_t)
-        tt = torch.full((b,), t, device=x_t.device, dtype=torch.float32)
-        if guidance == 1.0 or not self.guides_at(t):
-            out = self.model(x_t, tt, y)
+        if not len(t) == len(guidance) == b:
+            raise ValueError(f"need one timestep and one guidance per row: {b} rows, {len(t)} t, {len(guidance)} w")
+        ts = torch.tensor(list(t), device=x_t.device, dtype=torch.long)  # (B,)
+        tt = ts.float()
+        guided = [i for i in range(b) if self.needs_null_row(int(t[i]), float(guidance[i]))]
+        if not guided:
+            out = self.model(x_t, tt, y).float()  # (B, C, H, W)
         else:
-            null = torch.full_like(y, self.null_class)
-            out_c, out_u = self.model(torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([y, null])).float().chunk(2)
-            out = out_u + guidance * (out_c - out_u)
-        ts = torch.full((b,), t, device=x_t.device, dtype=torch.long)
-        return split_prediction(self.prediction, self.schedule, x_t, ts, out.float())
+            g = torch.tensor(guided, device=x_t.device)  # (G,)
+            null = torch.full((len(guided),), self.null_class, device=y.device, dtype=y.dtype)
+            both = self.model(torch.cat([x_t, x_t[g]]), torch.cat([tt, tt[g]]), torch.cat([y, null])).float()
+            out, out_u = both[:b].clone(), both[b:]  # (B, C, H, W), (G, C, H, W)
+            w = torch.tensor([float(guidance[i]) for i in guided], device=x_t.device).reshape(-1, 1, 1, 1)
+            out[g] = out_u + w * (out[g] - out_u)
+        return split_prediction(self.prediction, self.schedule, x_t, ts, out)
+
+    def __call__(
+        self, x_t: torch.Tensor, t: int, y: torch.Tensor, guidance: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps, x0_pred) at one timestep t for every row, guided with scale ``guidance``."""
+        b = len(x_t)
+        return self.rows(x_t, [t] * b, y, [guidance] * b)
 
 
 def initial_noise(
@@ -111,6 +138,131 @@ def spaced_timesteps(T: int, steps: int) -> list[int]:
     return [int(round(T - i * T / steps)) - 1 for i in range(steps)]
 
 
+# --- the state and the step ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SamplerState:
+    """A batch of trajectories in flight, all at the same step of the same sampler."""
+
+    sampler: str  # "ddpm", "ddim" or "dpm++"
+    timesteps: tuple[int, ...]  # the evaluation timesteps, descending
+    x: torch.Tensor  # (B, C, H, W) x_t at timesteps[index]; the sample itself once done
+    generators: tuple[torch.Generator, ...]  # one per image: x_T and every later noise draw
+    index: int = 0  # the next step to take, 0-based
+    eta: float = 0.0  # DDIM's stochasticity
+    x0_prev: torch.Tensor | None = None  # DPM-Solver++(2M): the previous step's x0 prediction
+    h_prev: float | None = None  # and that step's size in half log-SNR
+
+    @property
+    def total(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def done(self) -> bool:
+        return self.index >= len(self.timesteps)
+
+    @property
+    def t(self) -> int:
+        """The timestep the network is evaluated at for the next step."""
+        return self.timesteps[self.index]
+
+
+def start(
+    sampler: str,
+    schedule: Schedule,
+    steps: int,
+    generators: Sequence[torch.Generator],
+    shape: tuple[int, ...] = (1, 28, 28),
+    device: torch.device | str = "cpu",
+    eta: float = 0.0,
+) -> SamplerState:
+    """The state before the first step: x_T drawn from each image's generator. ``ddpm`` always
+    runs all T steps and requires steps == T."""
+    if sampler == "ddpm":
+        if steps != schedule.T:
+            raise ValueError(f"ddpm runs all {schedule.T} steps; got steps={steps}")
+        timesteps = list(range(schedule.T - 1, -1, -1))
+    elif sampler in ("ddim", "dpm++"):
+        timesteps = spaced_timesteps(schedule.T, steps)
+    else:
+        raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
+    x = initial_noise(generators, shape, device)
+    return SamplerState(sampler, tuple(timesteps), x, tuple(generators), eta=eta if sampler == "ddim" else 0.0)
+
+
+def step(state: SamplerState, schedule: Schedule, eps: torch.Tensor, x0: torch.Tensor) -> SamplerState:
+    """The next state, from the network's (guided) eps and x0 predictions at ``state.t``."""
+    if state.done:
+        raise ValueError(f"the trajectory has taken all its {state.total} steps")
+    if state.sampler == "ddpm":
+        return _ddpm_step(state, schedule, x0)
+    if state.sampler == "ddim":
+        return _ddim_step(state, schedule, eps, x0)
+    return _dpm_solver_pp_step(state, schedule, x0)
+
+
+def _ddpm_step(state: SamplerState, schedule: Schedule, x0: torch.Tensor) -> SamplerState:
+    """Ancestral sampling (Ho et al. 2020, alg. 2), with the posterior q(x_{t-1} | x_t, x_0) of
+    eq. 6-7: mean from x0_pred, variance beta_tilde_t."""
+    t, x = state.t, state.x
+    ab = schedule.alpha_bar
+    ab_prev = 1.0 if t == 0 else ab[t - 1]
+    # 1. Posterior mean, Ho et al. eq. 7.
+    c_x0 = np.sqrt(ab_prev) * schedule.betas[t] / (1 - ab[t])
+    c_xt = np.sqrt(schedule.alphas[t]) * (1 - ab_prev) / (1 - ab[t])
+    mean = c_x0 * x0 + c_xt * x
+    # 2. Posterior variance beta_tilde_t; no noise on the last step.
+    if t > 0:
+        var = schedule.betas[t] * (1 - ab_prev) / (1 - ab[t])
+        x = mean + float(np.sqrt(var)) * _noise_like(x, state.generators)
+    else:
+        x = mean
+    return replace(state, x=x, index=state.index + 1)
+
+
+def _ddim_step(state: SamplerState, schedule: Schedule, eps: torch.Tensor, x0: torch.Tensor) -> SamplerState:
+    """DDIM (Song et al. 2021, eq. 12); eta = 0 is deterministic, eta = 1 matches DDPM's variance."""
+    i, ts, ab = state.index, state.timesteps, schedule.alpha_bar
+    a_t = ab[ts[i]]
+    a_prev = ab[ts[i + 1]] if i + 1 < len(ts) else 1.0
+    # 1. sigma_t of eq. 16, scaled by eta.
+    sigma = state.eta * np.sqrt((1 - a_prev) / (1 - a_t)) * np.sqrt(1 - a_t / a_prev)
+    # 2. x_{t-1} = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z.
+    x = float(np.sqrt(a_prev)) * x0 + float(np.sqrt(max(1 - a_prev - sigma**2, 0.0))) * eps
+    if sigma > 0:
+        x = x + float(sigma) * _noise_like(x, state.generators)
+    return replace(state, x=x, index=i + 1)
+
+
+def _dpm_solver_pp_step(state: SamplerState, schedule: Schedule, x0: torch.Tensor) -> SamplerState:
+    """DPM-Solver++(2M) (Lu et al. 2022, alg. 2): second-order multistep in the data prediction,
+    first order on the first step and on the final jump to the clean image."""
+    i, ts = state.index, state.timesteps
+    if i + 1 == len(ts):
+        return replace(state, x=x0, index=i + 1)  # sigma = 0 at the end: the solution is the data prediction
+    ab = schedule.alpha_bar
+    t, s = ts[i], ts[i + 1]
+    alpha = np.sqrt(ab[[t, s]])  # alpha_t, alpha_s in the paper's notation
+    sigma = np.sqrt(1 - ab[[t, s]])
+    lam = np.log(alpha) - np.log(sigma)  # half log-SNR, decreasing in t
+    h = float(lam[1] - lam[0])
+    # 1. First order (DPM-Solver++ 1 = DDIM) on the first step, else the 2M correction (eq. 10).
+    if state.x0_prev is None or state.h_prev is None:
+        d = x0
+    else:
+        r = state.h_prev / h
+        d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * state.x0_prev
+    # 2. x_s = (sigma_s / sigma_t) x_t - alpha_s (e^{-h} - 1) D.
+    x = float(sigma[1] / sigma[0]) * state.x - float(alpha[1] * np.expm1(-h)) * d
+    return replace(state, x=x, index=i + 1, x0_prev=x0, h_prev=h)
+
+
+# --- the loop driver -----------------------------------------------------------------------------
+
+
 def _check(denoiser: Denoiser, labels: torch.Tensor, generators: Sequence[torch.Generator], guidance: float) -> None:
     null = denoiser.null_class
     if labels.ndim != 1 or labels.dtype not in (torch.int64, torch.int32):
@@ -124,119 +276,10 @@ def _check(denoiser: Denoiser, labels: torch.Tensor, generators: Sequence[torch.
         )
     if len(labels) != len(generators):
         raise ValueError(f"need one generator per image: {len(labels)} labels, {len(generators)} generators")
-    if not np.isfinite(guidance) or guidance < 0:
-        raise ValueError(f"guidance must be a finite number >= 0, got {guidance}")
-
-
-def _report(callback: StepCallback | None, step: Step) -> None:
-    if callback is not None and callback(step):
-        raise SamplingStopped(f"stopped by callback at step {step.index + 1}/{step.total}")
+    check_guidance(guidance)
 
 
 @torch.no_grad()
-def ddpm(
-    denoiser: Denoiser,
-    labels: torch.Tensor,
-    generators: Sequence[torch.Generator],
-    guidance: float = 1.0,
-    callback: StepCallback | None = None,
-    shape: tuple[int, ...] = (1, 28, 28),
-) -> torch.Tensor:
-    """Ancestral sampling over all T steps (Ho et al. 2020, alg. 2), with the posterior
-    q(x_{t-1} | x_t, x_0) of eq. 6-7: mean from x0_pred, variance beta_tilde_t."""
-    _check(denoiser, labels, generators, guidance)
-    s = denoiser.schedule
-    ab = s.alpha_bar
-    ab_prev = np.append(1.0, ab[:-1])
-    x = initial_noise(generators, shape, labels.device)
-    for i, t in enumerate(range(s.T - 1, -1, -1)):
-        eps, x0 = denoiser(x, t, labels, guidance)
-        _report(callback, Step(i, s.T, t, x, x0))
-        # 1. Posterior mean, Ho et al. eq. 7.
-        c_x0 = np.sqrt(ab_prev[t]) * s.betas[t] / (1 - ab[t])
-        c_xt = np.sqrt(s.alphas[t]) * (1 - ab_prev[t]) / (1 - ab[t])
-        mean = c_x0 * x0 + c_xt * x
-        # 2. Posterior variance beta_tilde_t; no noise on the last step.
-        if t > 0:
-            var = s.betas[t] * (1 - ab_prev[t]) / (1 - ab[t])
-            x = mean + float(np.sqrt(var)) * _noise_like(x, generators)
-        else:
-            x = mean
-    return x
-
-
-@torch.no_grad()
-def ddim(
-    denoiser: Denoiser,
-    labels: torch.Tensor,
-    generators: Sequence[torch.Generator],
-    steps: int = 50,
-    guidance: float = 1.0,
-    eta: float = 0.0,
-    callback: StepCallback | None = None,
-    shape: tuple[int, ...] = (1, 28, 28),
-) -> torch.Tensor:
-    """DDIM (Song et al. 2021, eq. 12); eta = 0 is deterministic, eta = 1 matches DDPM's variance."""
-    _check(denoiser, labels, generators, guidance)
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta must be in [0, 1], got {eta}")
-    ab = denoiser.schedule.alpha_bar
-    ts = spaced_timesteps(denoiser.schedule.T, steps)
-    x = initial_noise(generators, shape, labels.device)
-    for i, t in enumerate(ts):
-        eps, x0 = denoiser(x, t, labels, guidance)
-        _report(callback, Step(i, steps, t, x, x0))
-        a_t = ab[t]
-        a_prev = ab[ts[i + 1]] if i + 1 < steps else 1.0
-        # 1. sigma_t of eq. 16, scaled by eta.
-        sigma = eta * np.sqrt((1 - a_prev) / (1 - a_t)) * np.sqrt(1 - a_t / a_prev)
-        # 2. x_{t-1} = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z.
-        x = float(np.sqrt(a_prev)) * x0 + float(np.sqrt(max(1 - a_prev - sigma**2, 0.0))) * eps
-        if sigma > 0:
-            x = x + float(sigma) * _noise_like(x, generators)
-    return x
-
-
-@torch.no_grad()
-def dpm_solver_pp(
-    denoiser: Denoiser,
-    labels: torch.Tensor,
-    generators: Sequence[torch.Generator],
-    steps: int = 20,
-    guidance: float = 1.0,
-    callback: StepCallback | None = None,
-    shape: tuple[int, ...] = (1, 28, 28),
-) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022, alg. 2): second-order multistep in the data prediction,
-    first order on the first step and on the final jump to the clean image."""
-    _check(denoiser, labels, generators, guidance)
-    ab = denoiser.schedule.alpha_bar
-    ts = spaced_timesteps(denoiser.schedule.T, steps)
-    alpha = np.sqrt(ab)  # alpha_t in the paper's notation
-    sigma = np.sqrt(1 - ab)
-    lam = np.log(alpha) - np.log(sigma)  # half log-SNR, decreasing in t
-    x = initial_noise(generators, shape, labels.device)
-    x0_prev, h_prev = None, None
-    for i, t in enumerate(ts):
-        _, x0 = denoiser(x, t, labels, guidance)
-        _report(callback, Step(i, steps, t, x, x0))
-        if i + 1 == steps:
-            x = x0  # sigma = 0 at the end: the solution is the data prediction itself
-            break
-        s = ts[i + 1]
-        h = lam[s] - lam[t]
-        # 1. First order (DPM-Solver++ 1 = DDIM) on the first step, else the 2M correction (eq. 10).
-        if x0_prev is None:
-            d = x0
-        else:
-            r = h_prev / h
-            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-        # 2. x_s = (sigma_s / sigma_t) x_t - alpha_s (e^{-h} - 1) D.
-        x = float(sigma[s] / sigma[t]) * x - float(alpha[s] * np.expm1(-h)) * d
-        x0_prev, h_prev = x0, h
-    return x
-
-
 def sample(
     denoiser: Denoiser,
     labels: torch.Tensor,
@@ -246,17 +289,17 @@ def sample(
     guidance: float = 1.0,
     callback: StepCallback | None = None,
     eta: float = 0.0,
+    shape: tuple[int, ...] = (1, 28, 28),
 ) -> torch.Tensor:
-    """Dispatch by name; ``ddpm`` always runs all T steps and requires steps == T."""
-    if sampler == "ddpm":
-        if steps != denoiser.schedule.T:
-            raise ValueError(f"ddpm runs all {denoiser.schedule.T} steps; got steps={steps}")
-        return ddpm(denoiser, labels, generators, guidance, callback)
-    if sampler == "ddim":
-        return ddim(denoiser, labels, generators, steps, guidance, eta, callback)
-    if sampler == "dpm++":
-        return dpm_solver_pp(denoiser, labels, generators, steps, guidance, callback)
-    raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
+    """Run ``start`` and ``step`` to the end for one batch; ``callback`` sees every step and may stop it."""
+    _check(denoiser, labels, generators, guidance)
+    state = start(sampler, denoiser.schedule, steps, generators, shape, labels.device, eta)
+    while not state.done:
+        eps, x0 = denoiser(state.x, state.t, labels, guidance)
+        if callback is not None and callback(Step(state.index, state.total, state.t, state.x, x0)):
+            raise SamplingStopped(f"stopped by callback at step {state.index + 1}/{state.total}")
+        state = step(state, denoiser.schedule, eps, x0)
+    return state.x
 
 
 def generators_from_seeds(seeds: Sequence[int]) -> list[torch.Generator]:

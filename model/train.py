@@ -51,8 +51,13 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 200
     min_lr_ratio: float = 0.02  # the cosine decay ends at lr * min_lr_ratio
+    lr_schedule: str = "cosine"  # "cosine" (against the step and time budget) or "rsqrt" (continues across resumes)
+    rsqrt_ref_steps: int = 2000  # rsqrt: lr = peak * sqrt(ref / step) once step > ref (EDM2, Karras et al. 2024)
     grad_clip: float = 1.0
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999  # the EMA that is validated, sampled and exported
+    ema_extra: tuple[float, ...] = ()  # more decays kept beside it, to pick one after training (--export-ema)
+    init_from: str | None = None  # start from these weights (.safetensors with its card) instead of random
+    precision: str = "auto"  # autocast: "bfloat16", "float32", or "auto" (bfloat16 on CUDA, float32 elsewhere)
     label_dropout: float = 0.1  # probability of training a label as "null" (for guidance)
     val_size: int = 5_000
     train_limit: int | None = None  # use only the first N training images (quick runs and tests)
@@ -69,6 +74,28 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def uses_bfloat16(precision: str, device: torch.device) -> bool:
+    """Whether the forward and backward passes run under bfloat16 autocast. The loss, the optimizer
+    and the EMAs stay in float32 either way; on CPUs with AVX512_BF16 or AMX bfloat16 is faster."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
+    return precision == "bfloat16" or (precision == "auto" and device.type == "cuda")
+
+
+def initial_weights(cfg: TrainConfig) -> UNet:
+    """The network of ``cfg.init_from``, checked to match this run's architecture and diffusion."""
+    from model.io import load_weights
+
+    loaded = load_weights(cfg.init_from or "", "cpu")
+    diffusion = loaded.card.get("diffusion", {})
+    if loaded.card.get("unet") != json.loads(json.dumps(cfg.unet.to_dict())):  # tuples as the card's lists
+        raise ValueError(f"{cfg.init_from}: its UNetConfig {loaded.card.get('unet')} differs from this run's")
+    for key in ("schedule", "T", "prediction"):
+        if diffusion.get(key) != getattr(cfg, key):
+            raise ValueError(f"{cfg.init_from}: trained with {key}={diffusion.get(key)!r}, not {getattr(cfg, key)!r}")
+    return loaded.model
 
 
 class EMA:
@@ -91,10 +118,18 @@ class EMA:
         torch._foreach_lerp_([e for e, _ in floats], [n for _, n in floats], 1 - d)
 
 
+LR_SCHEDULES = ("cosine", "rsqrt")
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
 def lr_factor(progress: float, step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay over ``progress`` in [0, 1] down to ``min_lr_ratio``."""
+    """Linear warm-up, then cosine decay over ``progress`` in [0, 1] down to ``min_lr_ratio``, or
+    (``rsqrt``) the inverse square root of the step, which needs no end point and so carries on
+    unchanged when a finished run is resumed with a larger budget."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "rsqrt":
+        return math.sqrt(cfg.rsqrt_ref_steps / max(step + 1, cfg.rsqrt_ref_steps))
     cos = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos
 
@@ -171,10 +206,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     torch.manual_seed(cfg.seed)
     schedule = Schedule.named(cfg.schedule, cfg.T)
     model = UNet(cfg.unet).to(device)
+    if cfg.init_from and not (resume and ckpt_path.exists()):
+        model.load_state_dict(initial_weights(cfg).state_dict())
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)  # type: ignore[call-overload]  # missing from torch's stubs
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(model, cfg.ema_decay)
+    extra = {decay: EMA(model, decay) for decay in cfg.ema_extra}
     start_epoch, step, images_seen, elapsed = 0, 0, 0, 0.0
     train_loss = val = float("nan")
 
@@ -191,6 +229,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         model.load_state_dict(state["model"])
         ema.model.load_state_dict(state["ema"])
         ema.updates = state["ema_updates"]
+        for decay, other in extra.items():
+            other.model.load_state_dict(state["ema_extra"][str(decay)])
+            other.updates = state["ema_updates"]
         opt.load_state_dict(state["optimizer"])
         start_epoch, step, images_seen, elapsed = state["epoch"], state["step"], state["images_seen"], state["elapsed"]
         train_loss, val = state["train_loss"], state["val_loss"]
@@ -204,7 +245,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(x_train)} training images")
     total_steps = cfg.epochs * steps_per_epoch
     budget = cfg.max_minutes * 60 if cfg.max_minutes else None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bfloat16(cfg.precision, device))
     print(
         f"UNet {count_parameters(model) / 1e6:.2f}M params on {describe(device)}; "
         f"{len(x_train)} train / {len(x_val)} val images; {steps_per_epoch} steps per epoch"
@@ -247,6 +288,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
                 ema.update(model)
+                for other in extra.values():
+                    other.update(model)
                 step += 1
                 images_seen += len(xb)
                 running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
@@ -272,6 +315,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             bar.close()
             train_loss = running if running is not None else train_loss
             val = validation_loss(ema.model, schedule, cfg, x_val, y_val)
+            val_extra = {str(d): validation_loss(e.model, schedule, cfg, x_val, y_val) for d, e in extra.items()}
             sample_grid(ema.model, schedule, cfg, device).save(run / f"samples_epoch{epoch + 1:03d}.png")
             elapsed += time.perf_counter() - t_epoch  # the budget and the record include validation
             row = {
@@ -281,6 +325,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                 "images": images_seen,
                 "train_loss": train_loss,
                 "val_loss": val,
+                "val_loss_ema_extra": val_extra,
                 "elapsed_min": elapsed / 60,
             }
             log.write(json.dumps(row) + "\n")
@@ -295,6 +340,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                     "model": model.state_dict(),
                     "ema": ema.model.state_dict(),
                     "ema_updates": ema.updates,
+                    "ema_extra": {str(d): e.model.state_dict() for d, e in extra.items()},
                     "optimizer": opt.state_dict(),
                     "epoch": epoch + 1,
                     "step": step,
@@ -312,8 +358,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     return export(cfg, ckpt_path)
 
 
-def export(cfg: TrainConfig, ckpt_path: Path) -> Path:
-    """Write the checkpoint's EMA weights and card to ``weights_dir``.
+def export(cfg: TrainConfig, ckpt_path: Path, ema_decay: float | None = None) -> Path:
+    """Write the checkpoint's EMA weights (``ema_decay``: one of the extra EMAs instead of the main
+    one) and card to ``weights_dir``.
 
     What defines the network and its training comes from the checkpoint, not from ``cfg``,
     so ``--export-only`` cannot mislabel weights; ``cfg`` supplies only the name and place.
@@ -322,7 +369,15 @@ def export(cfg: TrainConfig, ckpt_path: Path) -> Path:
     saved = {k: v for k, v in state["config"].items() if k not in ("name", "weights_dir", "run_dir", "data_dir")}
     cfg = replace(cfg, **{**saved, "unet": UNetConfig(**saved["unet"])})
     model = UNet(cfg.unet)
-    model.load_state_dict(state["ema"])
+    if ema_decay is None or ema_decay == cfg.ema_decay:
+        model.load_state_dict(state["ema"])
+    else:
+        kept = state.get("ema_extra", {})
+        if str(ema_decay) not in kept:
+            allowed = ", ".join([str(cfg.ema_decay), *kept])
+            raise ValueError(f"{ckpt_path} keeps no EMA with decay {ema_decay}; allowed: {allowed}")
+        model.load_state_dict(kept[str(ema_decay)])
+        cfg = replace(cfg, ema_decay=ema_decay)
     device = resolve_device(cfg.device)
     record = {
         "epochs": state["epoch"],
@@ -334,9 +389,17 @@ def export(cfg: TrainConfig, ckpt_path: Path) -> Path:
         "torch": torch.__version__,
         "final_train_loss": state["train_loss"],
         "final_val_loss": state["val_loss"],
+        "exported_ema_decay": cfg.ema_decay,
         "parameters": count_parameters(model),
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("unet", "data_dir", "run_dir", "weights_dir")},
     }
+    if cfg.init_from:  # a warm start: the earlier training is part of what these weights cost
+        from model.io import read_card
+
+        earlier = read_card(Path(cfg.init_from).with_suffix(".json")).get("training", {})
+        record["initialised_from"] = {"weights": Path(cfg.init_from).name, "training": earlier}
+        before = earlier.get("total_wall_minutes", earlier.get("wall_minutes", 0.0))
+        record["total_wall_minutes"] = round(record["wall_minutes"] + float(before), 2)
     out = Path(cfg.weights_dir) / f"{cfg.name}.safetensors"
     card_path = save_weights(model, make_card(cfg, record), out)
     print(f"exported {out} and {card_path}")
@@ -359,6 +422,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--ema-decay", type=float, default=d.ema_decay)
+    p.add_argument("--ema-extra", type=float, nargs="*", default=list(d.ema_extra), help="more EMA decays to keep")
+    p.add_argument("--export-ema", type=float, default=None, help="with --export-only: export this EMA decay")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule)
+    p.add_argument("--rsqrt-ref-steps", type=int, default=d.rsqrt_ref_steps)
+    p.add_argument("--init-from", default=None, help="start from these weights (.safetensors) instead of random")
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision)
     p.add_argument("--label-dropout", type=float, default=d.label_dropout)
     p.add_argument("--schedule", choices=("linear", "cosine"), default=d.schedule)
     p.add_argument("--prediction", choices=("eps", "v"), default=d.prediction)
@@ -402,6 +471,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
         lr=a.lr,
         warmup_steps=a.warmup_steps,
         ema_decay=a.ema_decay,
+        ema_extra=tuple(a.ema_extra),
+        lr_schedule=a.lr_schedule,
+        rsqrt_ref_steps=a.rsqrt_ref_steps,
+        init_from=a.init_from,
+        precision=a.precision,
         label_dropout=a.label_dropout,
         val_size=a.val_size,
         train_limit=a.train_limit,
@@ -417,7 +491,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
 def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_args(argv)
     if args.export_only:
-        export(cfg, Path(cfg.run_dir) / "checkpoint.pt")
+        export(cfg, Path(cfg.run_dir) / "checkpoint.pt", args.export_ema)
     else:
         train(cfg, resume=args.resume, progress=not args.no_progress)
     return 0

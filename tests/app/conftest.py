@@ -73,7 +73,10 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def make_settings(app_weights: Path) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
-        values: dict[str, Any] = {"weights": app_weights, "device": "cpu", "batch_wait_ms": 5.0}
+        values: dict[str, Any] = {
+            "weights": app_weights,
+            "device": "cpu",
+        }
         values.update(overrides)
         return Settings(**values)
 

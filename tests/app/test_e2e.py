@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -35,7 +34,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def live(app_weights: Path) -> Iterator[str]:
     """The real app under uvicorn in a thread; stops by itself at the end of the module."""
-    settings = Settings(weights=app_weights, device="cpu", batch_wait_ms=5.0, api_key=None)
+    settings = Settings(weights=app_weights, device="cpu", api_key=None)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -172,8 +171,7 @@ def test_python_m_app_serves_and_stops(app_weights: Path, tmp_path: Path) -> Non
     finally:
         proc.terminate()
         output = proc.communicate(timeout=30)[0]
-    # uvicorn shuts down cleanly, then re-raises the signal it caught, so the status is -SIGTERM.
-    assert proc.returncode in (0, -signal.SIGTERM), output
+    assert proc.returncode == 0, output  # drained and shut down: a clean exit, not death by SIGTERM
     assert "Application shutdown complete" in output
 
 

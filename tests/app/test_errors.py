@@ -143,7 +143,8 @@ def test_not_ready_is_503(make_settings: Callable[..., Settings], error_of: Call
 def test_full_queue_is_429_with_retry_after(
     make_settings: Callable[..., Settings], error_of: Callable, metric: Callable
 ) -> None:
-    with TestClient(create_app(make_settings(queue_size=1, batch_wait_ms=0))) as c:
+    # A row budget of 2: the long guided 1-image stream takes all of it, so the next job must queue.
+    with TestClient(create_app(make_settings(queue_size=1, max_batch=2, max_images=1))) as c:
 
         def poll(name: str, value: float) -> None:
             deadline = time.monotonic() + 30
@@ -164,7 +165,7 @@ def test_full_queue_is_429_with_retry_after(
         answers: dict[str, int] = {}
         busy = threading.Thread(target=long_stream)
         busy.start()
-        poll("fashion_jobs_running", 1)
+        poll("fashion_jobs_active", 1)
         waiting = threading.Thread(
             target=lambda: answers.setdefault("queued", c.post("/generate", json={"class": 1, "steps": 1}).status_code)
         )

@@ -18,14 +18,14 @@ FAMILIES = {
     "fashion_http_requests": "counter",
     "fashion_http_request_duration_seconds": "histogram",
     "fashion_queue_depth": "gauge",
-    "fashion_jobs_running": "gauge",
-    "fashion_batch_size_images": "histogram",
-    "fashion_batch_size_jobs": "histogram",
+    "fashion_jobs_active": "gauge",
+    "fashion_tick_rows": "histogram",
+    "fashion_tick_jobs": "histogram",
+    "fashion_tick_duration_seconds": "histogram",
     "fashion_queue_wait_seconds": "histogram",
-    "fashion_batch_duration_seconds": "histogram",
+    "fashion_time_to_first_step_seconds": "histogram",
     "fashion_images_generated": "counter",
     "fashion_sampler_steps": "counter",
-    "fashion_sampler_step_duration_seconds": "histogram",
     "fashion_jobs_cancelled": "counter",
     "fashion_jobs_rejected": "counter",
     "fashion_jobs_failed": "counter",
@@ -61,9 +61,11 @@ def test_counters_move(client: TestClient, metric: Callable, test_steps: int) ->
 
     assert moved("fashion_images_generated_total", sampler="dpm++") == 3
     assert moved("fashion_sampler_steps_total") == test_steps
-    assert moved("fashion_sampler_step_duration_seconds_count") == test_steps
-    assert moved("fashion_batch_size_images_sum") == 3
-    assert moved("fashion_batch_size_jobs_count") == 1
+    assert moved("fashion_tick_duration_seconds_count") == test_steps
+    assert moved("fashion_tick_rows_sum") == 2 * 3 * test_steps  # guided: a null-class row per image
+    assert moved("fashion_tick_jobs_sum") == test_steps
+    assert moved("fashion_queue_wait_seconds_count") == 1
+    assert moved("fashion_time_to_first_step_seconds_count") == 1
     assert moved("fashion_http_requests_total", route="/generate", method="POST", status="200") == 1
     assert moved("fashion_http_requests_total", route="/generate", method="POST", status="422") == 1
     assert moved("fashion_http_request_duration_seconds_count", route="/generate", method="POST") == 2
@@ -76,17 +78,15 @@ def test_counters_move(client: TestClient, metric: Callable, test_steps: int) ->
     assert metric(text, "fashion_http_requests_total", route="unmatched", status="404") == 2
 
 
-def test_concurrent_requests_are_batched(make_settings: Callable[..., Settings], metric: Callable) -> None:
-    with TestClient(create_app(make_settings(batch_wait_ms=500))) as c:
+def test_concurrent_requests_share_ticks(make_settings: Callable[..., Settings], metric: Callable) -> None:
+    with TestClient(create_app(make_settings())) as c:
         bodies = [{"class": k, "n": 1, "seed": k} for k in range(6)]
         with ThreadPoolExecutor(len(bodies)) as pool:
             answers = list(pool.map(lambda body: c.post("/generate", json=body), bodies))
         assert all(r.status_code == 200 for r in answers)
         text = c.get("/metrics").text
-        batches = metric(text, "fashion_batch_size_jobs_count")
-        assert metric(text, "fashion_batch_size_jobs_sum") == 6
-        assert batches < 6  # some requests shared a batch
-        assert metric(text, "fashion_batch_size_images_bucket", le="1.0") < batches  # a batch of 2+ images
+        ticks = metric(text, "fashion_tick_jobs_count")
+        assert metric(text, "fashion_tick_jobs_bucket", le="1.0") < ticks  # some ticks carried 2+ requests
         assert max(r.json()["timings"]["batch_jobs"] for r in answers) >= 2
         # Each image is still the one its own class and seed ask for.
         assert [r.json()["params"]["class"] for r in answers] == list(range(6))

@@ -8,8 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 import app
-from app.deps import Defaults
 from app.main import sampling_defaults
+from app.serving import Defaults
 from app.settings import Settings, default_weights_path
 from model.io import WeightsError
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.timeout(60)
 def test_defaults_match_the_issue() -> None:
     s = Settings()
     assert s.device == "auto"
-    assert (s.max_images, s.max_steps, s.queue_size, s.max_batch, s.batch_wait_ms) == (64, 1000, 64, 64, 5.0)
+    assert (s.max_images, s.max_steps, s.queue_size, s.max_batch, s.drain_seconds) == (64, 1000, 64, 128, 30.0)
     assert s.api_key is None
 
 
@@ -45,7 +45,7 @@ def test_environment_prefix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
 @pytest.mark.parametrize(
     ("values", "needle"),
     [
-        ({"max_images": 65}, "max_batch"),
+        ({"max_images": 129}, "max_batch"),
         ({"device": "tpu"}, "device must be"),
         ({"steps": 2000}, "max_steps"),
         ({"guidance": 30.0}, "max_guidance"),

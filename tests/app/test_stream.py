@@ -67,7 +67,7 @@ def test_get_for_eventsource_matches_post(client: TestClient, parse_sse: Callabl
 
 
 def test_disconnect_cancels_the_job(make_settings: Callable[..., Settings], metric: Callable) -> None:
-    with TestClient(create_app(make_settings(batch_wait_ms=0))) as c:
+    with TestClient(create_app(make_settings())) as c:
         body = {"class": 1, "n": 1, "sampler": "ddim", "steps": 1000, "preview_every": 1000}
         with c.stream("POST", "/generate/stream", json=body) as r:
             for line in r.iter_lines():

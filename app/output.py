@@ -1,0 +1,109 @@
+"""The engine's output thread: PNG and preview encoding, metric bookkeeping, and delivery.
+
+The device thread only schedules and steps; whatever a job produces (a step's previews as uint8
+arrays, its final images, an error) is handed here and handled in order on one thread, so a
+job's events always arrive before its result and a slow PNG encoder never delays a tick.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
+
+import numpy as np
+
+from app.jobs import Job, JobResult, Progress, Queued
+from model.images import grid, png_bytes
+
+
+class Observer(Protocol):
+    """What the engine reports for metrics; ``app.metrics.EngineMetrics`` is the Prometheus one."""
+
+    def tick(self, rows: int, jobs: int, seconds: float) -> None: ...
+
+    def depth(self, queued: int, active: int) -> None: ...
+
+    def admitted(self, waited_s: float) -> None: ...
+
+    def first_step(self, seconds: float) -> None: ...
+
+    def rejected(self, reason: str) -> None: ...
+
+    def done(self, job: Job) -> None: ...
+
+    def cancelled(self, stage: str) -> None: ...
+
+    def failed(self, error: BaseException) -> None: ...
+
+
+def grid_png(images: np.ndarray) -> bytes:
+    """uint8 (n, H, W) -> one PNG of a near-square grid."""
+    return png_bytes(grid(images, ncol=math.ceil(math.sqrt(len(images)))))
+
+
+class Output:
+    """One worker thread that turns the device thread's raw outputs into what clients receive."""
+
+    def __init__(self, observer: Observer) -> None:
+        self.observer = observer
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fashion-output")
+
+    def close(self) -> None:
+        """Deliver everything handed over so far, then stop."""
+        self._pool.shutdown(wait=True)
+
+    def call(self, fn: Callable[..., object], *args: object) -> None:
+        """Run ``fn(*args)`` on the output thread, in order with everything handed over before it."""
+        with contextlib.suppress(RuntimeError):  # closed: a worker that outlived stop() has nobody to tell
+            self._pool.submit(fn, *args)
+
+    def queued(self, job: Job, event: Queued) -> None:
+        self.call(self._event, job, event)
+
+    def step(
+        self, job: Job, index: int, total: int, t: int, x0: np.ndarray | None, xt: np.ndarray | None, first: float
+    ) -> None:
+        """A step's event; ``x0`` and ``xt`` are uint8 (n, H, W) on preview steps; ``first`` is the time
+        from submission to the job's first step (0 after it)."""
+        self.call(self._step, job, index, total, t, x0, xt, first)
+
+    def result(self, job: Job, images: np.ndarray, finished: float) -> None:
+        self.call(self._result, job, images, finished)
+
+    def failed(self, job: Job, error: BaseException, stage: str | None = None) -> None:
+        """Settle the job with ``error``; ``stage`` ("queued", "running") marks a cancellation."""
+        self.call(self._failed, job, error, stage)
+
+    # --- on the output thread --------------------------------------------------------------------
+
+    def _event(self, job: Job, event: Queued | Progress) -> None:
+        if not job.cancel_requested:  # a cancelled job gets no more events
+            job.emit(event)
+
+    def _step(
+        self, job: Job, index: int, total: int, t: int, x0: np.ndarray | None, xt: np.ndarray | None, first: float
+    ) -> None:
+        if first and job.record:
+            self.observer.first_step(first)
+        x0_png = grid_png(x0) if x0 is not None else None
+        xt_png = grid_png(xt) if xt is not None else None
+        self._event(job, Progress(index, total, t, x0_png, xt_png))
+
+    def _result(self, job: Job, images: np.ndarray, finished: float) -> None:
+        pngs = tuple(png_bytes(img) for img in images)
+        admitted = job.admitted if job.admitted is not None else finished
+        result = JobResult(images, pngs, admitted - job.submitted, finished - admitted, job.peak_images, job.peak_jobs)
+        if job.record:  # before the future settles, so a client that has its answer sees the metrics moved
+            self.observer.done(job)
+        job.finish(result)
+
+    def _failed(self, job: Job, error: BaseException, stage: str | None) -> None:
+        if job.record:
+            if stage is not None:
+                self.observer.cancelled(stage)
+            else:
+                self.observer.failed(error)
+        job.finish(error=error)

@@ -1,0 +1,358 @@
+"""From a validated request to its answer, in one pass: defaults and seeds, the engine job, waiting
+with disconnect handling, one mapping of engine and scorer errors to API errors, and the response.
+
+Routes call ``generate`` (``POST /generate``) or ``open_stream`` + ``stream_events`` (the SSE
+routes) and only choose the representation. Everything here runs on the event loop; the device
+work happens on the engine's threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import math
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from fastapi.sse import ServerSentEvent
+
+from app import rerank
+from app.engine import Engine
+from app.errors import TYPES, ApiError, error_payload
+from app.jobs import (
+    EngineClosed,
+    Event,
+    Job,
+    JobCancelled,
+    JobResult,
+    JobSpec,
+    JobTooLarge,
+    Progress,
+    Queued,
+    QueueFull,
+)
+from app.metrics import Metrics
+from app.schemas import (
+    SEED_MAX,
+    GenerateRequestBase,
+    GenerateResponse,
+    ImageOut,
+    Params,
+    QueuedEvent,
+    RerankOut,
+    StartEvent,
+    StepEvent,
+    StreamRequestBase,
+    Timings,
+)
+from app.scorers import Scorer
+from app.settings import Settings
+from model.data import CLASS_NAMES
+
+PREVIEWS_PER_RUN = 10  # a stream's default: previews on about this many of its steps
+_DONE = object()  # put on a stream's event queue once its job's future is settled
+
+
+@dataclass(frozen=True)
+class Defaults:
+    sampler: str
+    steps: int
+    guidance: float
+    guidance_interval: tuple[float, float] | None = None  # noise levels where guidance applies; None: all
+
+
+@dataclass
+class Serving:
+    """Everything the lifespan loaded; ``app.state.serving`` is None until the model is warm."""
+
+    engine: Engine
+    name: str  # the weights' name, from the card
+    defaults: Defaults
+    T: int  # diffusion steps of the schedule (ddpm always runs all of them)
+    device: str
+    card: dict[str, Any]
+    metrics: Metrics
+    scorers: dict[str, Scorer] = field(default_factory=dict)  # rerank methods: "clip", "classifier"
+
+
+@dataclass(frozen=True)
+class Generated:
+    """A finished /generate: what was asked, what came back, and (with rerank) the chosen order."""
+
+    params: Params
+    result: JobResult
+    ranked: rerank.Ranked | None
+    accepted: float  # time.monotonic() when the request was accepted
+
+    @property
+    def chosen(self) -> Any:
+        """uint8 (n, 28, 28): the images the client gets, best first with rerank."""
+        return self.result.images if self.ranked is None else self.result.images[self.ranked.order]
+
+    @property
+    def seeds(self) -> list[int]:
+        order = range(self.params.n) if self.ranked is None else [int(i) for i in self.ranked.order]
+        return [self.params.seed + i for i in order]
+
+
+# --- errors: the one mapping -----------------------------------------------------------------
+
+
+def not_ready(message: str = "the server is shutting down") -> ApiError:
+    return ApiError(503, message, code="not_ready", headers={"Retry-After": "5"})
+
+
+def api_error(err: BaseException) -> ApiError:
+    """The API error for anything the engine (or a job) can raise."""
+    if isinstance(err, ApiError):
+        return err
+    if isinstance(err, QueueFull):
+        return ApiError(429, str(err), code="queue_full", headers={"Retry-After": str(err.retry_after)})
+    if isinstance(err, JobTooLarge):
+        return ApiError(422, str(err), code="too_many_rows", param="n")
+    if isinstance(err, EngineClosed):
+        return not_ready(str(err))
+    if isinstance(err, JobCancelled):
+        return ApiError(499, str(err), code="client_closed")
+    return ApiError(500, f"sampling failed: {type(err).__name__}: {err}", code="sampling_failed")
+
+
+def error_event(err: ApiError, seq: int) -> ServerSentEvent:
+    """A stream's ``error`` event: the 200 status line has gone out, so the error travels as data."""
+    payload = error_payload(err.message, TYPES.get(err.status, err.type), err.param, err.code)
+    return ServerSentEvent(event="error", id=str(seq), data=payload)
+
+
+async def until_disconnected(request: Request) -> None:
+    """Return when the client goes away (the one disconnect watcher)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+# --- request -> job --------------------------------------------------------------------------
+
+
+def resolve(
+    body: GenerateRequestBase, serving: Serving, settings: Settings, candidates: int | None = None
+) -> tuple[JobSpec, Params]:
+    """Fill in defaults and seeds; the checks that need the loaded weights (ddpm's T) happen here.
+
+    With ``candidates`` (rerank) the job samples that many images, seeds ``seed .. seed + candidates - 1``;
+    ``params.n`` stays the number the client gets back."""
+    sampler = body.sampler or serving.defaults.sampler
+    steps = body.steps if body.steps is not None else serving.defaults.steps
+    guidance = body.guidance if body.guidance is not None else serving.defaults.guidance
+    if sampler == "ddpm":
+        if body.steps is None:
+            steps = serving.T
+        elif body.steps != serving.T:
+            raise ApiError(
+                422,
+                f"steps: ddpm always runs all {serving.T} steps of the schedule; allowed: {serving.T} or omit steps "
+                "(use ddim or dpm++ for fewer)",
+                code="steps_for_sampler",
+                param="steps",
+            )
+        if steps > settings.max_steps:
+            raise ApiError(
+                422,
+                f"sampler: ddpm needs {serving.T} steps but this server allows at most {settings.max_steps}; "
+                "allowed: ddim, dpm++",
+                code="sampler_unavailable",
+                param="sampler",
+            )
+    base = body.seed if body.seed is not None else secrets.randbelow(SEED_MAX + 1)
+    seeds = tuple(base + i for i in range(candidates or body.n))
+    spec = JobSpec(label=body.class_, seeds=seeds, sampler=sampler, steps=steps, guidance=float(guidance))
+    params = Params.model_validate(
+        {
+            "class": body.class_,
+            "class_name": CLASS_NAMES[body.class_],
+            "n": body.n,
+            "sampler": sampler,
+            "steps": steps,
+            "guidance": float(guidance),
+            "guidance_interval": serving.defaults.guidance_interval,
+            "seed": base,
+        }
+    )
+    return spec, params
+
+
+def submit(serving: Serving, spec: JobSpec, **kwargs: Any) -> Job:
+    try:
+        return serving.engine.submit(spec, **kwargs)
+    except (QueueFull, JobTooLarge, EngineClosed) as err:
+        raise api_error(err) from err
+
+
+async def wait(job: Job, request: Request, serving: Serving) -> JobResult:
+    """The job's result; cancels the job if the client goes away or this task is cancelled."""
+    gone = asyncio.ensure_future(until_disconnected(request))
+    waiters: list[asyncio.Future[Any]] = [job.future, gone]
+    try:
+        done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not job.future.done():
+            serving.engine.cancel(job)
+    if job.future not in done:
+        raise ApiError(499, "the client closed the request", code="client_closed")
+    try:
+        return job.future.result()
+    except Exception as err:
+        raise api_error(err) from err
+
+
+async def _rank(
+    plan: rerank.RerankPlan | None, result: JobResult, label: int, serving: Serving
+) -> rerank.Ranked | None:
+    if plan is None:
+        return None
+    return await rerank.rank(plan, result, label, serving.metrics)
+
+
+async def generate(body: GenerateRequestBase, request: Request, serving: Serving, settings: Settings) -> Generated:
+    """``POST /generate`` up to the choice of representation."""
+    accepted = time.monotonic()
+    plan = rerank.plan(body, serving.scorers, settings)
+    spec, params = resolve(body, serving, settings, candidates=plan.candidates if plan else None)
+    result = await wait(submit(serving, spec), request, serving)
+    ranked = await _rank(plan, result, spec.label, serving)
+    return Generated(params, result, ranked, accepted)
+
+
+def response_body(serving: Serving, generated: Generated) -> GenerateResponse:
+    """The answer to /generate (and the stream's ``done``); with rerank, the best n candidates, best first."""
+    params, result, ranked = generated.params, generated.result, generated.ranked
+    chosen = range(len(result.pngs)) if ranked is None else [int(i) for i in ranked.order]
+    images = [
+        ImageOut(
+            index=rank,
+            seed=params.seed + i,
+            png=base64.b64encode(result.pngs[i]).decode("ascii"),
+            score=None if ranked is None else float(ranked.scores[i]),
+        )
+        for rank, i in enumerate(chosen)
+    ]
+    rerank_out = None
+    if ranked is not None:
+        rerank_out = RerankOut(
+            by=ranked.by,
+            candidates=len(ranked.scores),
+            measure=ranked.measure,
+            scores=[float(s) for s in ranked.scores],
+            scoring_ms=round(ranked.scoring_s * 1e3, 2),
+        )
+    timings = Timings(
+        queue_ms=round(result.queued_s * 1e3, 2),
+        sampling_ms=round(result.sampling_s * 1e3, 2),
+        total_ms=round((time.monotonic() - generated.accepted) * 1e3, 2),
+        batch_images=result.batch_images,
+        batch_jobs=result.batch_jobs,
+    )
+    return GenerateResponse(model=serving.name, params=params, images=images, timings=timings, rerank=rerank_out)
+
+
+def png_headers(serving: Serving, generated: Generated) -> dict[str, str]:
+    """The parameters of a PNG-grid answer, which has no JSON body to carry them."""
+    params, ranked = generated.params, generated.ranked
+    headers = {
+        "X-Model": serving.name,
+        "X-Class": str(params.class_),
+        "X-Sampler": params.sampler,
+        "X-Steps": str(params.steps),
+        "X-Guidance": str(params.guidance),
+        "X-Seed": str(params.seed),
+        "X-Seeds": ",".join(str(s) for s in generated.seeds),
+    }
+    if ranked is not None:
+        headers["X-Rerank"] = f"{ranked.by};candidates={len(ranked.scores)}"
+        headers["X-Scores"] = ",".join(f"{ranked.scores[int(i)]:.6g}" for i in ranked.order)
+    return headers
+
+
+# --- streams ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Stream:
+    """A stream's job, opened before the response starts (so a full queue is still a plain 429)."""
+
+    job: Job
+    params: Params
+    events: asyncio.Queue[Any]
+    serving: Serving
+    accepted: float
+    queue_depth: int
+    plan: rerank.RerankPlan | None = None
+
+
+@asynccontextmanager
+async def open_stream(
+    body: StreamRequestBase, request: Request, serving: Serving, settings: Settings
+) -> AsyncIterator[Stream]:
+    """Queue the job and watch for the client leaving; the job is cancelled whenever the stream ends early."""
+    accepted = time.monotonic()
+    plan = rerank.plan(body, serving.scorers, settings)
+    spec, params = resolve(body, serving, settings, candidates=plan.candidates if plan else None)
+    every = body.preview_every or max(1, math.ceil(spec.steps / PREVIEWS_PER_RUN))
+    events: asyncio.Queue[Any] = asyncio.Queue()
+    job = submit(serving, spec, on_event=events.put_nowait, preview_every=every)
+    job.future.add_done_callback(lambda _: events.put_nowait(_DONE))
+
+    async def cancel_when_gone() -> None:
+        await until_disconnected(request)
+        serving.engine.cancel(job)
+
+    watcher = asyncio.ensure_future(cancel_when_gone())
+    try:
+        yield Stream(job, params, events, serving, accepted, serving.engine.queue_depth, plan)
+    finally:
+        watcher.cancel()
+        if not job.future.done():
+            serving.engine.cancel(job)
+
+
+def _b64(png: bytes | None) -> str | None:
+    return base64.b64encode(png).decode("ascii") if png is not None else None
+
+
+def _event(item: Event, seq: int) -> ServerSentEvent:
+    if isinstance(item, Queued):
+        queued = QueuedEvent(position=item.position, estimated_start_s=round(item.estimated_start_s, 3))
+        return ServerSentEvent(event="queued", id=str(seq), data=queued.model_dump(mode="json"))
+    assert isinstance(item, Progress)
+    step = StepEvent(index=item.index, total=item.total, t=item.t, x0_png=_b64(item.x0_png), xt_png=_b64(item.xt_png))
+    return ServerSentEvent(event="step", id=str(seq), data=step.model_dump(mode="json"))
+
+
+async def stream_events(stream: Stream) -> AsyncIterator[ServerSentEvent]:
+    """``start``, ``queued`` while it waits, one ``step`` per sampler step, then ``done`` or ``error``."""
+    seq = 0
+    start = StartEvent(job=stream.job.id, params=stream.params, queue_depth=stream.queue_depth)
+    yield ServerSentEvent(event="start", id=str(seq), data=start.model_dump(mode="json", by_alias=True))
+    try:
+        while (item := await stream.events.get()) is not _DONE:
+            seq += 1
+            yield _event(item, seq)
+        seq += 1
+        try:
+            result = stream.job.future.result()
+            ranked = await _rank(stream.plan, result, stream.job.spec.label, stream.serving)
+        except JobCancelled:
+            return  # the client is gone; nobody to tell
+        except Exception as err:
+            yield error_event(api_error(err), seq)
+            return
+        done = response_body(stream.serving, Generated(stream.params, result, ranked, stream.accepted))
+        data = done.model_dump(mode="json", by_alias=True, exclude_none=True)
+        yield ServerSentEvent(event="done", id=str(seq), data=data)
+    finally:
+        if not stream.job.future.done():
+            stream.serving.engine.cancel(stream.job)

@@ -1,0 +1,154 @@
+"""Graceful drain on SIGTERM, with a real ``python -m app`` process: what runs or waits still gets its
+images, what cannot finish in time gets a clear 503 or stream ``error``, and the process exits 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from httpx_sse import connect_sse
+
+pytestmark = pytest.mark.timeout(180)
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def serve(app_weights: Path, tmp_path: Path) -> Iterator[Callable[..., tuple[subprocess.Popen[str], str]]]:
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(**settings: str) -> tuple[subprocess.Popen[str], str]:
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FASHION_")}
+        env.update({f"FASHION_{k.upper()}": v for k, v in settings.items()})
+        env.update(FASHION_WEIGHTS=str(app_weights), FASHION_DEVICE="cpu", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app", "--port", str(port)],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "no /readyz 200 within 90 s"
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    return proc, url
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def gauge(url: str, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name == name:
+                return sample.value
+    raise KeyError(name)
+
+
+def wait_for(check: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 60
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def stream_in_thread(url: str, body: dict, events: list) -> threading.Thread:
+    def run() -> None:
+        with (
+            httpx.Client(base_url=url, timeout=120) as http,
+            connect_sse(http, "POST", "/generate/stream", json=body) as s,
+        ):
+            events.extend((e.event, json.loads(e.data)) for e in s.iter_sse())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def post_in_thread(url: str, body: dict, answers: list) -> threading.Thread:
+    thread = threading.Thread(target=lambda: answers.append(httpx.post(f"{url}/generate", json=body, timeout=120)))
+    thread.start()
+    return thread
+
+
+def test_sigterm_drains_a_running_stream_a_running_generate_and_a_queued_job(serve: Callable) -> None:
+    # Budget 4 rows: the guided stream and /generate take 2 each, so the third job has to queue.
+    proc, url = serve(max_batch="4", max_images="2", drain_seconds="60")
+    events: list = []
+    running: list = []
+    queued: list = []
+    threads = [
+        stream_in_thread(url, {"class": 1, "n": 1, "sampler": "ddim", "steps": 400, "preview_every": 400}, events)
+    ]
+    wait_for(lambda: gauge(url, "fashion_jobs_active") == 1, "the stream did not start")
+    threads.append(post_in_thread(url, {"class": 2, "n": 1, "sampler": "ddim", "steps": 300, "seed": 5}, running))
+    wait_for(lambda: gauge(url, "fashion_jobs_active") == 2, "the generate did not start")
+    threads.append(post_in_thread(url, {"class": 3, "n": 1, "steps": 3, "seed": 6}, queued))
+    wait_for(lambda: gauge(url, "fashion_queue_depth") == 1, "the third job did not queue")
+
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    with pytest.raises(httpx.TransportError):  # the listener is closed: nothing new gets in
+        httpx.post(f"{url}/generate", json={"class": 4, "n": 1}, timeout=5)
+    for thread in threads:
+        thread.join(120)
+    output = proc.communicate(timeout=60)[0]
+
+    assert [name for name, _ in events][-1] == "done" and len(events[-1][1]["images"]) == 1
+    assert [r.status_code for r in running + queued] == [200, 200]
+    assert len(running[0].json()["images"]) == len(queued[0].json()["images"]) == 1
+    assert proc.returncode == 0, output
+    assert "draining: 2 running, 1 queued" in output
+
+
+def test_what_cannot_finish_within_the_drain_gets_a_clear_error(serve: Callable) -> None:
+    proc, url = serve(drain_seconds="0.5")
+    events: list = []
+    answers: list = []
+    threads = [
+        stream_in_thread(url, {"class": 1, "n": 1, "sampler": "ddim", "steps": 1000, "preview_every": 1000}, events)
+    ]
+    threads.append(post_in_thread(url, {"class": 2, "n": 1, "sampler": "ddim", "steps": 1000}, answers))
+    wait_for(lambda: gauge(url, "fashion_jobs_active") == 2, "the jobs did not start")
+    proc.send_signal(signal.SIGTERM)
+    for thread in threads:
+        thread.join(60)
+    output = proc.communicate(timeout=60)[0]
+
+    name, data = events[-1]
+    assert name == "error" and data["error"]["code"] == "not_ready", events[-1]
+    assert "did not finish in time" in data["error"]["message"]
+    assert answers[0].status_code == 503 and answers[0].json()["error"]["code"] == "not_ready"
+    assert answers[0].headers["retry-after"]
+    assert proc.returncode == 0, output
