@@ -4,7 +4,7 @@ and ``rerank: "clip"``.
 Loading never delays readiness: the lifespan starts it after the main model is warm, and until it
 ends CLIP is ``loading`` (routes answer 503 with Retry-After). It ends ``ready``, or ``unavailable``
 with ``model.clip.ClipUnavailable``'s message, which says how to provide weights; generation works
-either way. Scoring runs on worker threads under one ``anyio.CapacityLimiter`` (``clip_concurrency``
+either way. Scoring runs on threads of its own under one ``anyio.CapacityLimiter`` (``clip_concurrency``
 threads); the scoring route refuses with 429 once ``clip_queue_size`` calls already wait for one.
 """
 
@@ -23,6 +23,7 @@ import anyio
 import numpy as np
 import torch
 
+from app.device import on_fresh_thread
 from app.metrics import Metrics
 from app.scorers import ScorerUnavailable
 from app.settings import Settings
@@ -174,8 +175,10 @@ class ClipService:
             self._admitted -= 1
 
     async def run(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on a worker thread within the limiter (waiting for a free thread if need be)."""
-        return await anyio.to_thread.run_sync(fn, limiter=self.limiter)
+        """Run ``fn`` on its own thread within the limiter (waiting for a free slot if need be); a fresh
+        thread, so that no OpenMP team outlives it beside the engine's (``app.device.on_fresh_thread``)."""
+        async with self.limiter:
+            return await on_fresh_thread(fn)
 
     def timed(self, use: str, n_images: int, fn: Callable[[], T]) -> Callable[[], T]:
         """``fn``, recording its duration and ``n_images`` images scored under ``use`` when it succeeds."""

@@ -22,7 +22,7 @@ import anyio
 from fastapi import FastAPI
 
 from app.clip_service import ClipScorer, ClipService
-from app.device import prepare, resolve_device
+from app.device import on_fresh_thread, prepare, resolve_device
 from app.engine import Engine
 from app.errors import install_handlers
 from app.jobs import JobSpec
@@ -72,7 +72,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         device = resolve_device(settings.device)
         clip_service = ClipService(settings, metrics, str(device))  # "loading" until started below
-        loaded = await anyio.to_thread.run_sync(load_weights, settings.weights, device)
+        loaded = await on_fresh_thread(load_weights, settings.weights, device)
         T = loaded.denoiser.schedule.T
         defaults = sampling_defaults(settings, loaded.card, T)
         loaded = replace(loaded, denoiser=replace(loaded.denoiser, guidance_interval=defaults.guidance_interval))
@@ -95,7 +95,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             warm_sampler = "ddim" if defaults.sampler == "ddpm" else defaults.sampler
             await engine.run(JobSpec(0, (0,), warm_sampler, min(2, T), defaults.guidance), record=False)
         name = str(loaded.card.get("name") or loaded.path.stem)
-        classifier = await anyio.to_thread.run_sync(load_classifier_scorer, settings.classifier_weights, device)
+        classifier = await on_fresh_thread(load_classifier_scorer, settings.classifier_weights, device)
         scorers: dict[str, Scorer] = {"clip": ClipScorer(clip_service), "classifier": classifier}
         metrics.model.info({"name": name, "weights": loaded.path.name, **runtime.describe()})
         metrics.ready.set(1)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import anyio
 import numpy as np
 
+from app.device import on_fresh_thread
 from app.errors import ApiError
 from app.jobs import JobResult
 from app.metrics import Metrics
@@ -87,7 +88,9 @@ async def rank(plan: RerankPlan, result: JobResult, label: int, metrics: Metrics
     labels = np.full(len(result.images), label, dtype=np.int64)  # (K,)
     start = time.perf_counter()
     try:
-        scores = await anyio.to_thread.run_sync(plan.scorer.score, result.images, labels, limiter=plan.scorer.limiter)
+        limiter = plan.scorer.limiter or anyio.to_thread.current_default_thread_limiter()
+        async with limiter:  # on a fresh thread: see app.device.on_fresh_thread
+            scores = await on_fresh_thread(plan.scorer.score, result.images, labels)
     except ScorerUnavailable as err:
         raise unavailable(err) from err
     elapsed = time.perf_counter() - start

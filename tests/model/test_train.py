@@ -18,7 +18,7 @@ from PIL import Image
 from model.data import FashionMNIST, to_model_range
 from model.diffusion import Schedule
 from model.io import load_weights
-from model.train import TrainConfig, parse_args, train, validation_loss
+from model.train import TrainConfig, export, lr_factor, parse_args, train, validation_loss
 from model.unet import UNet, UNetConfig
 
 TINY = UNetConfig(base_channels=8, channel_mults=(1, 2), attention_stages=(), groups=4)
@@ -187,3 +187,53 @@ def test_cli_flags_reach_the_config():
         UNetConfig(), base_channels=16, channel_mults=(1, 2, 2), attention_stages=(), stem_patch=1
     )
     assert args.resume
+
+
+def test_a_warm_start_keeps_extra_emas_and_records_the_earlier_training(trained, fashion_mnist_dir, tmp_path):
+    """--init-from starts from earlier weights (the card then records that training and the total
+    time), extra EMA decays are kept and exportable by decay, and a bfloat16 run trains."""
+    cfg, _, card_path = trained
+    earlier = json.loads(Path(card_path).read_text())["training"]
+    start = load_weights(Path(card_path).with_suffix(".safetensors")).model.state_dict()
+    warm = replace(
+        tiny_config(fashion_mnist_dir, tmp_path, epochs=1),
+        init_from=str(Path(card_path).with_suffix(".safetensors")),
+        ema_extra=(0.5,),
+        precision="bfloat16",
+        lr_schedule="rsqrt",
+        rsqrt_ref_steps=4,
+    )
+    card = json.loads(train(warm, progress=False).read_text())
+    record = card["training"]
+    assert record["initialised_from"]["training"]["images_seen"] == earlier["images_seen"]
+    assert record["total_wall_minutes"] == pytest.approx(record["wall_minutes"] + earlier["wall_minutes"], abs=0.02)
+    state = torch.load(Path(warm.run_dir) / "checkpoint.pt", weights_only=True)
+    assert set(state["ema_extra"]) == {"0.5"}
+    # The main EMA (0.999, warmed up from the start weights) barely moved in 8 steps; the 0.5 one did.
+    main_drift = max((state["ema"][k] - v).abs().max().item() for k, v in start.items())
+    short_drift = max((state["ema_extra"]["0.5"][k] - v).abs().max().item() for k, v in start.items())
+    assert short_drift > main_drift > 0
+    assert all(torch.isfinite(torch.tensor(r["val_loss"])) for r in epoch_rows(Path(warm.run_dir)))
+    out = export(replace(warm, name="short"), Path(warm.run_dir) / "checkpoint.pt", ema_decay=0.5)
+    short = load_weights(out.with_suffix(".safetensors")).model.state_dict()
+    assert all(torch.equal(short[k], state["ema_extra"]["0.5"][k]) for k in short)
+    assert json.loads(out.read_text())["training"]["exported_ema_decay"] == 0.5
+    with pytest.raises(ValueError, match="keeps no EMA with decay 0.7; allowed: 0.999, 0.5"):
+        export(warm, Path(warm.run_dir) / "checkpoint.pt", ema_decay=0.7)
+
+
+def test_a_warm_start_from_another_architecture_is_refused(trained, fashion_mnist_dir, tmp_path):
+    _, _, card_path = trained
+    other = replace(TINY, base_channels=16)
+    cfg = tiny_config(
+        fashion_mnist_dir, tmp_path, unet=other, init_from=str(Path(card_path).with_suffix(".safetensors"))
+    )
+    with pytest.raises(ValueError, match="UNetConfig .* differs from this run's"):
+        train(cfg, progress=False)
+
+
+def test_the_rsqrt_schedule_warms_up_then_decays_as_the_inverse_square_root():
+    cfg = TrainConfig(warmup_steps=10, lr_schedule="rsqrt", rsqrt_ref_steps=100)
+    assert lr_factor(0.0, 4, cfg) == pytest.approx(0.5)
+    assert lr_factor(0.9, 50, cfg) == 1.0  # no end point: progress does not matter
+    assert lr_factor(0.0, 399, cfg) == pytest.approx(0.5)  # sqrt(100 / 400)
