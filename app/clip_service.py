@@ -103,12 +103,6 @@ class ClipService:
         self._thread = threading.Thread(target=self._load, name="fashion-clip-loader", daemon=True)
         self._thread.start()
 
-    def wait_loaded(self, timeout: float | None = None) -> ClipStatus:
-        """Block until loading has ended (for scripts and tests); the status then."""
-        if self._thread is not None:
-            self._thread.join(timeout)
-        return self._status
-
     def close(self) -> None:
         with self._lock:
             self._closed = True

@@ -16,6 +16,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from importlib.metadata import version
 from typing import Any
 
 import anyio
@@ -130,7 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     generate_model, stream_model = request_models(limits)
     app = FastAPI(
         title="Fashion-MNIST diffusion",
-        version="0.1.0",
+        version=version("fashion-diffusion"),
         description="Class-conditional 28x28 Fashion-MNIST images from a diffusion model, batched on one device.",
         lifespan=lifespan,
     )

@@ -42,17 +42,17 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from app.device import FixedRows  # noqa: E402
+from app.device import CPU_ROWS, FixedRows  # noqa: E402
 from app.settings import default_weights_path  # noqa: E402
 from model.io import load_weights, save_weights  # noqa: E402
 from model.machine import describe  # noqa: E402
 from model.samplers import generators_from_seeds, sample, to_uint8  # noqa: E402
-from model.unet import UNetConfig, perturbed_unet  # noqa: E402
+from model.unet import perturbed_unet, tiny_config  # noqa: E402
 
 
 def tiny_weights(directory: Path) -> Path:
     """A small random U-Net (v-prediction keeps its output bounded) for checking the script."""
-    config = UNetConfig(base_channels=8, channel_mults=(1, 2), attention_stages=(), groups=4)
+    config = tiny_config()
     net = perturbed_unet(config)
     card = {
         "name": "bench-tiny",
@@ -78,7 +78,7 @@ class InProcess:
 
     def __init__(self, weights: Path, device: str, sampler: str, steps: int, guidance: float) -> None:
         loaded = load_weights(weights, device)
-        rows = 8 if device == "cpu" else 128  # what app.device.prepare picks by default
+        rows = CPU_ROWS if device == "cpu" else 128  # what app.device.prepare picks by default
         self.denoisers = {
             "plain": loaded.denoiser,
             "fixed_rows": replace(loaded.denoiser, model=FixedRows(loaded.model, rows)),
@@ -173,10 +173,12 @@ async def measure(url: str, local: InProcess, body: dict, n: int, clients: int, 
         runs["idle_one"] = [await post(one)]
         runs["idle_first_step"] = [await first_step(one)]
         long = asyncio.ensure_future(post({**body, "n": 16, "sampler": "ddim", "steps": 200, "seed": 1}))
-        await asyncio.sleep(2.0)  # well inside the long job
-        runs["loaded_one"] = [await post(one)]
-        runs["loaded_first_step"] = [await first_step(one)]
+        await asyncio.sleep(2.0)  # well inside the long job; then both at once, beside it
+        short = asyncio.ensure_future(post(one))
+        stream = asyncio.ensure_future(first_step({**one, "seed": 8}))
+        runs["loaded_one"] = [await short]
         runs["short_first"] = [0.0 if long.done() else 1.0]
+        runs["loaded_first_step"] = [await stream]
         runs["long"] = [await long]
 
         # 2: mixed parameters, together and one by one.

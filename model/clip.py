@@ -288,12 +288,6 @@ class ZeroShot:
     probs: np.ndarray  # (N, C) float32, softmax over the class prompts
 
 
-@dataclass(frozen=True)
-class Ranking:
-    order: np.ndarray  # (N,) int64, image indices, best first
-    scores: np.ndarray  # (N,) float32, cosine with the class prompt, in input order
-
-
 @dataclass(eq=False)
 class Clip:
     """A loaded CLIP model with its tokenizer and preprocessing. Read-only after construction: safe to share."""
@@ -382,11 +376,6 @@ class Clip:
         """Cosine of each image with the class prompt (templates averaged): (N,) float32."""
         c = resolve_class(class_, self.spec.class_names)
         return (self.encode_images(images) @ self.class_embeddings[c]).numpy()
-
-    def rank(self, images, class_: int | str) -> Ranking:
-        """Order images by similarity to the class prompt, best first (for keeping the best of many candidates)."""
-        scores = self.score_class(images, class_)
-        return Ranking(order=np.argsort(-scores, kind="stable"), scores=scores)
 
     @torch.inference_mode()
     def zero_shot(self, images, batch_size: int = 256) -> ZeroShot:

@@ -229,6 +229,11 @@ def _apply(layers: nn.Module, h: torch.Tensor, emb: torch.Tensor) -> torch.Tenso
     return h
 
 
+def tiny_config() -> UNetConfig:
+    """The smallest config that still has two stages, for tests and smoke runs (a few thousand parameters)."""
+    return UNetConfig(base_channels=8, channel_mults=(1, 2), attention_stages=(), groups=4)
+
+
 def perturbed_unet(config: UNetConfig, seed: int = 0, scale: float = 0.05) -> UNet:
     """A UNet in eval mode whose parameters all carry seeded noise, for tests and smoke runs.
 

@@ -70,87 +70,9 @@ step "$renderer config: docker-compose.yml + docker-compose.cpu.yml"
 if render docker-compose.yml docker-compose.cpu.yml >"$tmp/cpu.yml" 2>"$tmp/cpu.err"; then echo "rendered"; else cat "$tmp/cpu.err"; fail "render the CPU variant"; fi
 
 step "assertions on the rendered compose model"
-if ! "$TOOLS_VENV/bin/python" - "$tmp/gpu.yml" "$tmp/cpu.yml" deploy/prometheus.yml <<'PY'; then fail "compose assertions"; fi
-import re
-import sys
-
-import yaml
-
-gpu, cpu, prom = (yaml.safe_load(open(p)) for p in sys.argv[1:4])
-problems = []
-
-
-def check(ok, what):
-    print(("ok   " if ok else "FAIL ") + what)
-    if not ok:
-        problems.append(what)
-
-
-def seconds(value):
-    """Compose durations: 180, "180s", "3m0s" (docker compose renders Go durations)."""
-    if isinstance(value, (int, float)):
-        return float(value)
-    units = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
-    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|ns|h|m|s)", str(value))
-    return sum(float(n) * units[u] for n, u in parts) if parts else -1
-
-
-def env(service):
-    e = service.get("environment") or {}
-    if isinstance(e, list):
-        e = dict(item.split("=", 1) if "=" in item else (item, None) for item in e)
-    return e
-
-
-def published(service):
-    out = set()
-    for p in service.get("ports") or []:
-        if isinstance(p, dict):
-            out.add((str(p.get("published")), str(p.get("target"))))
-        else:
-            *_, pub, target = str(p).split(":")
-            out.add((pub, target.split("/")[0]))
-    return out
-
-
-services = gpu.get("services", {})
-check({"fashion", "prometheus"} <= set(services), "services fashion and prometheus exist")
-app, prometheus = services.get("fashion", {}), services.get("prometheus", {})
-
-devices = (((app.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get("devices") or []
-nvidia = [d for d in devices if d.get("driver") == "nvidia" and "gpu" in (d.get("capabilities") or [])]
-check(bool(nvidia), "GPU reservation: deploy.resources.reservations.devices has driver nvidia, capabilities [gpu]")
-check(
-    any(str(d.get("count")) in ("1", "all", "-1") or d.get("device_ids") for d in nvidia),
-    "GPU reservation asks for count 1 / all (or device_ids)",
-)
-check(env(app).get("FASHION_DEVICE") == "cuda", "FASHION_DEVICE=cuda in the GPU variant")
-
-hc = app.get("healthcheck") or {}
-check("/readyz" in " ".join(map(str, hc.get("test") or [])), "healthcheck probes /readyz")
-check(seconds(hc.get("start_period", 0)) >= 60, f"healthcheck start_period >= 60s (got {hc.get('start_period')})")
-check(app.get("restart") in ("always", "unless-stopped", "on-failure"), f"restart policy (got {app.get('restart')})")
-check(("8000", "8000") in published(app), "fashion publishes port 8000")
-
-check(str(prometheus.get("image", "")).startswith(("prom/prometheus", "docker.io/prom/prometheus")), "prometheus image")
-check(("9090", "9090") in published(prometheus), "prometheus publishes port 9090")
-mounts = " ".join(str(v.get("source", "")) + ":" + str(v.get("target", "")) if isinstance(v, dict) else str(v)
-                  for v in prometheus.get("volumes") or [])
-check("deploy/prometheus.yml" in mounts and "/etc/prometheus/prometheus.yml" in mounts,
-      "prometheus mounts deploy/prometheus.yml")
-
-targets = [t for job in prom.get("scrape_configs", []) for sc in job.get("static_configs", [])
-           for t in sc.get("targets", [])]
-paths = {job.get("metrics_path", "/metrics") for job in prom.get("scrape_configs", [])}
-check("fashion:8000" in targets and paths == {"/metrics"}, "deploy/prometheus.yml scrapes fashion:8000/metrics")
-
-cpu_app = (cpu.get("services") or {}).get("fashion", {})
-cpu_devices = (((cpu_app.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get("devices")
-check(not cpu_devices, "CPU variant has no device reservation")
-check(env(cpu_app).get("FASHION_DEVICE") == "cpu", "CPU variant sets FASHION_DEVICE=cpu")
-check("prometheus" in (cpu.get("services") or {}), "CPU variant keeps prometheus")
-sys.exit(1 if problems else 0)
-PY
+if ! "$TOOLS_VENV/bin/python" scripts/check_compose.py "$tmp/gpu.yml" "$tmp/cpu.yml" deploy/prometheus.yml; then
+  fail "compose assertions"
+fi
 
 echo
 if [ "$failed" -ne 0 ]; then echo "static checks: FAILED"; exit 1; fi

@@ -15,12 +15,12 @@ import pytest
 
 from model.data import CLASS_NAMES, ENV_DIR, FILES
 from model.io import save_weights
-from model.unet import UNet, UNetConfig, perturbed_unet
+from model.unet import UNet, UNetConfig, perturbed_unet, tiny_config
 
 # $FASHION_MNIST_DIR if set, else ../shared/data/fashion-mnist beside the checkout.
 DATA_DIR = Path(os.environ.get(ENV_DIR) or Path(__file__).resolve().parents[2] / "shared/data/fashion-mnist")
 
-TINY_UNET = UNetConfig(base_channels=8, channel_mults=(1, 2), attention_stages=(), groups=4)
+TINY_UNET = tiny_config()
 
 
 def tiny_card_for(config: UNetConfig, name: str = "tiny", prediction: str = "v", schedule: str = "cosine") -> dict:

@@ -29,9 +29,6 @@ def test_the_card_records_config_training_and_quality():
     assert quality["per_class"] >= 500 and quality["steps"] <= 25
     assert quality["accuracy"] >= 0.95
     assert quality["classifier_test_accuracy"] >= 0.92
-    assert quality["frechet_ratio"] == pytest.approx(
-        quality["frechet_distance"] / quality["frechet_distance_real_train"]
-    )
 
 
 def test_shipped_weights_draw_the_requested_class():

@@ -46,7 +46,7 @@ def test_exposition_parses_and_describes_the_model(client: TestClient) -> None:
     assert info.labels["name"] == "tiny-test"
     assert info.labels["device"] == "cpu"
     assert int(info.labels["parameters"]) > 1000
-    assert info.labels["fixed_rows"] == "8"
+    assert info.labels["fixed_rows"] == "16"
     assert families["fashion_ready"].samples[0].value == 1
 
 

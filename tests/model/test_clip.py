@@ -271,14 +271,6 @@ def test_clipscore_is_100_times_the_positive_part_of_the_cosine():
     assert float(clip_score(0.2625)) == pytest.approx(26.25)
 
 
-def test_rank_orders_by_class_score_best_first(clip, images):
-    ranking = clip.rank(images, 4)
-    np.testing.assert_allclose(ranking.scores, clip.score_class(images, 4), atol=1e-6)
-    assert sorted(ranking.order.tolist()) == list(range(6))
-    assert np.all(np.diff(ranking.scores[ranking.order]) <= 0)
-    assert ranking.order[0] == int(np.argmax(ranking.scores))
-
-
 def test_zero_shot_predicts_the_most_similar_class_prompt(clip, images):
     result = clip.zero_shot(images)
     assert result.labels.shape == (6,) and result.probs.shape == (6, 10)

@@ -19,9 +19,9 @@ from model.data import FashionMNIST, to_model_range
 from model.diffusion import Schedule
 from model.io import load_weights
 from model.train import TrainConfig, export, lr_factor, parse_args, train, validation_loss
-from model.unet import UNet, UNetConfig
+from model.unet import UNet, UNetConfig, tiny_config
 
-TINY = UNetConfig(base_channels=8, channel_mults=(1, 2), attention_stages=(), groups=4)
+TINY = tiny_config()
 STEPS_PER_EPOCH = 8  # 512 images / batch 64
 
 

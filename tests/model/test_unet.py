@@ -9,9 +9,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from model.unet import UNet, UNetConfig, count_parameters, timestep_embedding
+from model.unet import UNet, UNetConfig, timestep_embedding, tiny_config
 
-TINY = UNetConfig(base_channels=8, channel_mults=(1, 2), attention_stages=(), groups=4)
+TINY = tiny_config()
 
 
 def perturb(model: UNet, seed: int = 0) -> UNet:
@@ -120,7 +120,6 @@ def test_every_parameter_takes_part():
     model(x, t, y).square().mean().backward()
     unused = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().max() == 0]
     assert unused == []
-    assert count_parameters(model) == sum(p.numel() for p in model.parameters()) > 0
 
 
 def test_timestep_embedding_matches_the_transformer_formula():
