@@ -3,7 +3,7 @@ and ``rerank: "clip"``.
 
 Loading never delays readiness: the lifespan starts it after the main model is warm, and until it
 ends CLIP is ``loading`` (routes answer 503 with Retry-After). It ends ``ready``, or ``unavailable``
-with ``model.clip.ClipUnavailable``'s message, which says how to provide weights; generation works
+with ``model.clip.ClipUnavailable``'s message and ``HOWTO``, which say how to provide weights; generation works
 either way. Scoring runs on threads of its own under one ``anyio.CapacityLimiter`` (``clip_concurrency``
 threads); the scoring route refuses with 429 once ``clip_queue_size`` calls already wait for one.
 """
@@ -21,13 +21,21 @@ from typing import Literal, TypeVar
 
 import anyio
 import numpy as np
-import torch
 
 from app.device import on_fresh_thread
 from app.metrics import Metrics
 from app.scorers import ScorerUnavailable
 from app.settings import Settings
-from model.clip import HOWTO, Clip, ClipSpec, ClipUnavailable, clip_score, load_clip
+from model.clip import Clip, ClipSpec, ClipUnavailable, clip_score, load_clip
+
+HOWTO = (
+    "Provide CLIP weights in one of two ways: FASHION_CLIP_MODEL (an open_clip architecture, e.g. ViT-B-32) "
+    "with FASHION_CLIP_PRETRAINED (a pretrained tag, e.g. laion2b_s34b_b79k), downloaded once into "
+    "FASHION_CLIP_CACHE_DIR on a host with internet access (or copied there from one, e.g. with "
+    "`python -m model.clip fetch --cache-dir DIR`); or FASHION_CLIP_CHECKPOINT, a local .safetensors/.pt state "
+    "dict for the architecture named by FASHION_CLIP_MODEL. On a host without internet, FASHION_CLIP_DOWNLOAD=false "
+    "fails fast instead of retrying. CLIP needs the clip extra: pip install 'fashion-diffusion[clip]'."
+)
 
 log = logging.getLogger("app")
 
@@ -112,7 +120,7 @@ class ClipService:
         try:
             clip = load_clip(self.spec)
         except ClipUnavailable as err:
-            self._fail(str(err))
+            self._fail(f"{err} {HOWTO}")
             return
         except Exception as err:  # anything else is a bug or a broken install: report it, keep serving
             log.exception("loading CLIP failed")
@@ -203,7 +211,7 @@ def similarities(clip: Clip, images: list[np.ndarray], texts: list[str], class_i
     cos = (image_emb @ text_emb.T).numpy().astype(np.float64)  # (N, T)
     per_class = None
     if class_index is not None:
-        per_class = (image_emb @ clip.class_embeddings[class_index]).numpy().astype(np.float64)  # (N,)
+        per_class = clip.class_cosine(image_emb, class_index).numpy().astype(np.float64)  # (N,)
     return Similarities(cos, clip_score(cos), per_class)
 
 
@@ -230,8 +238,6 @@ class ClipScorer:
         clip = self.service.require()
 
         def run() -> np.ndarray:
-            emb = clip.encode_images(images)  # (N, D)
-            target = clip.class_embeddings[torch.as_tensor(labels, dtype=torch.long)]  # (N, D)
-            return (emb * target).sum(dim=1).numpy().astype(np.float64)  # (N,)
+            return clip.class_cosine(clip.encode_images(images), labels).numpy().astype(np.float64)  # (N,)
 
         return self.service.timed("rerank", len(images), run)()

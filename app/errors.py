@@ -17,6 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.schemas import ErrorResponse
+
 log = logging.getLogger("app")
 
 TYPES = {
@@ -59,6 +61,11 @@ class ApiError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.payload(), status_code=self.status, headers=self.headers)
+
+
+def error_responses(descriptions: Mapping[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for a route: each status with the one error shape and what it means there."""
+    return {status: {"model": ErrorResponse, "description": text} for status, text in descriptions.items()}
 
 
 def error_payload(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import Any
 
 import anyio
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from app.clip_service import ClipScorer, ClipService
 from app.device import on_fresh_thread, prepare, resolve_device
@@ -29,7 +30,7 @@ from app.errors import install_handlers
 from app.jobs import JobSpec
 from app.metrics import EngineMetrics, Metrics
 from app.middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
-from app.routes import clip, generate, health, metrics, stream
+from app.routes import clip, generate, health, metrics, page, stream
 from app.schemas import Limits, allowed_values, request_models
 from app.scorers import Scorer, load_classifier_scorer
 from app.serving import Defaults, Serving
@@ -141,6 +142,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.clip = None
     install_handlers(app, allowed_values(stream_model))
     routers = [
+        page.router,
         health.router,
         metrics.router,
         generate.build_router(generate_model),
@@ -149,6 +151,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ]
     for router in routers:
         app.include_router(router)
+    app.mount("/static", StaticFiles(directory=page.STATIC), name="static")
     paths = {str(getattr(route, "path", "")) for router in routers for route in router.routes}
     # add_middleware puts each one outside the previous: body limit innermost, metrics outermost.
     app.add_middleware(

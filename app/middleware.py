@@ -10,13 +10,19 @@ from __future__ import annotations
 import hmac
 import time
 from collections.abc import Iterable, Mapping
+from urllib.parse import parse_qsl, urlencode
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import error_bytes
 from app.metrics import Metrics
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+OPEN_PATHS = frozenset(
+    {"/", "/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+)
+OPEN_PREFIXES = ("/static/",)  # the page's own files: the page asks for the key itself
+QUERY_KEY_PATHS = frozenset({"/generate/stream"})  # GET only: a browser's EventSource cannot set headers
+QUERY_KEY = "api_key"
 
 
 async def send_error(
@@ -72,8 +78,12 @@ class MetricsMiddleware:
 
 
 class ApiKeyMiddleware:
-    """When a key is set, every path but health, metrics and docs needs ``Authorization: Bearer <key>``
-    or ``X-API-Key: <key>``."""
+    """When a key is set, every path but the page, health, metrics and docs needs ``Authorization:
+    Bearer <key>`` or ``X-API-Key: <key>``; ``GET /generate/stream`` also takes ``?api_key=<key>``.
+
+    The query parameter is removed from the request before anything else sees it, in place, so the
+    route, its validation errors and uvicorn's access log (which prints the query string of this
+    same scope) never hold the key."""
 
     def __init__(self, app: ASGIApp, api_key: str | None) -> None:
         self.app = app
@@ -88,16 +98,37 @@ class ApiKeyMiddleware:
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.key is None or scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        from_query = take_query_key(scope)  # removed whether or not a key is set: it must never be logged
+        if self.key is None or scope["type"] != "http" or _open(scope["path"]):
             await self.app(scope, receive, send)
             return
-        presented = self._presented(scope)
+        presented = self._presented(scope) or from_query
         if presented is None or not hmac.compare_digest(presented, self.key):
-            message = "a valid API key is required (Authorization: Bearer <key> or X-API-Key: <key>)"
+            message = (
+                "a valid API key is required (Authorization: Bearer <key> or X-API-Key: <key>; "
+                "?api_key=<key> on GET /generate/stream)"
+            )
             code = "missing_api_key" if presented is None else "invalid_api_key"
             await send_error(send, 401, message, code=code, headers=[(b"www-authenticate", b"Bearer")])
             return
         await self.app(scope, receive, send)
+
+
+def _open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+
+
+def take_query_key(scope: Scope) -> bytes | None:
+    """Remove ``api_key`` from the query string of any request, in place, so no log line holds it;
+    return it for ``GET /generate/stream``, the one request that may authenticate that way."""
+    if scope["type"] != "http" or QUERY_KEY.encode() not in scope.get("query_string", b""):
+        return None
+    pairs = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
+    keys = [v for k, v in pairs if k == QUERY_KEY]
+    scope["query_string"] = urlencode([(k, v) for k, v in pairs if k != QUERY_KEY]).encode("latin-1")
+    if not keys or scope["method"] != "GET" or scope["path"] not in QUERY_KEY_PATHS:
+        return None
+    return keys[-1].strip().encode()
 
 
 class BodyLimitMiddleware:

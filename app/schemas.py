@@ -8,14 +8,13 @@ only reads a validated request.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, create_model
 from pydantic_core import PydanticCustomError
 
-from model.data import CLASS_NAMES, NUM_CLASSES
+from model.data import CLASS_NAMES, NUM_CLASSES, class_allowed, parse_class
 
 SEED_MAX = 2**32 - 1
 SamplerName = Literal["ddpm", "ddim", "dpm++"]
@@ -27,45 +26,21 @@ MAX_TEXT_CHARS = 1000  # a prompt longer than this cannot fit CLIP's 77 tokens a
 # --- class: an index or a name ---------------------------------------------------------------
 
 
-def _norm(name: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", name.lower())
+CLASS_ALLOWED = class_allowed()
 
 
-def _class_aliases() -> dict[str, int]:
-    """'t-shirt/top' answers to 't-shirt/top', 'tshirt', 'T-Shirt', 'top'; 'ankle boot' to 'ankle-boot'..."""
-    aliases: dict[str, int] = {}
-    for index, name in enumerate(CLASS_NAMES):
-        aliases[_norm(name)] = index
-        for part in name.split("/"):
-            aliases[_norm(part)] = index
-    return aliases
-
-
-CLASS_ALIASES = _class_aliases()
-CLASS_ALLOWED = f"an index 0..{NUM_CLASSES - 1} or a class name ({', '.join(CLASS_NAMES)})"
-
-
-def parse_class(value: Any) -> int:
-    """An index (int, or a string of digits as in a query string) or a class name, case-insensitive."""
-    index: int | None = None
-    if isinstance(value, int) and not isinstance(value, bool):
-        index = value
-    elif isinstance(value, str):
-        text = value.strip()
-        if re.fullmatch(r"\d+", text):
-            index = int(text)
-        elif _norm(text) in CLASS_ALIASES:
-            return CLASS_ALIASES[_norm(text)]
-    if index is None or not 0 <= index < NUM_CLASSES:
+def _class_field(value: Any) -> int:
+    try:
+        return parse_class(value)
+    except ValueError:
         raise PydanticCustomError(
             "class_value", "must be {allowed}; got {got}", {"allowed": CLASS_ALLOWED, "got": repr(value)}
-        )
-    return index
+        ) from None
 
 
 ClassField = Annotated[
     int,
-    BeforeValidator(parse_class),
+    BeforeValidator(_class_field),
     WithJsonSchema(
         {
             "anyOf": [
@@ -304,6 +279,14 @@ class StartEvent(BaseModel):
     job: str
     params: Params
     queue_depth: int = Field(description="jobs waiting ahead, including this one")
+
+
+class ScheduleOut(BaseModel):
+    name: str = Field(description="the named schedule (model.diffusion.Schedule)")
+    T: int = Field(description="diffusion timesteps; t runs 0..T-1")
+    alpha_bar: list[float] = Field(description="signal fraction of x_t for each t")
+    log_snr: list[float] = Field(description="log(alpha_bar / (1 - alpha_bar)) for each t")
+    sigma: list[float] = Field(description="noise level sqrt((1 - alpha_bar) / alpha_bar) for each t")
 
 
 class QueuedEvent(BaseModel):

@@ -1,8 +1,8 @@
 """Sampling speed: seconds and images/s per sampler and step count, the network's FLOPs per
 evaluation, and the achieved GFLOP/s beside a float32 matrix-product peak measured in the same run.
 
-    python bench/sampling.py                                   # shipped weights, n = 16, 3 repeats
-    python bench/sampling.py --guidance 1 --repeats 5 --runs dpm++:10 dpm++:20
+    python -m bench.sampling                                   # shipped weights, n = 16, 3 repeats
+    python -m bench.sampling --guidance 1 --repeats 5 --runs dpm++:10 dpm++:20
 
 Without the weights file it times a freshly initialised network of the default shape
 (UNetConfig defaults with base_channels=48) and says so: speed does not depend on the weights' values.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,13 +20,11 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from model.diffusion import Schedule  # noqa: E402
-from model.io import WeightsError, load_weights  # noqa: E402
-from model.machine import describe  # noqa: E402
-from model.samplers import SAMPLERS, Denoiser, generators_from_seeds, sample  # noqa: E402
-from model.unet import UNet, UNetConfig, count_parameters  # noqa: E402
+from model.diffusion import Schedule
+from model.io import WeightsError, load_weights
+from model.machine import describe
+from model.samplers import SAMPLERS, Denoiser, generators_from_seeds, sample
+from model.unet import UNet, UNetConfig, count_parameters
 
 DEFAULT_RUNS = ["ddpm:1000", "ddim:50", "dpm++:10", "dpm++:20"]
 
@@ -107,7 +104,7 @@ def time_run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python bench/sampling.py", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.sampling", description=__doc__.splitlines()[0])
     p.add_argument("--weights", type=Path, default=Path("weights/fashion-unet.safetensors"))
     p.add_argument("--guidance", type=float, default=None, help="default: the card's sampling guidance (2.0 without)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per row; the median is reported")

@@ -1,8 +1,8 @@
 """What the service costs over sampling in-process, and what step-level batching buys.
 
-    python bench/serve.py                       # the shipped weights, on the default device
-    python bench/serve.py --server-repo ../old  # the same table against another checkout's server
-    python bench/serve.py --tiny --steps 4      # a tiny random network: checks the script, not the model
+    python -m bench.serve                       # the shipped weights, on the default device
+    python -m bench.serve --server-repo ../old  # the same table against another checkout's server
+    python -m bench.serve --tiny --steps 4      # a tiny random network: checks the script, not the model
 
 It starts the real service (``python -m app``, from this checkout or ``--server-repo``) in a
 subprocess on a free loopback port and prints one table, each figure a ratio measured in this run:
@@ -39,15 +39,14 @@ from pathlib import Path
 import httpx
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from app.device import CPU_ROWS, FixedRows
+from app.settings import default_weights_path
+from model.io import load_weights, save_weights
+from model.machine import describe
+from model.samplers import generators_from_seeds, sample, to_uint8
+from model.unet import perturbed_unet, tiny_config
 
-from app.device import CPU_ROWS, FixedRows  # noqa: E402
-from app.settings import default_weights_path  # noqa: E402
-from model.io import load_weights, save_weights  # noqa: E402
-from model.machine import describe  # noqa: E402
-from model.samplers import generators_from_seeds, sample, to_uint8  # noqa: E402
-from model.unet import perturbed_unet, tiny_config  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_weights(directory: Path) -> Path:
@@ -238,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     n, c = args.n, args.clients
     name = card.get("name", weights.stem)
     med = {key: statistics.median(values) for key, values in runs.items()}
-    print(f"# bench/serve.py: {name}, {sampler} {steps} steps, guidance {guidance}, {args.device}")
+    print(f"# python -m bench.serve: {name}, {sampler} {steps} steps, guidance {guidance}, {args.device}")
     print(f"# server: {args.server_repo.resolve()} ({git_head(args.server_repo)})")
     print(f"# machine: {where}")
     print(f"# scenarios 1, 2, 5 once; 3 and 4 medians of {args.repeats} runs\n")

@@ -15,6 +15,7 @@ import os
 import struct
 import urllib.request
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,38 @@ CLASS_NAMES = (
     "ankle boot",
 )
 NUM_CLASSES = len(CLASS_NAMES)
+
+
+def _key(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def class_allowed(class_names: Sequence[str] = CLASS_NAMES) -> str:
+    return f"an index 0..{len(class_names) - 1} or a class name ({', '.join(class_names)})"
+
+
+def parse_class(value: object, class_names: Sequence[str] = CLASS_NAMES) -> int:
+    """A class index from an index (an int, or a string of digits as in a query string) or a name.
+
+    Names ignore case and everything but letters and digits, and each part of a name with a slash
+    counts alone: "t-shirt/top", "T-Shirt Top", "tshirt" and "top" are all class 0, "Ankle Boot"
+    and "ankle_boot" class 9. Raises ValueError saying what is allowed."""
+    index: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        index = value
+    elif isinstance(value, str):
+        text = value.strip()
+        if text.isdigit():
+            index = int(text)
+        else:
+            for i, name in enumerate(class_names):
+                if _key(text) in {_key(name), *(_key(part) for part in name.split("/"))}:
+                    return i
+    if index is None or not 0 <= index < len(class_names):
+        raise ValueError(f"must be {class_allowed(class_names)}; got {value!r}")
+    return index
+
+
 IMAGE_SIZE = 28
 
 FILES = {

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from app.clip_service import ClipService, Overloaded, similarities
 from app.deps import ClipDep
-from app.errors import ApiError, validation_message
+from app.errors import ApiError, error_responses, validation_message
 from app.multipart import read_form
 from app.schemas import (
     CLASS_ALLOWED,
@@ -28,7 +28,6 @@ from app.schemas import (
     ClipScoreResponse,
     ClipTargets,
     ClipTimings,
-    ErrorResponse,
 )
 from app.scorers import ScorerUnavailable
 from app.settings import Settings
@@ -39,9 +38,8 @@ from model.data import CLASS_NAMES
 FILE_FIELD = "files"
 FORM_FIELDS = ("texts", "class")
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": text}
-    for status, text in {
+ERRORS = error_responses(
+    {
         400: "a malformed multipart body",
         401: "missing or wrong API key (when the server has one)",
         413: "the body, an image's bytes or an image's pixels over the limit",
@@ -49,8 +47,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         422: "not an image, bad base64, too many images or texts, neither or both of texts and class",
         429: "every scoring thread is busy and the waiting room is full; retry after Retry-After seconds",
         503: "CLIP is loading (Retry-After) or unavailable: the message says how to provide weights",
-    }.items()
-}
+    }
+)
 
 
 @dataclass(frozen=True)

@@ -10,20 +10,20 @@ from fastapi import APIRouter, Request, Response
 
 from app import serving as flow
 from app.deps import ServingDep, SettingsDep
+from app.errors import error_responses
 from app.output import grid_png
-from app.schemas import ErrorResponse, GenerateRequestBase, GenerateResponse
+from app.schemas import GenerateRequestBase, GenerateResponse
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": text}
-    for status, text in {
+ERRORS = error_responses(
+    {
         401: "missing or wrong API key (when the server has one)",
         413: "request body too large",
         422: "invalid parameters: the message names the field and what it accepts",
         429: "the queue is full; retry after the Retry-After header's seconds",
         503: "the model is not loaded yet, the server is shutting down, or the rerank method is unavailable "
         "(the message says how to provide its weights)",
-    }.items()
-}
+    }
+)
 
 
 def wants_png(accept: str | None) -> bool:

@@ -9,10 +9,16 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -27,6 +33,7 @@ from model.io import save_weights
 from model.unet import perturbed_unet, tiny_config
 
 TINY = tiny_config()
+REPO = Path(__file__).resolve().parents[2]
 TEST_STEPS = 3  # the card's default steps: enough to exercise multistep solvers, cheap on 2 cores
 
 
@@ -90,6 +97,56 @@ def client(make_settings: Callable[..., Settings]) -> Iterator[TestClient]:
 
 
 # --- helpers ---------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def free_port() -> Callable[[], int]:
+    """A loopback port nobody listens on now."""
+    return _free_port
+
+
+@pytest.fixture
+def spawn_app(tmp_path: Path, app_weights: Path) -> Iterator[Callable[..., tuple[subprocess.Popen[str], str]]]:
+    """Start ``python -m app`` (or other ``args``) as a real process on a free loopback port, with
+    ``FASHION_<NAME>`` settings from keyword arguments; wait for /readyz 200 unless ``ready=False``.
+    Whatever is still running at the end of the test is killed."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def spawn(*args: str, ready: bool = True, **settings: str) -> tuple[subprocess.Popen[str], str]:
+        port = _free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FASHION_")}
+        env.update(FASHION_WEIGHTS=str(app_weights), FASHION_DEVICE="cpu")
+        env.update({f"FASHION_{k.upper()}": v for k, v in settings.items()})
+        env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+        command = [sys.executable, *(args or ("-m", "app")), "--port", str(port)]
+        proc = subprocess.Popen(
+            command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while ready:
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "no /readyz 200 within 90 s"
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        return proc, url
+
+    yield spawn
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def _decode_png(data: bytes | str) -> np.ndarray:
@@ -163,7 +220,7 @@ def error_of() -> Callable[[Any, int], dict[str, Any]]:
     return _error_of
 
 
-# --- CLIP and the classifier (issue 4) ----------------------------------------------------------
+# --- CLIP and the classifier, for scoring and rerank ----------------------------------------------------------
 
 
 @pytest.fixture(scope="session")

@@ -4,13 +4,10 @@ images, what cannot finish in time gets a clear 503 or stream ``error``, and the
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -19,51 +16,6 @@ from httpx_sse import connect_sse
 
 pytestmark = pytest.mark.timeout(180)
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def serve(app_weights: Path, tmp_path: Path) -> Iterator[Callable[..., tuple[subprocess.Popen[str], str]]]:
-    procs: list[subprocess.Popen[str]] = []
-
-    def start(**settings: str) -> tuple[subprocess.Popen[str], str]:
-        port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FASHION_")}
-        env.update({f"FASHION_{k.upper()}": v for k, v in settings.items()})
-        env.update(FASHION_WEIGHTS=str(app_weights), FASHION_DEVICE="cpu", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app", "--port", str(port)],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        procs.append(proc)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.communicate()[0]
-            assert time.monotonic() < deadline, "no /readyz 200 within 90 s"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    return proc, url
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
 
 
 def gauge(url: str, name: str) -> float:
@@ -102,9 +54,9 @@ def post_in_thread(url: str, body: dict, answers: list) -> threading.Thread:
     return thread
 
 
-def test_sigterm_drains_a_running_stream_a_running_generate_and_a_queued_job(serve: Callable) -> None:
+def test_sigterm_drains_a_running_stream_a_running_generate_and_a_queued_job(spawn_app: Callable) -> None:
     # Budget 4 rows: the guided stream and /generate take 2 each, so the third job has to queue.
-    proc, url = serve(max_batch="4", max_images="2", drain_seconds="60")
+    proc, url = spawn_app(max_batch="4", max_images="2", drain_seconds="60")
     events: list = []
     running: list = []
     queued: list = []
@@ -132,8 +84,8 @@ def test_sigterm_drains_a_running_stream_a_running_generate_and_a_queued_job(ser
     assert "draining: 2 running, 1 queued" in output
 
 
-def test_what_cannot_finish_within_the_drain_gets_a_clear_error(serve: Callable) -> None:
-    proc, url = serve(drain_seconds="0.5")
+def test_what_cannot_finish_within_the_drain_gets_a_clear_error(spawn_app: Callable) -> None:
+    proc, url = spawn_app(drain_seconds="0.5")
     events: list = []
     answers: list = []
     threads = [

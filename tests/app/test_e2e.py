@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,14 +21,8 @@ pytestmark = pytest.mark.timeout(180)
 REPO = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
-def live(app_weights: Path) -> Iterator[str]:
+def live(app_weights: Path, free_port: Callable[[], int]) -> Iterator[str]:
     """The real app under uvicorn in a thread; stops by itself at the end of the module."""
     settings = Settings(weights=app_weights, device="cpu", api_key=None)
     port = free_port()
@@ -144,48 +134,28 @@ def test_command_line_client(
     assert "422" in capsys.readouterr().err
 
 
-def _serve(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.Popen[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("FASHION_")}
-    full_env.update(env, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    return subprocess.Popen(
-        [sys.executable, *args], cwd=tmp_path, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-
-
-def test_python_m_app_serves_and_stops(app_weights: Path, tmp_path: Path) -> None:
-    port = free_port()
-    proc = _serve(tmp_path, {"FASHION_DEVICE": "cpu"}, "-m", "app", "--port", str(port), "--weights", str(app_weights))
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.communicate()[0]
-            assert time.monotonic() < deadline, "no /readyz 200 within 90 s"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        r = httpx.post(f"http://127.0.0.1:{port}/generate", json={"class": 1, "n": 2, "steps": 2}, timeout=60)
-        assert r.status_code == 200 and len(r.json()["images"]) == 2
-    finally:
-        proc.terminate()
-        output = proc.communicate(timeout=30)[0]
+def test_python_m_app_serves_and_stops(app_weights: Path, spawn_app: Callable) -> None:
+    proc, url = spawn_app("-m", "app", "--weights", str(app_weights))
+    r = httpx.post(f"{url}/generate", json={"class": 1, "n": 2, "steps": 2}, timeout=60)
+    assert r.status_code == 200 and len(r.json()["images"]) == 2
+    proc.terminate()
+    output = proc.communicate(timeout=30)[0]
     assert proc.returncode == 0, output  # drained and shut down: a clean exit, not death by SIGTERM
     assert "Application shutdown complete" in output
 
 
 @pytest.mark.parametrize("problem", ["missing", "corrupt"])
-def test_bad_weights_stop_startup_with_a_clear_message(app_weights: Path, tmp_path: Path, problem: str) -> None:
+def test_bad_weights_stop_startup_with_a_clear_message(
+    app_weights: Path, tmp_path: Path, problem: str, spawn_app: Callable
+) -> None:
     weights = tmp_path / "w" / "broken.safetensors"
     weights.parent.mkdir()
+    args = ("-m", "app")
     if problem == "corrupt":
         weights.write_bytes(b"\x00\x01 definitely not safetensors")
         weights.with_suffix(".json").write_text(app_weights.with_suffix(".json").read_text())
-        args = ["-m", "uvicorn", "app.main:app", "--port", str(free_port())]  # the other way to start it
-    else:
-        args = ["-m", "app", "--port", str(free_port())]
-    proc = _serve(tmp_path, {"FASHION_WEIGHTS": str(weights), "FASHION_DEVICE": "cpu"}, *args)
+        args = ("-m", "uvicorn", "app.main:app")  # the other way to start it
+    proc, _ = spawn_app(*args, ready=False, weights=str(weights))
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode != 0
     assert str(weights) in output

@@ -19,6 +19,7 @@ from model.data import (
     IDXError,
     fetch,
     main,
+    parse_class,
     parse_idx,
     read_idx,
     resolve_dir,
@@ -337,3 +338,13 @@ def test_split_rejects_impossible_validation_sizes(real, val_size):
 def test_info_cli_prints_the_split_sizes(fashion_mnist_dir, capsys):
     assert main(["info", "--data-dir", str(fashion_mnist_dir)]) == 0
     assert "train 55000  validation 5000  test 10000" in capsys.readouterr().out
+
+
+def test_parse_class_takes_indices_digit_strings_and_forgiving_names():
+    assert parse_class(3) == parse_class("3") == parse_class(" 3 ") == 3
+    assert parse_class("Ankle Boot") == parse_class("ankle_boot") == parse_class("ankle-boot") == 9
+    assert parse_class("t-shirt/top") == parse_class("T-Shirt Top") == parse_class("top") == parse_class("tshirt") == 0
+    for bad in (10, -1, "10", "hat", "", True, 2.0, None):
+        with pytest.raises(ValueError, match=r"must be an index 0\.\.9 or a class name \(t-shirt/top, .*got"):
+            parse_class(bad)
+    assert parse_class("b", ("a", "b")) == 1  # another model's class names

@@ -1,0 +1,82 @@
+"""Screenshots of the page for the README, with the shipped weights: start ``python -m app`` on a free
+loopback port, open the page in Debian's Chromium (Playwright), and save each state in ``docs/``.
+
+    python scripts/page_screenshots.py [--out docs] [--width 1200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit("the server was not ready in 120 s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO / "docs")
+    parser.add_argument("--width", type=int, default=1200)
+    args = parser.parse_args(argv)
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        raise SystemExit("needs Debian's chromium: apt-get install chromium")
+    from playwright.sync_api import sync_playwright
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "FASHION_DEVICE": "cpu", "FASHION_CLIP_ENABLED": "false"}  # OMP_NUM_THREADS passes through
+    proc = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port), "--log-level", "warning"], env=env)
+    try:
+        wait_ready(url, proc)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
+            page = browser.new_page(viewport={"width": args.width, "height": 900})
+            page.goto(f"{url}/?class=dress&n=4&seed=7&sampler=ddim&steps=50&guidance=1.35&preview_every=1")
+            page.wait_for_selector(".finals img.final >> nth=3", timeout=120_000)
+            page.locator(".timeline input").fill("14")  # scrubbed back to step 15 of 50
+            page.screenshot(path=str(args.out / "page_done.png"), full_page=True)
+            link = "/?class=ankle%20boot&n=4&seed=3&sampler=ddpm,ddim,dpm%2B%2B&steps=1000,50,20"
+            page.goto(f"{url}{link}&guidance=1.35,1.35,1.35&preview_every=10")
+            page.wait_for_function("document.querySelectorAll('.finals img.final').length === 12", timeout=300_000)
+            page.screenshot(path=str(args.out / "page_compare.png"), full_page=True)
+            page.locator("#fwd-t").fill("400")
+            page.locator("#forward").screenshot(path=str(args.out / "page_forward.png"))
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    print(f"wrote page_done.png, page_compare.png, page_forward.png in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,233 @@
+"""The web page (GET /), GET /schedule and the API key on GET streams: the page in headless Chromium
+(Debian's package) driven by Playwright, against the real app under uvicorn on a loopback port."""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from PIL import Image
+
+from app.main import create_app
+from app.settings import Settings
+
+pytestmark = pytest.mark.timeout(240)
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SCREENSHOTS = os.environ.get("FASHION_SCREENSHOTS")  # a directory: save each state's screenshot there
+KEY = "s3cret-key-for-the-page"
+
+
+def serve(settings: Settings, free_port: Callable[[], int]) -> Iterator[str]:
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="info"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def live(app_weights: Path, free_port: Callable[[], int]) -> Iterator[str]:
+    yield from serve(Settings(weights=app_weights, device="cpu", api_key=None), free_port)
+
+
+@pytest.fixture(scope="module")
+def keyed(app_weights: Path, free_port: Callable[[], int]) -> Iterator[str]:
+    yield from serve(Settings(weights=app_weights, device="cpu", api_key=KEY), free_port)
+
+
+def test_the_page_and_its_files_are_served(live: str) -> None:
+    page = httpx.get(f"{live}/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for src in ("/static/app.js", "/static/style.css"):
+        assert src in page.text
+        assert httpx.get(live + src).status_code == 200
+    assert "https://" not in page.text and "http://" not in page.text  # nothing from elsewhere: works offline
+
+
+def test_schedule_is_the_weights_schedule(live: str) -> None:
+    from model.diffusion import Schedule
+
+    body = httpx.get(f"{live}/schedule").json()
+    expected = Schedule.named("cosine", 1000)
+    assert (body["name"], body["T"]) == ("cosine", 1000)
+    np.testing.assert_allclose(body["alpha_bar"], expected.alpha_bar, rtol=1e-12)
+    np.testing.assert_allclose(body["sigma"], expected.noise_level(), rtol=1e-12)
+    assert body["log_snr"][0] > 0 > body["log_snr"][-1]
+
+
+def test_a_get_stream_takes_the_key_in_the_query_and_no_log_or_error_holds_it(
+    keyed: str, caplog: pytest.LogCaptureFixture, metric: Callable
+) -> None:
+    query = {"class": 1, "n": 1, "steps": 2}
+    with caplog.at_level(logging.INFO, logger="uvicorn.access"):
+        ok = httpx.get(f"{keyed}/generate/stream", params={**query, "api_key": KEY}, timeout=60)
+        wrong = httpx.get(f"{keyed}/generate/stream", params={**query, "api_key": KEY + "x"}, timeout=60)
+        bad = httpx.get(f"{keyed}/generate/stream", params={**query, "n": 999, "api_key": KEY}, timeout=60)
+        posted = httpx.post(f"{keyed}/generate/stream?api_key={KEY}", json=query, timeout=60)
+    assert ok.status_code == 200 and "event: done" in ok.text
+    assert wrong.status_code == 401 and KEY not in wrong.text
+    assert bad.status_code == 422 and KEY not in bad.text  # the validation error does not echo it
+    assert posted.status_code == 401  # the query key is for GET streams only
+    access = [r.getMessage() for r in caplog.records if r.name == "uvicorn.access"]
+    assert any("/generate/stream?" in line and " 200" in line for line in access), access
+    assert not any(KEY in line for line in access), access
+    metrics = httpx.get(f"{keyed}/metrics").text
+    assert KEY not in metrics and metric(metrics, "fashion_http_requests_total", status="401") >= 2
+
+
+# --- in a real browser --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    if CHROMIUM is None:
+        pytest.skip("Chromium not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=[*args, "--disable-sync", "--no-first-run"])
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):  # type: ignore[no-untyped-def]
+    context = browser.new_context(viewport={"width": 390, "height": 1400})  # a phone's width
+    page = context.new_page()
+    page.errors = []
+    page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: page.errors.append(str(e)))
+    yield page
+    context.close()
+
+
+def shot(page, name: str) -> None:  # type: ignore[no-untyped-def]
+    if SCREENSHOTS:
+        page.screenshot(path=str(Path(SCREENSHOTS) / f"page_{name}.png"), full_page=True)
+
+
+def decode(src: str) -> np.ndarray:
+    assert src.startswith("data:image/png;base64,")
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))))
+
+
+pytest_browser = pytest.mark.browser
+
+
+@pytest_browser
+def test_a_shared_link_streams_its_steps_then_shows_the_final_images(live: str, page) -> None:  # type: ignore[no-untyped-def]
+    page.goto(f"{live}/?class=dress&n=3&seed=7&sampler=ddim&steps=6&guidance=1.5")
+    page.wait_for_selector(".finals img.final >> nth=2", timeout=60_000)
+    finals = page.eval_on_selector_all(".finals img.final", "imgs => imgs.map(i => i.src)")
+    assert len(finals) == 3
+    assert all(decode(src).shape == (28, 28) for src in finals)
+    assert page.inner_text(".finals").count("seed") == 3 and "seed 7" in page.inner_text(".finals")
+    # Every step's frames arrived: the timeline scrubs back through all six.
+    slider = page.locator(".timeline input")
+    assert slider.get_attribute("max") == "5"
+    slider.fill("0")
+    assert page.inner_text(".timeline output").startswith("1/6")
+    assert "dress" in page.url and "seed=7" in page.url
+    # The same seed through the API gives the same first image.
+    body = {"class": 3, "n": 1, "seed": 7, "sampler": "ddim", "steps": 6, "guidance": 1.5}
+    api = httpx.post(f"{live}/generate", json=body, timeout=60).json()
+    assert finals[0].split(",", 1)[1] == api["images"][0]["png"]
+    shot(page, "done")
+    assert page.errors == []
+
+
+@pytest_browser
+def test_cancel_stops_the_job_on_the_server(live: str, page, metric: Callable) -> None:  # type: ignore[no-untyped-def]
+    before = metric(httpx.get(f"{live}/metrics", timeout=30).text, "fashion_jobs_cancelled_total", stage="running")
+    page.goto(f"{live}/?class=bag&n=2&seed=1&sampler=ddim&steps=1000&guidance=1.35&preview_every=50")
+    page.wait_for_function("document.querySelector('.step-text').textContent.startsWith('step')", timeout=60_000)
+    shot(page, "running")
+    page.keyboard.press("Escape")  # the keyboard alone: Escape cancels
+    deadline = time.monotonic() + 30
+    while (
+        metric(httpx.get(f"{live}/metrics", timeout=30).text, "fashion_jobs_cancelled_total", stage="running") == before
+    ):
+        assert time.monotonic() < deadline, "the server did not cancel the job"
+        time.sleep(0.05)
+    assert "cancelled" in page.inner_text("#status")
+    assert page.errors == []
+
+
+@pytest_browser
+def test_a_comparison_streams_three_runs_side_by_side(live: str, page) -> None:  # type: ignore[no-untyped-def]
+    page.goto(f"{live}/")
+    page.select_option("#class", "sneaker")
+    page.fill("#seed", "3")
+    page.fill("#n", "2")
+    page.click("#add-run")
+    page.click("#add-run")
+    rows = page.locator(".run-spec")
+    for i, (sampler, steps, guidance) in enumerate(
+        [("ddim", "8", "1.35"), ("dpm++", "4", "1.35"), ("dpm++", "4", "3")]
+    ):
+        rows.nth(i).locator("[name=sampler]").select_option(sampler)
+        rows.nth(i).locator("[name=steps]").fill(steps)
+        rows.nth(i).locator("[name=guidance]").fill(guidance)
+    page.click("#go")
+    page.wait_for_function("document.querySelectorAll('.finals img.final').length === 6", timeout=120_000)
+    titles = page.eval_on_selector_all(".run-title", "hs => hs.map(h => h.textContent)")
+    assert titles == [
+        "Run 1: ddim, 8 steps, guidance 1.35",
+        "Run 2: dpm++, 4 steps, guidance 1.35",
+        "Run 3: dpm++, 4 steps, guidance 3",
+    ]
+    assert "sampler=ddim%2Cdpm%2B%2B%2Cdpm%2B%2B" in page.url and "guidance=1.35%2C1.35%2C3" in page.url  # a link
+    shot(page, "compare")
+    assert page.errors == []
+
+
+@pytest_browser
+def test_the_forward_process_slider_noises_the_image(live: str, page) -> None:  # type: ignore[no-untyped-def]
+    page.goto(f"{live}/?class=trouser&n=1&seed=2&sampler=dpm%2B%2B&steps=3&guidance=1.35")
+    page.wait_for_selector(".finals img.final", timeout=60_000)
+    pixels = "() => Array.from(document.querySelector('#fwd-xt').getContext('2d').getImageData(0, 0, 112, 112).data)"
+
+    def at(t: int) -> np.ndarray:
+        page.locator("#fwd-t").fill(str(t))
+        return np.array(page.evaluate(pixels), dtype=float).reshape(112, 112, 4)[..., 0]
+
+    clean, noisy = at(0), at(999)
+    x0 = np.array(page.evaluate(pixels.replace("#fwd-xt", "#fwd-x0")), dtype=float).reshape(112, 112, 4)[..., 0]
+    assert np.abs(clean - x0).mean() < 3  # t = 0 is (almost) the image itself
+    assert np.abs(noisy - x0).mean() > 40  # t = 999 is (almost) pure noise
+    assert "alpha_bar" in page.inner_text("#fwd-caption")
+    at(400)
+    shot(page, "forward")
+    assert page.errors == []
+
+
+@pytest_browser
+def test_the_page_sends_the_key_it_keeps(keyed: str, page) -> None:  # type: ignore[no-untyped-def]
+    page.goto(f"{keyed}/")
+    page.wait_for_function("document.querySelector('#status').textContent.includes('API key')", timeout=30_000)
+    page.errors.clear()  # the unauthenticated /schedule 401 above is logged by Chromium, as it should be
+    page.click("#access summary")
+    page.fill("#api-key", KEY)
+    page.keyboard.press("Tab")  # the change event stores it
+    page.goto(f"{keyed}/?class=coat&n=1&seed=5&sampler=ddim&steps=3&guidance=1.35")
+    page.wait_for_selector(".finals img.final", timeout=60_000)
+    assert KEY not in page.url
+    assert page.errors == []
