@@ -101,17 +101,22 @@ def initial_weights(cfg: TrainConfig) -> UNet:
 class EMA:
     """Exponential moving average of the weights, with the usual warm-up of the decay
     ((1 + n) / (10 + n), as in Tensorflow's ExponentialMovingAverage) so that a short run
-    does not keep traces of the random initialisation."""
+    does not keep traces of the random initialisation.
 
-    def __init__(self, model: torch.nn.Module, decay: float):
+    The warm-up caps every decay at (1 + n) / (10 + n) for the first 9 / (1 - decay) steps (9,000
+    for 0.999), so EMAs of different decays stay identical that long. A warm start from trained
+    weights has no initialisation to forget: it runs without the warm-up (``warmup=False``)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, warmup: bool = True):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay = decay
+        self.warmup = warmup
         self.updates = 0
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
         ema = list(self.model.state_dict().values())
         new = list(model.state_dict().values())
         floats = [(e, n) for e, n in zip(ema, new, strict=True) if e.dtype.is_floating_point]
@@ -211,8 +216,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)  # type: ignore[call-overload]  # missing from torch's stubs
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ema = EMA(model, cfg.ema_decay)
-    extra = {decay: EMA(model, decay) for decay in cfg.ema_extra}
+    warmup = not cfg.init_from
+    ema = EMA(model, cfg.ema_decay, warmup)
+    extra = {decay: EMA(model, decay, warmup) for decay in cfg.ema_extra}
     start_epoch, step, images_seen, elapsed = 0, 0, 0, 0.0
     train_loss = val = float("nan")
 
