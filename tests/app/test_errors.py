@@ -65,6 +65,18 @@ def test_limits_follow_the_settings(make_settings: Callable[..., Settings], erro
     assert schema["class"]["anyOf"][0] == {"type": "integer", "minimum": 0, "maximum": 9}
 
 
+def test_a_guided_request_over_the_row_budget_is_refused_naming_the_limit(
+    make_settings: Callable[..., Settings], error_of: Callable
+) -> None:
+    with TestClient(create_app(make_settings(max_images=8, max_batch=8))) as c:
+        err = error_of(c.post("/generate", json={"class": 3, "n": 5, "guidance": 2.0}), 422)
+        assert (err["param"], err["code"]) == ("n", "too_many_rows")
+        assert "10 rows" in err["message"] and "at most 8" in err["message"] and "n <= 4" in err["message"]
+        error_of(c.post("/generate/stream", json={"class": 3, "n": 5, "guidance": 2.0}), 422)  # before it starts
+        ok = c.post("/generate", json={"class": 3, "n": 5, "guidance": 1.0})  # unguided: one row per image
+        assert ok.status_code == 200 and len(ok.json()["images"]) == 5
+
+
 def test_malformed_bodies(client: TestClient, error_of: Callable) -> None:
     err = error_of(client.post("/generate", content=b"{not json", headers={"content-type": "application/json"}), 422)
     assert "not valid JSON" in err["message"]
