@@ -115,10 +115,6 @@ class Engine:
     def queue_depth(self) -> int:
         return len(self._pending)
 
-    @property
-    def active_jobs(self) -> int:
-        return len(self._running)
-
     def submit(
         self,
         spec: JobSpec,
@@ -193,16 +189,8 @@ class Engine:
             self._fail_all_locked(EngineClosed("the server is shutting down"))
         self._output.close()
 
-    def retry_after(self) -> int:
-        with self._cond:
-            return self._retry_after_locked()
-
-    def estimated_start_s(self) -> list[float]:
-        """Seconds from now until each queued job is admitted, at the measured tick time."""
-        with self._cond:
-            return self._estimates_locked()
-
     def _estimates_locked(self) -> list[float]:
+        """Seconds from now until each queued job is admitted, at the measured tick time."""
         active = [(r.job.spec.rows, r.state.total - r.state.index) for r in self._running]
         queued = [(job.spec.rows, job.spec.steps) for job in self._pending]
         tick = self._tick_s or DEFAULT_TICK_S

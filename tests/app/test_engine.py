@@ -206,15 +206,21 @@ def test_a_full_queue_is_refused_at_once_with_an_estimate_from_the_tick_time(run
         events: list = []
         long = engine.submit(spec(0, (1,), steps=400, sampler="ddim"), on_event=events.append)  # 2 rows: all
         await first_step(events)
-        queued = engine.submit(spec(1, (2,), steps=2))
+        waiting: list = []
+        queued = engine.submit(spec(1, (2,), steps=2), on_event=waiting.append)
+        while not waiting:  # told where it stands at the next tick
+            await asyncio.sleep(0.002)
         t0 = time.monotonic()
         with pytest.raises(QueueFull) as refused:
             engine.submit(spec(2, (3,), steps=2))
         assert time.monotonic() - t0 < 0.05  # refused at once, not after waiting
-        # The queued job waits for the long one's remaining steps at the measured tick time.
-        (estimate,) = engine.estimated_start_s()
-        assert refused.value.retry_after >= max(1, int(estimate))
-        assert estimate > 0
+        # The queued job waits for the long one's remaining steps at the measured tick time; a place in
+        # the queue frees up when it starts, which is what Retry-After says.
+        (event,) = waiting
+        assert isinstance(event, Queued) and event.position == 1
+        steps_left = 400 - sum(isinstance(e, Progress) for e in events)
+        assert 0 < event.estimated_start_s <= (steps_left + 2) * 1.0  # ticks of a tiny network: well under 1 s
+        assert refused.value.retry_after >= max(1, int(event.estimated_start_s) - 1)
         engine.cancel(long)
         await asyncio.gather(long.future, return_exceptions=True)
         assert len((await queued.future).pngs) == 1
