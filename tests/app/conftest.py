@@ -7,12 +7,14 @@ conftest modules are not importable, so the helpers below reach the tests as fix
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +24,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
@@ -109,6 +112,32 @@ def _free_port() -> int:
 def free_port() -> Callable[[], int]:
     """A loopback port nobody listens on now."""
     return _free_port
+
+
+@contextlib.contextmanager
+def _in_thread(settings: Settings, log_level: str = "warning") -> Iterator[str]:
+    port = _free_port()
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level=log_level))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    assert not thread.is_alive()
+
+
+@pytest.fixture(scope="session")
+def serve_in_thread() -> Callable[..., contextlib.AbstractContextManager[str]]:
+    """``with serve_in_thread(settings) as url:`` the real app under uvicorn in a thread, on a free
+    loopback port; it stops by itself when the block ends."""
+    return _in_thread
 
 
 @pytest.fixture

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from httpx_sse import connect_sse
 
 from app import client as cli
-from app.main import create_app
 from app.settings import Settings
 
 pytestmark = pytest.mark.timeout(180)
@@ -22,21 +19,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def live(app_weights: Path, free_port: Callable[[], int]) -> Iterator[str]:
+def live(app_weights: Path, serve_in_thread: Callable) -> Iterator[str]:
     """The real app under uvicorn in a thread; stops by itself at the end of the module."""
-    settings = Settings(weights=app_weights, device="cpu", api_key=None)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(30)
-    assert not thread.is_alive()
+    with serve_in_thread(Settings(weights=app_weights, device="cpu", api_key=None)) as url:
+        yield url
 
 
 def test_generate_over_http(live: str, decode_png: Callable, metric: Callable) -> None:

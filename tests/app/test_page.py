@@ -8,7 +8,6 @@ import io
 import logging
 import os
 import shutil
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,10 +15,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
 
-from app.main import create_app
 from app.settings import Settings
 
 pytestmark = pytest.mark.timeout(240)
@@ -28,28 +25,16 @@ SCREENSHOTS = os.environ.get("FASHION_SCREENSHOTS")  # a directory: save each st
 KEY = "s3cret-key-for-the-page"
 
 
-def serve(settings: Settings, free_port: Callable[[], int]) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="info"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(30)
+@pytest.fixture(scope="module")
+def live(app_weights: Path, serve_in_thread: Callable) -> Iterator[str]:
+    with serve_in_thread(Settings(weights=app_weights, device="cpu", api_key=None), log_level="info") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
-def live(app_weights: Path, free_port: Callable[[], int]) -> Iterator[str]:
-    yield from serve(Settings(weights=app_weights, device="cpu", api_key=None), free_port)
-
-
-@pytest.fixture(scope="module")
-def keyed(app_weights: Path, free_port: Callable[[], int]) -> Iterator[str]:
-    yield from serve(Settings(weights=app_weights, device="cpu", api_key=KEY), free_port)
+def keyed(app_weights: Path, serve_in_thread: Callable) -> Iterator[str]:
+    with serve_in_thread(Settings(weights=app_weights, device="cpu", api_key=KEY), log_level="info") as url:
+        yield url
 
 
 def test_the_page_and_its_files_are_served(live: str) -> None:
