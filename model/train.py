@@ -53,6 +53,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.02  # the cosine decay ends at lr * min_lr_ratio
     lr_schedule: str = "cosine"  # "cosine" (against the step and time budget) or "rsqrt" (continues across resumes)
     rsqrt_ref_steps: int = 2000  # rsqrt: lr = peak * sqrt(ref / step) once step > ref (EDM2, Karras et al. 2024)
+    cooldown_steps: int = 0  # rsqrt: decay linearly to 0 over the last N steps of --epochs (WSD, Hägele et al. 2024)
     grad_clip: float = 1.0
     ema_decay: float = 0.999  # the EMA that is validated, sampled and exported
     ema_extra: tuple[float, ...] = ()  # more decays kept beside it, to pick one after training (--export-ema)
@@ -127,14 +128,18 @@ LR_SCHEDULES = ("cosine", "rsqrt")
 PRECISIONS = ("auto", "float32", "bfloat16")
 
 
-def lr_factor(progress: float, step: int, cfg: TrainConfig) -> float:
+def lr_factor(progress: float, step: int, cfg: TrainConfig, total_steps: int | None = None) -> float:
     """Linear warm-up, then cosine decay over ``progress`` in [0, 1] down to ``min_lr_ratio``, or
     (``rsqrt``) the inverse square root of the step, which needs no end point and so carries on
-    unchanged when a finished run is resumed with a larger budget."""
+    unchanged when a finished run is resumed with a larger budget. ``cooldown_steps`` ends an
+    rsqrt run with a linear decay to zero over its last steps, up to ``total_steps``."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.lr_schedule == "rsqrt":
-        return math.sqrt(cfg.rsqrt_ref_steps / max(step + 1, cfg.rsqrt_ref_steps))
+        factor = math.sqrt(cfg.rsqrt_ref_steps / max(step + 1, cfg.rsqrt_ref_steps))
+        if cfg.cooldown_steps and total_steps is not None:
+            factor *= min(1.0, max(0.0, (total_steps - step) / cfg.cooldown_steps))
+        return factor
     cos = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos
 
@@ -283,7 +288,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                     out_of_time = True
                     break
                 for group in opt.param_groups:
-                    group["lr"] = cfg.lr * lr_factor(frac, step, cfg)
+                    group["lr"] = cfg.lr * lr_factor(frac, step, cfg, total_steps)
                 idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
                 xb, yb = x_train[idx].contiguous(memory_format=memory_format), y_train[idx].clone()
                 yb[torch.rand(len(yb), device=device) < cfg.label_dropout] = cfg.unet.num_classes
@@ -432,6 +437,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     p.add_argument("--export-ema", type=float, default=None, help="with --export-only: export this EMA decay")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule)
     p.add_argument("--rsqrt-ref-steps", type=int, default=d.rsqrt_ref_steps)
+    p.add_argument("--cooldown-steps", type=int, default=d.cooldown_steps, help="rsqrt: final linear decay to 0")
     p.add_argument("--init-from", default=None, help="start from these weights (.safetensors) instead of random")
     p.add_argument("--precision", choices=PRECISIONS, default=d.precision)
     p.add_argument("--label-dropout", type=float, default=d.label_dropout)
@@ -480,6 +486,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
         ema_extra=tuple(a.ema_extra),
         lr_schedule=a.lr_schedule,
         rsqrt_ref_steps=a.rsqrt_ref_steps,
+        cooldown_steps=a.cooldown_steps,
         init_from=a.init_from,
         precision=a.precision,
         label_dropout=a.label_dropout,

@@ -7,6 +7,7 @@ tests start from copies of it or run on their own. About 10 s on two busy CPU co
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -240,6 +241,14 @@ def test_the_rsqrt_schedule_warms_up_then_decays_as_the_inverse_square_root():
     assert lr_factor(0.0, 4, cfg) == pytest.approx(0.5)
     assert lr_factor(0.9, 50, cfg) == 1.0  # no end point: progress does not matter
     assert lr_factor(0.0, 399, cfg) == pytest.approx(0.5)  # sqrt(100 / 400)
+
+
+def test_a_cooldown_ends_the_rsqrt_schedule_with_a_linear_decay_to_zero():
+    cfg = TrainConfig(warmup_steps=10, lr_schedule="rsqrt", rsqrt_ref_steps=100, cooldown_steps=200)
+    assert lr_factor(0.0, 399, cfg, total_steps=1000) == pytest.approx(0.5)  # before the cooldown
+    assert lr_factor(0.0, 899, cfg, total_steps=1000) == pytest.approx(math.sqrt(100 / 900) * 0.505)
+    assert lr_factor(0.0, 1000, cfg, total_steps=1000) == 0.0
+    assert lr_factor(0.0, 899, cfg) == pytest.approx(math.sqrt(100 / 900))  # no end given, no cooldown
 
 
 def test_the_ema_warm_up_caps_every_decay_and_a_warm_start_goes_without_it():
