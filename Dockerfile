@@ -29,14 +29,15 @@ ARG APP_UID=10001
 RUN groupadd --system --gid "${APP_UID}" app \
     && useradd --system --uid "${APP_UID}" --gid app --create-home --home-dir /home/app \
        --shell /usr/sbin/nologin app \
-    && mkdir -p /models/clip /opt/clip-cache \
-    && chown app:app /models/clip /opt/clip-cache
+    && mkdir -p /models/clip /opt/clip-cache /tmp/ray \
+    && chown app:app /models/clip /opt/clip-cache /tmp/ray
 
 WORKDIR /srv/fashion
 
 # 1. Dependencies, from pyproject.toml alone: this layer does not rebuild when only the source changes.
 #    The base image's CUDA torch is kept as it is (install_deps.py pins it; pip cannot replace it).
-ARG EXTRAS=clip
+# ray: the same image runs under Ray Serve (docker-compose.ray.yml); python -m app never imports it.
+ARG EXTRAS=clip,ray
 COPY pyproject.toml ./
 COPY deploy/install_deps.py /tmp/install_deps.py
 RUN python /tmp/install_deps.py pyproject.toml --extras "${EXTRAS}" && rm /tmp/install_deps.py
@@ -59,6 +60,7 @@ COPY weights/ ./weights/
 COPY README.md ./
 COPY model/ ./model/
 COPY app/ ./app/
+COPY deploy/ray/ ./deploy/ray/
 RUN python -m pip install --no-cache-dir --no-deps --no-build-isolation . \
     && rm -rf build ./*.egg-info
 

@@ -13,7 +13,7 @@ is ready (``app.clip_service``); /readyz reports both beside the main model.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from importlib.metadata import version
@@ -29,7 +29,7 @@ from app.engine import Engine
 from app.errors import install_handlers
 from app.jobs import JobSpec
 from app.metrics import EngineMetrics, Metrics
-from app.middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
+from app.middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware, ReplicaMiddleware
 from app.routes import clip, generate, health, metrics, page, stream
 from app.schemas import Limits, allowed_values, request_models
 from app.scorers import Scorer, load_classifier_scorer
@@ -90,7 +90,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         fixed_rows=settings.fixed_rows,
         max_batch=settings.max_batch,
     )
-    engine = Engine(runtime, EngineMetrics(metrics), queue_size=settings.queue_size, max_rows=settings.max_batch)
+    observer = app.state.engine_metrics(metrics)
+    engine = Engine(runtime, observer, queue_size=settings.queue_size, max_rows=settings.max_batch)
     engine.start()
     try:
         if settings.warmup:
@@ -102,7 +103,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics.model.info({"name": name, "weights": loaded.path.name, **runtime.describe()})
         metrics.ready.set(1)
         app.state.clip = clip_service
-        app.state.serving = Serving(engine, name, defaults, T, str(device), loaded.card, metrics, scorers)
+        app.state.serving = Serving(
+            engine, name, defaults, T, str(device), loaded.card, metrics, scorers, replica=settings.replica
+        )
         log.info("ready: %s on %s (%s parameters)", name, device, runtime.parameters)
         clip_service.start()  # after ready: CLIP never delays the service
         yield
@@ -125,8 +128,11 @@ def begin_drain(app: FastAPI) -> None:
         serving.engine.drain(settings.drain_seconds)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """A new app with its own settings, metrics registry and (once started) engine."""
+def create_app(
+    settings: Settings | None = None, engine_metrics: Callable[[Metrics], EngineMetrics] = EngineMetrics
+) -> FastAPI:
+    """A new app with its own settings, metrics registry and (once started) engine. ``engine_metrics``
+    builds the engine's observer on the app's metrics (``app.ray_serve`` adds Ray's metrics export)."""
     settings = settings or Settings()
     limits = Limits(settings.max_images, settings.max_steps, settings.max_guidance, settings.max_candidates)
     generate_model, stream_model = request_models(limits)
@@ -138,6 +144,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
+    app.state.engine_metrics = engine_metrics
     app.state.serving = None
     app.state.clip = None
     install_handlers(app, allowed_values(stream_model))
@@ -161,6 +168,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value() if settings.api_key else None)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, paths=paths)
+    app.add_middleware(ReplicaMiddleware, replica=settings.replica)
     return app
 
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterable, Mapping
 from urllib.parse import parse_qsl, urlencode
 
+from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import error_bytes
@@ -37,6 +38,27 @@ async def send_error(
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+class ReplicaMiddleware:
+    """Names the answering process on every response (``X-Replica``), so that behind Ray Serve's proxy
+    or a load balancer a client and a log line can tell which replica sampled an image."""
+
+    def __init__(self, app: ASGIApp, replica: str) -> None:
+        self.app = app
+        self.replica = replica
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message).append("X-Replica", self.replica)
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)
 
 
 class MetricsMiddleware:

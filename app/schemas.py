@@ -257,6 +257,7 @@ class Timings(BaseModel):
     total_ms: float = Field(description="from accepting the request to the response")
     batch_images: int = Field(description="most images that shared one network evaluation with this request")
     batch_jobs: int = Field(description="most requests that shared one network evaluation with it")
+    replica: str = Field(description="the replica (process) that sampled it, as in the X-Replica header")
 
 
 class RerankOut(BaseModel):
@@ -279,6 +280,7 @@ class StartEvent(BaseModel):
     job: str
     params: Params
     queue_depth: int = Field(description="jobs waiting ahead, including this one")
+    replica: str = Field(description="the replica (process) sampling it, as in the X-Replica header")
 
 
 class ScheduleOut(BaseModel):

@@ -78,6 +78,7 @@ class Serving:
     card: dict[str, Any]
     metrics: Metrics
     scorers: dict[str, Scorer] = field(default_factory=dict)  # rerank methods: "clip", "classifier"
+    replica: str = ""  # this process's name (Settings.replica)
 
 
 @dataclass(frozen=True)
@@ -255,6 +256,7 @@ def response_body(serving: Serving, generated: Generated) -> GenerateResponse:
         total_ms=round((time.monotonic() - generated.accepted) * 1e3, 2),
         batch_images=result.batch_images,
         batch_jobs=result.batch_jobs,
+        replica=serving.replica,
     )
     return GenerateResponse(model=serving.name, params=params, images=images, timings=timings, rerank=rerank_out)
 
@@ -335,7 +337,9 @@ def _event(item: Event, seq: int) -> ServerSentEvent:
 async def stream_events(stream: Stream) -> AsyncIterator[ServerSentEvent]:
     """``start``, ``queued`` while it waits, one ``step`` per sampler step, then ``done`` or ``error``."""
     seq = 0
-    start = StartEvent(job=stream.job.id, params=stream.params, queue_depth=stream.queue_depth)
+    start = StartEvent(
+        job=stream.job.id, params=stream.params, queue_depth=stream.queue_depth, replica=stream.serving.replica
+    )
     yield ServerSentEvent(event="start", id=str(seq), data=start.model_dump(mode="json", by_alias=True))
     try:
         while (item := await stream.events.get()) is not _DONE:

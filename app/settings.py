@@ -8,7 +8,9 @@ misconfigured deployment stops at startup rather than at the first request.
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -110,6 +112,13 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(default=None, description="when set, every route but health and metrics needs it")
 
     warmup: bool = Field(default=True, description="run one small batch before reporting ready")
+    replica: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        min_length=1,
+        max_length=128,
+        pattern=r"^[\x21-\x7e]+$",
+        description="this process's name in X-Replica and timings.replica (under Ray Serve: its replica ID)",
+    )
 
     # Reranking (``rerank`` on /generate) and the classifier it can rank by.
     classifier_weights: Path | None = Field(

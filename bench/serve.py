@@ -108,8 +108,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(weights: Path, device: str, port: int, repo: Path) -> subprocess.Popen[bytes]:
+def start_server(
+    weights: Path, device: str, port: int, repo: Path, threads: int | None = None
+) -> subprocess.Popen[bytes]:
+    """``python -m app`` from ``repo`` on ``port``, once /readyz says 200 (``threads``: OMP_NUM_THREADS)."""
     env = {**os.environ, "FASHION_WEIGHTS": str(weights), "FASHION_DEVICE": device, "PYTHONPATH": str(repo)}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, "-m", "app", "--port", str(port), "--log-level", "warning"]
     proc = subprocess.Popen(cmd, env=env, cwd=repo)
     deadline = time.monotonic() + 300

@@ -7,6 +7,9 @@ Generates ``--per-class`` samples of every class and prints a table: the class a
 samples (judged by the project's own classifier, per class and overall), and the Frechet
 distance between the classifier's features of the samples and of the real test set, beside
 the same distance for as many real training images (the floor a perfect model would reach).
+``--reference val`` measures against the validation split instead (the 5,000 training images that
+training holds out, ``model.data.FashionMNIST.split``), with the floor drawn from the rest: choose
+EMA, guidance and sampler settings there, and report the test set once, for the final choice.
 Sampler, steps, guidance and guidance interval default to the weights card's "sampling" section,
 so a bare ``python -m model.evaluate`` re-measures the shipped configuration.
 ``--write-card`` stores the figures in the weights card; ``--clip`` adds CLIP similarity and
@@ -34,6 +37,9 @@ from model.samplers import check_guidance_interval, generators_from_seeds, sampl
 
 if TYPE_CHECKING:
     from model.clip import Clip
+
+
+REFERENCES = ("test", "val")
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -114,9 +120,14 @@ def evaluate(
     seed: int = 0,
     clip_spec=None,
     guidance_interval: tuple[float, float] | None = None,
+    reference: str = "test",
+    val_size: int = 5_000,
 ) -> dict:
     """Generate, classify and measure; returns the figures as a dict (see ``format_table``).
-    ``guidance_interval`` replaces the card's (None: guidance at every step)."""
+    ``guidance_interval`` replaces the card's (None: guidance at every step). ``reference``: the real
+    images the distance is measured against, "test" or "val" (the ``val_size`` images training held out)."""
+    if reference not in REFERENCES:
+        raise ValueError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
     weights = load_weights(weights_path, device)
     weights = dataclasses.replace(
         weights, denoiser=dataclasses.replace(weights.denoiser, guidance_interval=guidance_interval)
@@ -131,11 +142,16 @@ def evaluate(
     probs, feats = predict(classifier, to_model_range(images).to(device))
     pred = probs.argmax(1)
     test_probs, test_feats = predict(classifier, to_model_range(data.test_images).to(device))
+    if reference == "val":  # the split training used (its default seed): never seen by the network
+        (pool, _), (ref_images, _) = data.split(val_size)
+        _, ref_feats = predict(classifier, to_model_range(ref_images).to(device))
+    else:
+        pool, ref_feats = data.train_images, test_feats
     # The floor: as many real training images as samples, drawn without replacement.
     rng = np.random.default_rng(seed)
-    real_idx = rng.choice(len(data.train_images), size=len(images), replace=False)
-    _, real_feats = predict(classifier, to_model_range(data.train_images[real_idx]).to(device))
-    distance, floor = frechet_distance(feats, test_feats), frechet_distance(real_feats, test_feats)
+    real_idx = rng.choice(len(pool), size=len(images), replace=False)
+    _, real_feats = predict(classifier, to_model_range(pool[real_idx]).to(device))
+    distance, floor = frechet_distance(feats, ref_feats), frechet_distance(real_feats, ref_feats)
 
     result = {
         "sampler": sampler,
@@ -149,6 +165,7 @@ def evaluate(
         "frechet_distance": distance,
         "frechet_distance_real_train": floor,
         "frechet_ratio": distance / floor,
+        "reference": reference if reference == "test" else f"val ({val_size} held-out training images)",
         "generation_seconds": round(gen_seconds, 1),
         "machine": describe(device),
     }
@@ -171,6 +188,7 @@ def describe_interval(interval) -> str:
 
 
 def format_table(r: dict) -> str:
+    ref = r.get("reference", "test").split(" ")[0]
     lines = [
         f"samples: {r['per_class']} per class, {r['sampler']} {r['steps']} steps, guidance {r['guidance']}"
         f"{describe_interval(r.get('guidance_interval'))}  ({r['generation_seconds']} s on {r['machine']})",
@@ -182,8 +200,8 @@ def format_table(r: dict) -> str:
         f"{'overall':<14}{r['accuracy']:>10.3f}",
         "",
         f"classifier accuracy on the real test set: {r['classifier_test_accuracy']:.4f}",
-        f"Frechet distance, samples vs test:       {r['frechet_distance']:.3f}",
-        f"Frechet distance, real train vs test:    {r['frechet_distance_real_train']:.3f}  (floor)",
+        f"Frechet distance, samples vs {ref}:{' ' * (9 - len(ref))}{r['frechet_distance']:.3f}",
+        f"Frechet distance, real train vs {ref}:{' ' * (6 - len(ref))}{r['frechet_distance_real_train']:.3f}  (floor)",
         f"ratio:                                   {r['frechet_ratio']:.2f}",
     ]
     if "clip" in r:
@@ -259,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         help="guide only where SIGMA_LO < sigma_t <= SIGMA_HI; 'all': every step; default: the card's interval",
     )
     p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument(
+        "--reference", choices=REFERENCES, default="test", help="val: the held-out training images (for choosing)"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
@@ -310,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             a.seed,
             clip_spec,
             interval,
+            a.reference,
         )
         print(format_table(r), end="\n\n", flush=True)
         results.append(r)

@@ -2,7 +2,7 @@
 ``scripts/static-checks.sh``: the GPU reservation, health check, ports, Prometheus wiring, the CPU
 variant, and a stop grace period that covers the service's drain.
 
-    python scripts/check_compose.py GPU_RENDERED.yml CPU_RENDERED.yml deploy/prometheus.yml
+    python scripts/check_compose.py GPU_RENDERED.yml CPU_RENDERED.yml RAY_RENDERED.yml deploy/prometheus.yml
 """
 
 from __future__ import annotations
@@ -110,14 +110,49 @@ def check_cpu(check: Checks, cpu: dict[str, Any]) -> None:
     check("prometheus" in (cpu.get("services") or {}), "CPU variant keeps prometheus")
 
 
+def check_ray(check: Checks, ray: dict[str, Any], prom: dict[str, Any]) -> None:
+    """docker-compose.ray.yml: the same image under Ray Serve, every GPU, Prometheus on Ray's discovery file."""
+    services = ray.get("services", {})
+    app, prometheus = services.get("fashion", {}), services.get("prometheus", {})
+    command = " ".join(map(str, app.get("command") or []))
+    check("ray start --head" in command and "serve run deploy/ray/serve.yaml" in command, "Ray: starts Ray, serves")
+    check("--metrics-export-port=8080" in command, "Ray: a fixed metrics export port")
+    check(str(app.get("image", "")).startswith("fashion-diffusion"), "Ray: the same image as docker-compose.yml")
+    nvidia = [d for d in gpu_devices(app) if d.get("driver") == "nvidia" and "gpu" in (d.get("capabilities") or [])]
+    check(any(str(d.get("count")) in ("all", "-1") for d in nvidia), "Ray: reserves every host GPU (count all)")
+    check(
+        env(app).get("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH") == "app.ray_proxy:middlewares",
+        "Ray: the proxy loads app.ray_proxy",
+    )
+    check(("8000", "8000") in published(app), "Ray: the proxy publishes port 8000")
+    mounts = [v.get("target") if isinstance(v, dict) else str(v).split(":")[1] for v in app.get("volumes") or []]
+    prom_mounts = [
+        v.get("target") if isinstance(v, dict) else str(v).split(":")[1] for v in prometheus.get("volumes") or []
+    ]
+    check("/tmp/ray" in mounts and "/tmp/ray" in prom_mounts, "Ray: /tmp/ray shared with Prometheus")
+    files = [
+        f
+        for job in prom.get("scrape_configs", [])
+        for sd in job.get("file_sd_configs", [])
+        for f in sd.get("files", [])
+    ]
+    check(
+        "/tmp/ray/prom_metrics_service_discovery.json" in files,
+        "deploy/prometheus.yml reads Ray's service discovery file",
+    )
+    grace = seconds(app.get("stop_grace_period", "10s"))
+    check(grace > 30 + DRAIN_MARGIN_S, f"Ray: stop_grace_period ({grace:.0f} s) outlasts Serve's graceful shutdown")
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 3:
+    if len(argv) != 4:
         print(__doc__, file=sys.stderr)
         return 2
-    gpu, cpu, prom = (yaml.safe_load(Path(path).read_text()) for path in argv)
+    gpu, cpu, ray, prom = (yaml.safe_load(Path(path).read_text()) for path in argv)
     check = Checks()
     check_gpu(check, gpu, prom)
     check_cpu(check, cpu)
+    check_ray(check, ray, prom)
     return 1 if check.problems else 0
 
 

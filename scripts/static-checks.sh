@@ -5,7 +5,9 @@
 #   - the compose files rendered by `docker compose config` (where Docker Compose exists) or
 #     `podman-compose config`, and the rendered result checked: GPU reservation (driver nvidia,
 #     capability gpu), readiness healthcheck with a start period, restart policy, Prometheus on
-#     9090 with the repository's config; the CPU override renders without any GPU reservation
+#     9090 with the repository's config; the CPU override renders without any GPU reservation; the Ray
+#     variant (docker-compose.ray.yml) runs the same image under Ray Serve with every GPU, Prometheus
+#     reading Ray's service discovery file
 #   - promtool check config on deploy/prometheus.yml (when Debian's prometheus package is installed)
 #
 #   scripts/static-checks.sh            exit 0 when every check passes
@@ -69,8 +71,11 @@ if render docker-compose.yml >"$tmp/gpu.yml" 2>"$tmp/gpu.err"; then echo "render
 step "$renderer config: docker-compose.yml + docker-compose.cpu.yml"
 if render docker-compose.yml docker-compose.cpu.yml >"$tmp/cpu.yml" 2>"$tmp/cpu.err"; then echo "rendered"; else cat "$tmp/cpu.err"; fail "render the CPU variant"; fi
 
+step "$renderer config: docker-compose.ray.yml"
+if render docker-compose.ray.yml >"$tmp/ray.yml" 2>"$tmp/ray.err"; then echo "rendered"; else cat "$tmp/ray.err"; fail "render the Ray variant"; fi
+
 step "assertions on the rendered compose model"
-if ! "$TOOLS_VENV/bin/python" scripts/check_compose.py "$tmp/gpu.yml" "$tmp/cpu.yml" deploy/prometheus.yml; then
+if ! "$TOOLS_VENV/bin/python" scripts/check_compose.py "$tmp/gpu.yml" "$tmp/cpu.yml" "$tmp/ray.yml" deploy/prometheus.yml; then
   fail "compose assertions"
 fi
 

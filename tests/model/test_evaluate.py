@@ -115,6 +115,25 @@ def test_evaluate_end_to_end_with_tiny_models(tmp_path, fashion_mnist_dir):
     table = format_table(r)
     assert "Frechet distance" in table and "0-shot gen" in table
 
+    # Against the validation split: its own reference and floor, from the held-out training images.
+    v = evaluate(
+        weights,
+        clf,
+        str(fashion_mnist_dir),
+        per_class=3,
+        steps=2,
+        guidance=1.5,
+        batch_size=16,
+        reference="val",
+        val_size=40,
+    )
+    assert v["reference"] == "val (40 held-out training images)" and "samples vs val" in format_table(v)
+    assert v["frechet_distance"] != r["frechet_distance"]
+    assert v["frechet_distance_real_train"] != r["frechet_distance_real_train"]
+    assert v["accuracy"] == r["accuracy"]  # the same samples
+    with pytest.raises(ValueError, match="reference must be one of test, val"):
+        evaluate(weights, clf, str(fashion_mnist_dir), per_class=1, steps=1, reference="train")
+
     written = json.loads(write_card(weights, r).read_text())
     assert written["quality"]["accuracy"] == r["accuracy"]
     assert written["quality"]["clip"]["per_class"] == r["clip"]["per_class"]
