@@ -23,6 +23,7 @@ from typing import Any, TypeVar, cast
 import torch
 from torch import nn
 
+from model import machine
 from model.io import LoadedWeights
 from model.samplers import Denoiser
 from model.unet import count_parameters
@@ -37,15 +38,9 @@ CPU_ROWS = 16
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when present, else CPU; an explicit device that is absent is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available (set FASHION_DEVICE=auto or cpu)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError(f"device {name!r} requested but MPS is not available")
-    return device
+    """The device FASHION_DEVICE names, by model.machine's rules (``auto``: CUDA when present, else CPU;
+    an explicit device that is absent is a RuntimeError)."""
+    return machine.resolve_device(name, setting="FASHION_DEVICE")
 
 
 async def on_fresh_thread(fn: Callable[..., T], *args: Any) -> T:

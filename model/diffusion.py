@@ -145,12 +145,20 @@ def training_loss(
     prediction: str = "v",
     min_snr_gamma: float | None = 5.0,
     generator: torch.Generator | None = None,
+    *,
+    t: torch.Tensor | None = None,
+    eps: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The simple diffusion loss (Ho et al. 2020, alg. 1) for eps or v targets, mean over the batch."""
+    """The simple diffusion loss (Ho et al. 2020, alg. 1) for eps or v targets, mean over the batch.
+
+    The timesteps ``t`` (B,) and noise ``eps`` (like ``x0``) are drawn from ``generator`` unless given:
+    distributed training draws them for the whole global batch and hands each rank its rows."""
     _check_prediction(prediction)
     b = len(x0)
-    t = torch.randint(0, schedule.T, (b,), device=x0.device, generator=generator)
-    eps = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
+    if t is None:
+        t = torch.randint(0, schedule.T, (b,), device=x0.device, generator=generator)
+    if eps is None:
+        eps = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
     x_t = q_sample(schedule, x0, t, eps)
     target = eps if prediction == "eps" else v_target(schedule, x0, t, eps)
     out = model(x_t, t, y)

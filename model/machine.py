@@ -1,4 +1,4 @@
-"""One line that says what machine a number was measured on."""
+"""What machine this is: the one line that says what a number was measured on, and the device to run on."""
 
 from __future__ import annotations
 
@@ -27,3 +27,16 @@ def describe(device: torch.device | str = "cpu", threads: int | None = None) -> 
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (host: {cpu_model()}), {torch_part}"
     return f"{cpu_model()}, {os.cpu_count()} logical CPUs, {torch_part}"
+
+
+def resolve_device(name: str, setting: str = "--device") -> torch.device:
+    """``auto`` is CUDA when present, else CPU; an explicit device that is absent is an error that
+    names ``setting``, the option or variable the name came from."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available (set {setting}=auto or cpu)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError(f"device {name!r} requested but MPS is not available")
+    return device

@@ -8,6 +8,11 @@ Every epoch: validation loss of the EMA weights, a sample grid, an atomic checkp
 checkpoint. ``--max-minutes`` ends training cleanly (the learning rate anneals against the
 time budget as well as the step budget) and still exports ``weights/<name>.safetensors`` and
 ``weights/<name>.json``.
+
+    torchrun --nproc-per-node 4 -m model.train ...   # the same run as 4 DistributedDataParallel ranks
+
+Under torchrun every rank computes its share of each ``--batch-size`` batch and rank 0 alone
+writes; model/distributed.py has the rules.
 """
 
 from __future__ import annotations
@@ -18,17 +23,22 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from model import distributed
 from model.data import CLASS_NAMES, NUM_CLASSES, FashionMNIST, to_model_range
 from model.diffusion import Schedule, training_loss
+from model.distributed import World
 from model.images import grid
 from model.io import atomic_torch_save, save_weights
-from model.machine import describe
+from model.machine import describe, resolve_device
 from model.samplers import Denoiser, generators_from_seeds, sample, to_uint8
 from model.unet import UNet, UNetConfig, count_parameters
 
@@ -69,12 +79,7 @@ class TrainConfig:
     compile: bool = False
     sample_guidance: float = 2.0  # guidance of the per-epoch sample grid
     sample_steps: int = 20
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    log_every: int = 50  # steps between the training lines of metrics.jsonl
 
 
 def uses_bfloat16(precision: str, device: torch.device) -> bool:
@@ -197,176 +202,336 @@ def make_card(cfg: TrainConfig, record: dict) -> dict:
     }
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Run (or resume) training; returns the exported card's path."""
-    device = resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    run = Path(cfg.run_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    ckpt_path, metrics_path = run / "checkpoint.pt", run / "metrics.jsonl"
+class Log:
+    """RUN/metrics.jsonl and the printed lines. Only the main rank writes: every other rank's Log is silent."""
 
-    data = FashionMNIST.load(cfg.data_dir)
-    (tr_x, tr_y), (va_x, va_y) = data.split(cfg.val_size, cfg.seed)
-    if cfg.train_limit:
-        tr_x, tr_y = tr_x[: cfg.train_limit], tr_y[: cfg.train_limit]
-    x_train, y_train = to_model_range(tr_x).to(device), torch.from_numpy(tr_y).to(device)
-    x_val, y_val = to_model_range(va_x).to(device), torch.from_numpy(va_y).to(device)
+    def __init__(self, path: Path, enabled: bool):
+        self.enabled = enabled
+        self.file = path.open("a") if enabled else None
 
-    torch.manual_seed(cfg.seed)
-    schedule = Schedule.named(cfg.schedule, cfg.T)
-    model = UNet(cfg.unet).to(device)
-    if cfg.init_from and not (resume and ckpt_path.exists()):
-        model.load_state_dict(initial_weights(cfg).state_dict())
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)  # type: ignore[call-overload]  # missing from torch's stubs
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warmup = not cfg.init_from
-    ema = EMA(model, cfg.ema_decay, warmup)
-    extra = {decay: EMA(model, decay, warmup) for decay in cfg.ema_extra}
-    start_epoch, step, images_seen, elapsed = 0, 0, 0, 0.0
-    train_loss = val = float("nan")
+    def __enter__(self) -> Log:
+        return self
 
-    if resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+    def __exit__(self, *exc: object) -> None:
+        if self.file:
+            self.file.close()
+
+    def row(self, row: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def say(self, text: str) -> None:
+        if self.enabled:
+            tqdm.write(text)
+
+
+def memory_format(cfg: TrainConfig) -> torch.memory_format:
+    return torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+
+@dataclass
+class Data:
+    """The split's images, in the model's range [-1, 1], and their labels, on the training device."""
+
+    x_train: torch.Tensor  # (N, 1, 28, 28)
+    y_train: torch.Tensor  # (N,)
+    x_val: torch.Tensor  # (val_size, 1, 28, 28)
+    y_val: torch.Tensor  # (val_size,)
+
+    @classmethod
+    def load(cls, cfg: TrainConfig, device: torch.device) -> Data:
+        (tr_x, tr_y), (va_x, va_y) = FashionMNIST.load(cfg.data_dir).split(cfg.val_size, cfg.seed)
+        if cfg.train_limit:
+            tr_x, tr_y = tr_x[: cfg.train_limit], tr_y[: cfg.train_limit]
+        return cls(
+            to_model_range(tr_x).to(device),
+            torch.from_numpy(tr_y).to(device),
+            to_model_range(va_x).to(device),
+            torch.from_numpy(va_y).to(device),
+        )
+
+
+@dataclass
+class State:
+    """What a checkpoint holds: the network, its optimizer and EMAs, and how far training got."""
+
+    model: UNet
+    opt: torch.optim.AdamW
+    ema: EMA  # the EMA that is validated, sampled and exported
+    extra: dict[float, EMA]  # the --ema-extra decays
+    epoch: int = 0  # epochs finished
+    step: int = 0  # optimizer steps taken
+    images_seen: int = 0  # over all ranks
+    elapsed: float = 0.0  # seconds of training and validation over every resume (rank 0's clock)
+    train_loss: float = math.nan  # running mean of the global batches' loss at the end of the last epoch
+    val_loss: float = math.nan  # of the EMA weights, after the last epoch
+
+    @classmethod
+    def new(cls, cfg: TrainConfig, device: torch.device, warm_start: bool) -> State:
+        """A seeded network, the same on every rank (``warm_start``: ``cfg.init_from``'s weights)."""
+        torch.manual_seed(cfg.seed)
+        model = UNet(cfg.unet).to(device)
+        if warm_start:
+            model.load_state_dict(initial_weights(cfg).state_dict())
+        model = model.to(memory_format=memory_format(cfg))  # type: ignore[call-overload]  # missing from torch's stubs
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warmup = not cfg.init_from
+        extra = {decay: EMA(model, decay, warmup) for decay in cfg.ema_extra}
+        return cls(model, opt, EMA(model, cfg.ema_decay, warmup), extra)
+
+    def resume(self, path: Path, cfg: TrainConfig, device: torch.device) -> None:
+        """Continue from the checkpoint at ``path``; refuse one of another network or diffusion."""
+        state = torch.load(path, map_location=device, weights_only=True)
         saved = state["config"]
         for key in ("schedule", "T", "prediction"):
             if saved[key] != getattr(cfg, key):
-                raise ValueError(
-                    f"{ckpt_path}: checkpoint was trained with {key}={saved[key]!r}, not {getattr(cfg, key)!r}"
-                )
+                raise ValueError(f"{path}: checkpoint was trained with {key}={saved[key]!r}, not {getattr(cfg, key)!r}")
         if saved["unet"] != cfg.unet.to_dict():
-            raise ValueError(f"{ckpt_path}: checkpoint was trained with a different UNetConfig: {saved['unet']}")
-        model.load_state_dict(state["model"])
-        ema.model.load_state_dict(state["ema"])
-        ema.updates = state["ema_updates"]
-        for decay, other in extra.items():
+            raise ValueError(f"{path}: checkpoint was trained with a different UNetConfig: {saved['unet']}")
+        self.model.load_state_dict(state["model"])
+        self.ema.model.load_state_dict(state["ema"])
+        for decay, other in self.extra.items():
             other.model.load_state_dict(state["ema_extra"][str(decay)])
-            other.updates = state["ema_updates"]
-        opt.load_state_dict(state["optimizer"])
-        start_epoch, step, images_seen, elapsed = state["epoch"], state["step"], state["images_seen"], state["elapsed"]
-        train_loss, val = state["train_loss"], state["val_loss"]
-        print(f"resumed {ckpt_path} at epoch {start_epoch}, {images_seen} images, {elapsed / 60:.1f} min")
-    elif not resume and metrics_path.exists():
-        metrics_path.unlink()
+        for ema in (self.ema, *self.extra.values()):
+            ema.updates = state["ema_updates"]
+        self.opt.load_state_dict(state["optimizer"])
+        self.epoch, self.step, self.images_seen = state["epoch"], state["step"], state["images_seen"]
+        self.elapsed, self.train_loss, self.val_loss = state["elapsed"], state["train_loss"], state["val_loss"]
 
-    forward = torch.compile(model) if cfg.compile else model
-    steps_per_epoch = len(x_train) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(x_train)} training images")
-    total_steps = cfg.epochs * steps_per_epoch
-    budget = cfg.max_minutes * 60 if cfg.max_minutes else None
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bfloat16(cfg.precision, device))
-    print(
-        f"UNet {count_parameters(model) / 1e6:.2f}M params on {describe(device)}; "
-        f"{len(x_train)} train / {len(x_val)} val images; {steps_per_epoch} steps per epoch"
+    def checkpoint(self, cfg: TrainConfig, world_size: int) -> dict:
+        return {
+            "config": {**asdict(cfg), "unet": cfg.unet.to_dict()},
+            "model": self.model.state_dict(),
+            "ema": self.ema.model.state_dict(),
+            "ema_updates": self.ema.updates,
+            "ema_extra": {str(d): e.model.state_dict() for d, e in self.extra.items()},
+            "optimizer": self.opt.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "images_seen": self.images_seen,
+            "elapsed": self.elapsed,
+            "train_loss": self.train_loss,
+            "val_loss": self.val_loss,
+            "world_size": world_size,  # of the run that wrote it (older checkpoints lack it: 1)
+        }
+
+
+@dataclass
+class Loop:
+    """What every step of one run shares."""
+
+    cfg: TrainConfig
+    world: World
+    device: torch.device
+    data: Data
+    schedule: Schedule
+    forward: Callable[..., torch.Tensor]  # the network as steps call it: DDP under torchrun, compiled with --compile
+    autocast: torch.autocast
+    steps_per_epoch: int
+    total_steps: int
+    budget: float | None  # seconds (--max-minutes)
+    draws: torch.Generator  # re-seeded from (seed, step) at every step
+
+    @classmethod
+    def new(cls, cfg: TrainConfig, world: World, device: torch.device, data: Data, model: UNet) -> Loop:
+        steps_per_epoch = len(data.x_train) // cfg.batch_size
+        if steps_per_epoch == 0:
+            raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(data.x_train)} training images")
+        # The network is the same on every rank; what still draws from torch's global generator from
+        # here on (dropout) draws differently on each.
+        torch.manual_seed(cfg.seed + world.rank)
+        forward: Callable[..., torch.Tensor] = model
+        if world.launched:
+            forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg.compile:
+            forward = torch.compile(forward)
+        return cls(
+            cfg,
+            world,
+            device,
+            data,
+            Schedule.named(cfg.schedule, cfg.T),
+            forward,
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bfloat16(cfg.precision, device)),
+            steps_per_epoch,
+            cfg.epochs * steps_per_epoch,
+            cfg.max_minutes * 60 if cfg.max_minutes else None,
+            torch.Generator(device=device),
+        )
+
+    def describe(self, model: UNet) -> str:
+        cfg, world, data = self.cfg, self.world, self.data
+        ranks = (
+            f"{world.size} ranks x {world.per_rank_batch(cfg.batch_size)} images per step; " if world.launched else ""
+        )
+        return (
+            f"UNet {count_parameters(model) / 1e6:.2f}M params on {describe(self.device)}; {ranks}"
+            f"{len(data.x_train)} train / {len(data.x_val)} val images; {self.steps_per_epoch} steps per epoch"
+        )
+
+    def fraction_done(self, state: State, t_epoch: float) -> float:
+        """How far through its budget of steps, or of time (rank 0's clock, so all ranks stop together), training is."""
+        frac = state.step / self.total_steps
+        if self.budget:
+            spent = distributed.broadcast(state.elapsed + time.perf_counter() - t_epoch, self.device)
+            frac = max(frac, spent / self.budget)
+        return frac
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Run (or resume) training and export the weights; returns the card's path. Under torchrun this
+    process is one rank of a DistributedDataParallel run (model/distributed.py has the rules)."""
+    world = World.from_env()
+    world.per_rank_batch(cfg.batch_size)  # refuse an uneven split before loading anything
+    device = world.device(resolve_device(cfg.device))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run = Path(cfg.run_dir)
+    ckpt_path, metrics_path = run / "checkpoint.pt", run / "metrics.jsonl"
+    resuming = resume and ckpt_path.exists()
+    with distributed.process_group(world, device):
+        if world.is_main:
+            run.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                metrics_path.unlink(missing_ok=True)
+        data = Data.load(cfg, device)
+        state = State.new(cfg, device, warm_start=bool(cfg.init_from) and not resuming)
+        with Log(metrics_path, world.is_main) as log:
+            if resuming:  # every rank loads the same checkpoint
+                state.resume(ckpt_path, cfg, device)
+                minutes = state.elapsed / 60
+                log.say(f"resumed {ckpt_path} at epoch {state.epoch}, {state.images_seen} images, {minutes:.1f} min")
+            loop = Loop.new(cfg, world, device, data, state.model)
+            log.say(loop.describe(state.model))
+            train_epochs(loop, state, log, progress)
+        if world.is_main:
+            plot_losses(metrics_path, run / "loss_curve.png")
+            export(cfg, ckpt_path)
+        distributed.barrier()  # the other ranks return once the weights are written
+    return weights_path(cfg).with_suffix(".json")
+
+
+def train_epochs(loop: Loop, state: State, log: Log, progress: bool) -> None:
+    """Epochs up to --epochs, each validated and checkpointed, until the step or time budget runs out."""
+    while state.epoch < loop.cfg.epochs:
+        if loop.budget and state.elapsed >= loop.budget:
+            return  # resumed a run whose time was already spent: nothing left to train
+        t_epoch = time.perf_counter()
+        finished = run_epoch(loop, state, log, t_epoch, progress)
+        end_epoch(loop, state, log, t_epoch)
+        if not finished:
+            return
+
+
+def run_epoch(loop: Loop, state: State, log: Log, t_epoch: float, progress: bool) -> bool:
+    """Train through one epoch's seeded order of the images (the same on every rank); False when the
+    step or time budget ran out before its end."""
+    cfg = loop.cfg
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + state.epoch)  # resumable data order
+    order = torch.randperm(len(loop.data.x_train), generator=g).to(loop.device)
+    state.model.train()
+    bar = tqdm(
+        range(loop.steps_per_epoch),
+        desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
+        disable=not (progress and loop.world.is_main),
+        unit="batch",
+        dynamic_ncols=True,
+        mininterval=0.5 if sys.stderr.isatty() else 60,
     )
+    running, finished = None, True
+    for i in bar:
+        t_step = time.perf_counter()
+        frac = loop.fraction_done(state, t_epoch)
+        if frac >= 1.0:
+            finished = False
+            break
+        for group in state.opt.param_groups:
+            group["lr"] = cfg.lr * lr_factor(frac, state.step, cfg, loop.total_steps)
+        loss = train_step(loop, state, order[i * cfg.batch_size : (i + 1) * cfg.batch_size]).item()
+        running = loss if running is None else 0.98 * running + 0.02 * loss
+        rate = cfg.batch_size / (time.perf_counter() - t_step)
+        lr = state.opt.param_groups[0]["lr"]
+        # The bar shows rank 0's share of the batch, without a collective per step; the log has every rank's.
+        bar.set_postfix(loss=f"{running:.4f}", img_s=f"{rate:.0f}", lr=f"{lr:.1e}", refresh=False)
+        if state.step % cfg.log_every == 0:
+            # Each rank's loss is the mean over its equal share of the global batch, and the running mean
+            # is linear in the losses: the averages over ranks are the global batch's loss and running mean.
+            running_all, loss_all = distributed.average([running, loss], loop.device)
+            row = {"step": state.step, "images": state.images_seen, "loss": running_all, "batch_loss": loss_all}
+            log.row({"kind": "train", **row, "lr": lr, "images_per_s": rate})
+    bar.close()
+    if running is not None:
+        state.train_loss = distributed.average([running], loop.device)[0]
+    return finished
 
-    out_of_time = False
-    with metrics_path.open("a") as log:
-        for epoch in range(start_epoch, cfg.epochs):
-            if budget and elapsed >= budget:
-                break  # resumed a run whose time was already spent: nothing left to train
-            g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # resumable data order
-            order = torch.randperm(len(x_train), generator=g).to(device)
-            model.train()
-            bar = tqdm(
-                range(steps_per_epoch),
-                desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                disable=not progress,
-                unit="batch",
-                dynamic_ncols=True,
-                mininterval=0.5 if sys.stderr.isatty() else 60,
-            )
-            t_epoch, running = time.perf_counter(), None
-            for i in bar:
-                t_step = time.perf_counter()
-                frac = step / total_steps
-                if budget:
-                    frac = max(frac, (elapsed + (time.perf_counter() - t_epoch)) / budget)
-                if frac >= 1.0:
-                    out_of_time = True
-                    break
-                for group in opt.param_groups:
-                    group["lr"] = cfg.lr * lr_factor(frac, step, cfg, total_steps)
-                idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-                xb, yb = x_train[idx].contiguous(memory_format=memory_format), y_train[idx].clone()
-                yb[torch.rand(len(yb), device=device) < cfg.label_dropout] = cfg.unet.num_classes
-                with autocast:
-                    loss = training_loss(forward, schedule, xb, yb, cfg.prediction, cfg.min_snr_gamma)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
-                ema.update(model)
-                for other in extra.values():
-                    other.update(model)
-                step += 1
-                images_seen += len(xb)
-                running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-                rate = len(xb) / (time.perf_counter() - t_step)
-                bar.set_postfix(
-                    loss=f"{running:.4f}", img_s=f"{rate:.0f}", lr=f"{opt.param_groups[0]['lr']:.1e}", refresh=False
-                )
-                if step % 50 == 0:
-                    log.write(
-                        json.dumps(
-                            {
-                                "kind": "train",
-                                "step": step,
-                                "images": images_seen,
-                                "loss": running,
-                                "lr": opt.param_groups[0]["lr"],
-                                "images_per_s": rate,
-                            }
-                        )
-                        + "\n"
-                    )
-                    log.flush()
-            bar.close()
-            train_loss = running if running is not None else train_loss
-            val = validation_loss(ema.model, schedule, cfg, x_val, y_val)
-            val_extra = {str(d): validation_loss(e.model, schedule, cfg, x_val, y_val) for d, e in extra.items()}
-            sample_grid(ema.model, schedule, cfg, device).save(run / f"samples_epoch{epoch + 1:03d}.png")
-            elapsed += time.perf_counter() - t_epoch  # the budget and the record include validation
-            row = {
+
+def step_draws(loop: Loop, step: int, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The timesteps, noise and label-dropout mask of one step's whole global batch, from a generator
+    seeded by (seed, step). Every rank draws the same and takes its rows, so the ranks' averaged
+    gradient is the one process's gradient of the same batch; a resumed run draws what it would have."""
+    entropy = np.random.SeedSequence((loop.cfg.seed, step)).generate_state(1, np.uint64)[0]
+    g = loop.draws.manual_seed(int(entropy))
+    t = torch.randint(0, loop.schedule.T, (rows,), device=loop.device, generator=g)  # (B,)
+    eps = torch.randn((rows, *loop.data.x_train.shape[1:]), device=loop.device, generator=g)  # (B, 1, 28, 28)
+    drop = torch.rand(rows, device=loop.device, generator=g) < loop.cfg.label_dropout  # (B,)
+    return t, eps, drop
+
+
+def train_step(loop: Loop, state: State, batch: torch.Tensor) -> torch.Tensor:
+    """One optimizer step on the global batch ``batch`` (indices into the training images), of which
+    this rank computes its part; returns the loss of that part."""
+    cfg, world = loop.cfg, loop.world
+    t, eps, drop = (world.part(rows) for rows in step_draws(loop, state.step, len(batch)))
+    idx = world.part(batch)
+    x0 = loop.data.x_train[idx].contiguous(memory_format=memory_format(cfg))  # (b, 1, 28, 28)
+    y = torch.where(drop, cfg.unet.num_classes, loop.data.y_train[idx])  # dropped labels: the null class
+    with loop.autocast:
+        loss = training_loss(loop.forward, loop.schedule, x0, y, cfg.prediction, cfg.min_snr_gamma, t=t, eps=eps)
+    state.opt.zero_grad(set_to_none=True)
+    loss.backward()  # under DDP the gradients arrive averaged over the ranks: the global batch's
+    torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
+    state.opt.step()
+    for ema in (state.ema, *state.extra.values()):
+        ema.update(state.model)
+    state.step += 1
+    state.images_seen += len(batch)
+    return loss
+
+
+def end_epoch(loop: Loop, state: State, log: Log, t_epoch: float) -> None:
+    """Validate the EMAs, save the sample grid, log the epoch and save the checkpoint, on rank 0 while
+    the other ranks wait; then every rank carries on with rank 0's clock."""
+    cfg, run, x, y = loop.cfg, Path(loop.cfg.run_dir), loop.data.x_val, loop.data.y_val
+    state.epoch += 1
+    if loop.world.is_main:
+        state.val_loss = validation_loss(state.ema.model, loop.schedule, cfg, x, y)
+        val_extra = {str(d): validation_loss(e.model, loop.schedule, cfg, x, y) for d, e in state.extra.items()}
+        sample_grid(state.ema.model, loop.schedule, cfg, loop.device).save(run / f"samples_epoch{state.epoch:03d}.png")
+        state.elapsed += time.perf_counter() - t_epoch  # the budget and the record include validation
+        log.row(
+            {
                 "kind": "epoch",
-                "epoch": epoch + 1,
-                "step": step,
-                "images": images_seen,
-                "train_loss": train_loss,
-                "val_loss": val,
+                "epoch": state.epoch,
+                "step": state.step,
+                "images": state.images_seen,
+                "train_loss": state.train_loss,
+                "val_loss": state.val_loss,
                 "val_loss_ema_extra": val_extra,
-                "elapsed_min": elapsed / 60,
+                "elapsed_min": state.elapsed / 60,
             }
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            tqdm.write(
-                f"epoch {epoch + 1}: train {train_loss:.4f}  val(EMA) {val:.4f}  "
-                f"{images_seen} images  {elapsed / 60:.1f} min"
-            )
-            atomic_torch_save(
-                {
-                    "config": {**asdict(cfg), "unet": cfg.unet.to_dict()},
-                    "model": model.state_dict(),
-                    "ema": ema.model.state_dict(),
-                    "ema_updates": ema.updates,
-                    "ema_extra": {str(d): e.model.state_dict() for d, e in extra.items()},
-                    "optimizer": opt.state_dict(),
-                    "epoch": epoch + 1,
-                    "step": step,
-                    "images_seen": images_seen,
-                    "elapsed": elapsed,
-                    "train_loss": train_loss,
-                    "val_loss": val,
-                },
-                ckpt_path,
-            )
-            if out_of_time:
-                break
+        )
+        log.say(
+            f"epoch {state.epoch}: train {state.train_loss:.4f}  val(EMA) {state.val_loss:.4f}  "
+            f"{state.images_seen} images  {state.elapsed / 60:.1f} min"
+        )
+        atomic_torch_save(state.checkpoint(cfg, loop.world.size), run / "checkpoint.pt")
+    state.elapsed = distributed.broadcast(state.elapsed, loop.device)  # and a barrier
 
-    plot_losses(metrics_path, run / "loss_curve.png")
-    return export(cfg, ckpt_path)
+
+def weights_path(cfg: TrainConfig) -> Path:
+    """Where ``cfg``'s weights are exported; the card goes beside them (.json)."""
+    return Path(cfg.weights_dir) / f"{cfg.name}.safetensors"
 
 
 def export(cfg: TrainConfig, ckpt_path: Path, ema_decay: float | None = None) -> Path:
@@ -390,11 +555,14 @@ def export(cfg: TrainConfig, ckpt_path: Path, ema_decay: float | None = None) ->
         model.load_state_dict(kept[str(ema_decay)])
         cfg = replace(cfg, ema_decay=ema_decay)
     device = resolve_device(cfg.device)
+    world_size = state.get("world_size", 1)
     record = {
         "epochs": state["epoch"],
         "steps": state["step"],
         "images_seen": state["images_seen"],
         "batch_size": cfg.batch_size,
+        "world_size": world_size,  # processes (torchrun ranks) that shared each batch
+        "per_rank_batch_size": cfg.batch_size // world_size,
         "wall_minutes": round(state["elapsed"] / 60, 2),
         "hardware": describe(device, cfg.threads),
         "torch": torch.__version__,
@@ -411,7 +579,7 @@ def export(cfg: TrainConfig, ckpt_path: Path, ema_decay: float | None = None) ->
         record["initialised_from"] = {"weights": Path(cfg.init_from).name, "training": earlier}
         before = earlier.get("total_wall_minutes", earlier.get("wall_minutes", 0.0))
         record["total_wall_minutes"] = round(record["wall_minutes"] + float(before), 2)
-    out = Path(cfg.weights_dir) / f"{cfg.name}.safetensors"
+    out = weights_path(cfg)
     card_path = save_weights(model, make_card(cfg, record), out)
     print(f"exported {out} and {card_path}")
     return card_path
@@ -452,12 +620,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--log-every", type=int, default=d.log_every, help="steps between metrics.jsonl lines")
+    p.add_argument("--sample-steps", type=int, default=d.sample_steps, help="sampler steps of the per-epoch grid")
     p.add_argument("--base-channels", type=int, default=u.base_channels)
     p.add_argument("--channel-mults", type=int, nargs="+", default=list(u.channel_mults))
     p.add_argument("--blocks-per-stage", type=int, default=u.blocks_per_stage)
     p.add_argument("--attention-stages", type=int, nargs="*", default=list(u.attention_stages))
     p.add_argument("--stem-patch", type=int, default=u.stem_patch)
     p.add_argument("--dropout", type=float, default=u.dropout)
+    p.add_argument("--groups", type=int, default=u.groups, help="GroupNorm groups")
     a = p.parse_args(argv)
     unet = replace(
         u,
@@ -467,6 +638,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
         attention_stages=tuple(a.attention_stages),
         stem_patch=a.stem_patch,
         dropout=a.dropout,
+        groups=a.groups,
     )
     cfg = TrainConfig(
         data_dir=a.data_dir,
@@ -497,6 +669,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
         threads=a.threads,
         channels_last=a.channels_last,
         compile=a.compile,
+        log_every=a.log_every,
+        sample_steps=a.sample_steps,
     )
     return cfg, a
 
@@ -504,7 +678,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
 def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_args(argv)
     if args.export_only:
-        export(cfg, Path(cfg.run_dir) / "checkpoint.pt", args.export_ema)
+        if World.from_env().is_main:  # started by torchrun, the other ranks have nothing to do
+            export(cfg, Path(cfg.run_dir) / "checkpoint.pt", args.export_ema)
     else:
         train(cfg, resume=args.resume, progress=not args.no_progress)
     return 0

@@ -102,10 +102,14 @@ def test_training_lowers_the_loss(trained, fashion_mnist_dir):
 
 
 def test_resume_continues_from_the_checkpoint(trained, tmp_path):
+    """Of a checkpoint as they were before torchrun training, too: without world_size and log_every."""
     cfg, root, _ = trained
     shutil.copytree(root, tmp_path, dirs_exist_ok=True)
     resumed = replace(cfg, run_dir=str(tmp_path / "run"), weights_dir=str(tmp_path / "weights"), epochs=3)
     before = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    older = {k: v for k, v in before.items() if k != "world_size"}
+    older["config"] = {k: v for k, v in before["config"].items() if k != "log_every"}
+    torch.save(older, tmp_path / "run" / "checkpoint.pt")
     train(resumed, resume=True, progress=False)
 
     rows = epoch_rows(tmp_path / "run")
@@ -117,7 +121,7 @@ def test_resume_continues_from_the_checkpoint(trained, tmp_path):
     assert {float(s["step"]) for s in state["optimizer"]["state"].values()} == {24.0}
     assert (tmp_path / "run" / "samples_epoch003.png").exists()
     record = load_weights(tmp_path / "weights" / "tiny.safetensors").card["training"]
-    assert (record["epochs"], record["images_seen"]) == (3, 1536)
+    assert (record["epochs"], record["images_seen"], record["world_size"]) == (3, 1536, 1)
 
 
 def test_resume_refuses_a_checkpoint_of_another_network(trained, tmp_path):
@@ -178,6 +182,12 @@ def test_cli_flags_reach_the_config():
             "--attention-stages",
             "--stem-patch",
             "1",
+            "--groups",
+            "4",
+            "--log-every",
+            "1",
+            "--sample-steps",
+            "3",
             "--resume",
         ]
     )
@@ -185,8 +195,9 @@ def test_cli_flags_reach_the_config():
     assert (cfg.epochs, cfg.max_minutes, cfg.batch_size, cfg.train_limit, cfg.val_size) == (3, 1.5, 32, 100, 50)
     assert (cfg.prediction, cfg.schedule, cfg.min_snr_gamma) == ("eps", "linear", None)
     assert cfg.unet == replace(
-        UNetConfig(), base_channels=16, channel_mults=(1, 2, 2), attention_stages=(), stem_patch=1
+        UNetConfig(), base_channels=16, channel_mults=(1, 2, 2), attention_stages=(), stem_patch=1, groups=4
     )
+    assert (cfg.log_every, cfg.sample_steps) == (1, 3)
     assert args.resume
 
 

@@ -1,0 +1,29 @@
+"""model/machine.py: the device to run on, as training and the service both resolve it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.machine import resolve_device
+
+
+def test_auto_is_cuda_when_present_else_the_cpu(monkeypatch):
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_an_absent_device_is_an_error_that_names_where_it_was_asked_for(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"device 'cuda:1' requested but CUDA is not available \(set --device=auto"):
+        resolve_device("cuda:1")
+    with pytest.raises(RuntimeError, match=r"\(set FASHION_DEVICE=auto or cpu\)"):
+        resolve_device("cuda", setting="FASHION_DEVICE")
+    with pytest.raises(RuntimeError, match="device 'mps' requested but MPS is not available"):
+        resolve_device("mps")
+    with pytest.raises(RuntimeError, match="Expected one of"):  # torch's own message for a name it does not know
+        resolve_device("gpu")
