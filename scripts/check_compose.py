@@ -125,6 +125,8 @@ def check_ray(check: Checks, ray: dict[str, Any], prom: dict[str, Any]) -> None:
         "Ray: the proxy loads app.ray_proxy",
     )
     check(("8000", "8000") in published(app), "Ray: the proxy publishes port 8000")
+    exposed = {target for _, target in published(app)} - {"8000"}
+    check(not exposed and "--dashboard-host" not in command, "Ray: the dashboard (it runs jobs) is not published")
     mounts = [v.get("target") if isinstance(v, dict) else str(v).split(":")[1] for v in app.get("volumes") or []]
     prom_mounts = [
         v.get("target") if isinstance(v, dict) else str(v).split(":")[1] for v in prometheus.get("volumes") or []
