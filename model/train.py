@@ -536,7 +536,7 @@ def weights_path(cfg: TrainConfig) -> Path:
 
 def export(cfg: TrainConfig, ckpt_path: Path, ema_decay: float | None = None) -> Path:
     """Write the checkpoint's EMA weights (``ema_decay``: one of the extra EMAs instead of the main
-    one) and card to ``weights_dir``.
+    one; 0: the raw weights, an EMA of decay 0) and card to ``weights_dir``.
 
     What defines the network and its training comes from the checkpoint, not from ``cfg``,
     so ``--export-only`` cannot mislabel weights; ``cfg`` supplies only the name and place.
@@ -547,10 +547,13 @@ def export(cfg: TrainConfig, ckpt_path: Path, ema_decay: float | None = None) ->
     model = UNet(cfg.unet)
     if ema_decay is None or ema_decay == cfg.ema_decay:
         model.load_state_dict(state["ema"])
+    elif ema_decay == 0:  # after a cooldown to a zero learning rate the weights themselves can be best
+        model.load_state_dict(state["model"])
+        cfg = replace(cfg, ema_decay=0.0)
     else:
         kept = state.get("ema_extra", {})
         if str(ema_decay) not in kept:
-            allowed = ", ".join([str(cfg.ema_decay), *kept])
+            allowed = ", ".join([str(cfg.ema_decay), *kept, "0 (the raw weights)"])
             raise ValueError(f"{ckpt_path} keeps no EMA with decay {ema_decay}; allowed: {allowed}")
         model.load_state_dict(kept[str(ema_decay)])
         cfg = replace(cfg, ema_decay=ema_decay)
@@ -602,7 +605,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--ema-decay", type=float, default=d.ema_decay)
     p.add_argument("--ema-extra", type=float, nargs="*", default=list(d.ema_extra), help="more EMA decays to keep")
-    p.add_argument("--export-ema", type=float, default=None, help="with --export-only: export this EMA decay")
+    p.add_argument(
+        "--export-ema", type=float, default=None, help="with --export-only: export this EMA decay (0: the raw weights)"
+    )
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule)
     p.add_argument("--rsqrt-ref-steps", type=int, default=d.rsqrt_ref_steps)
     p.add_argument("--cooldown-steps", type=int, default=d.cooldown_steps, help="rsqrt: final linear decay to 0")

@@ -233,7 +233,11 @@ def test_a_warm_start_keeps_extra_emas_and_records_the_earlier_training(trained,
     short = load_weights(out.with_suffix(".safetensors")).model.state_dict()
     assert all(torch.equal(short[k], state["ema_extra"]["0.1"][k]) for k in short)
     assert json.loads(out.read_text())["training"]["exported_ema_decay"] == 0.1
-    with pytest.raises(ValueError, match="keeps no EMA with decay 0.7; allowed: 0.999, 0.1, 0.99"):
+    raw = export(replace(warm, name="raw"), Path(warm.run_dir) / "checkpoint.pt", ema_decay=0)
+    weights = load_weights(raw.with_suffix(".safetensors")).model.state_dict()
+    assert all(torch.equal(weights[k], state["model"][k]) for k in weights)
+    assert json.loads(raw.read_text())["training"]["exported_ema_decay"] == 0
+    with pytest.raises(ValueError, match="keeps no EMA with decay 0.7; allowed: 0.999, 0.1, 0.99, 0 .the raw weights."):
         export(warm, Path(warm.run_dir) / "checkpoint.pt", ema_decay=0.7)
 
 
