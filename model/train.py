@@ -632,6 +632,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     p.add_argument("--blocks-per-stage", type=int, default=u.blocks_per_stage)
     p.add_argument("--attention-stages", type=int, nargs="*", default=list(u.attention_stages))
     p.add_argument("--stem-patch", type=int, default=u.stem_patch)
+    p.add_argument(
+        "--full-res-channels", type=int, default=u.full_res_channels, help="a thin full-resolution stage (0: none)"
+    )
     p.add_argument("--dropout", type=float, default=u.dropout)
     p.add_argument("--groups", type=int, default=u.groups, help="GroupNorm groups")
     a = p.parse_args(argv)
@@ -642,6 +645,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
         blocks_per_stage=a.blocks_per_stage,
         attention_stages=tuple(a.attention_stages),
         stem_patch=a.stem_patch,
+        full_res_channels=a.full_res_channels,
         dropout=a.dropout,
         groups=a.groups,
     )

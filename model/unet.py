@@ -6,7 +6,9 @@ weights, so a checkpoint is rebuilt with ``UNet(UNetConfig(**card["unet"]))``.
 For speed on small machines the first stage can work at half resolution:
 ``stem_patch=2`` folds each 2x2 pixel block into channels (pixel unshuffle) before
 the first convolution and unfolds it after the last, a lossless rearrangement that
-makes every convolution four times cheaper.
+makes every convolution four times cheaper. ``full_res_channels`` adds a thin stage at the full
+resolution around that fold: a residual block on the way in and one (with a skip) on the way out,
+so that edges are drawn where pixels are, not only in 2x2 blocks.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class UNetConfig:
     image_size: int = 28  # side of the square input, pixels
     in_channels: int = 1  # image channels (1: grayscale)
     stem_patch: int = 2  # pixel-unshuffle factor before the first conv (1: full resolution)
+    full_res_channels: int = 0  # with stem_patch > 1: channels of a residual stage at full resolution (0: none)
     base_channels: int = 64  # channels of the first stage
     channel_mults: tuple[int, ...] = (1, 2)  # channels per stage, as multiples of base_channels
     blocks_per_stage: int = 2  # residual blocks per stage on the way down (one more on the way up)
@@ -56,6 +59,13 @@ class UNetConfig:
                 f"base_channels must be even (it is the width of the sinusoidal time embedding), "
                 f"got {self.base_channels}"
             )
+        if self.full_res_channels < 0 or (self.full_res_channels and self.stem_patch == 1):
+            raise ValueError(
+                f"full_res_channels must be 0, or positive with stem_patch > 1, got {self.full_res_channels} "
+                f"with stem_patch {self.stem_patch}"
+            )
+        if self.full_res_channels % self.groups:
+            raise ValueError(f"groups {self.groups} must divide full_res_channels {self.full_res_channels}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         side = self.image_size // self.stem_patch
@@ -156,7 +166,13 @@ class UNet(nn.Module):
         self.class_emb = nn.Embedding(cfg.num_classes + 1, emb_dim)
 
         stem_in = cfg.in_channels * cfg.stem_patch**2
-        self.stem = nn.Conv2d(stem_in, c0, 3, padding=1)
+        f = cfg.full_res_channels
+        if f:  # full resolution: conv + block, then the fold; on the way out the unfold, block, conv
+            self.full_in = nn.Conv2d(cfg.in_channels, f, 3, padding=1)
+            self.full_down = ResBlock(f, f, emb_dim, cfg.groups, cfg.dropout)
+            self.stem = nn.Conv2d(f * cfg.stem_patch**2, c0, 1)  # the block mixed space already
+        else:
+            self.stem = nn.Conv2d(stem_in, c0, 3, padding=1)
 
         def block(c_in: int, c_out: int, stage: int) -> nn.ModuleList:
             layers: list[nn.Module] = [ResBlock(c_in, c_out, emb_dim, cfg.groups, cfg.dropout)]
@@ -198,13 +214,22 @@ class UNet(nn.Module):
         assert not skips and last >= 0
 
         self.out_norm = nn.GroupNorm(cfg.groups, c)
-        self.out_conv = nn.Conv2d(c, stem_in, 3, padding=1)
+        if f:
+            self.unstem = nn.Conv2d(c, f * cfg.stem_patch**2, 1)
+            self.full_up = ResBlock(2 * f, f, emb_dim, cfg.groups, cfg.dropout)
+            self.full_norm = nn.GroupNorm(cfg.groups, f)
+            self.out_conv = nn.Conv2d(f, cfg.in_channels, 3, padding=1)
+        else:
+            self.out_conv = nn.Conv2d(c, stem_in, 3, padding=1)
         zero_init(self.out_conv)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         emb = self.time_mlp(timestep_embedding(t, cfg.base_channels)) + self.class_emb(y)  # (B, 4C)
-        if cfg.stem_patch > 1:
+        if cfg.full_res_channels:
+            full = self.full_down(self.full_in(x), emb)  # (B, F, H, W)
+            x = F.pixel_unshuffle(full, cfg.stem_patch)  # (B, F*p*p, H/p, W/p)
+        elif cfg.stem_patch > 1:
             x = F.pixel_unshuffle(x, cfg.stem_patch)  # (B, p*p, H/p, W/p)
         h = self.stem(x)  # (B, C, H/p, W/p)
         skips = [h]
@@ -216,6 +241,10 @@ class UNet(nn.Module):
             if isinstance(next(layers.children()), ResBlock):
                 h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, h, w)
             h = _apply(layers, h, emb)
+        if cfg.full_res_channels:
+            h = F.pixel_shuffle(self.unstem(F.silu(self.out_norm(h))), cfg.stem_patch)  # (B, F, H, W)
+            h = self.full_up(torch.cat([h, full], dim=1), emb)  # (B, F, H, W)
+            return self.out_conv(F.silu(self.full_norm(h)))  # (B, 1, H, W)
         h = self.out_conv(F.silu(self.out_norm(h)))  # (B, p*p, H/p, W/p)
         if cfg.stem_patch > 1:
             h = F.pixel_shuffle(h, cfg.stem_patch)  # (B, 1, H, W)

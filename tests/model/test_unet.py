@@ -38,6 +38,7 @@ def inputs(b: int = 3, seed: int = 0):
         replace(TINY, attention_stages=(0, 1)),
         replace(TINY, stem_patch=1, channel_mults=(1, 2, 2), attention_stages=(2,)),  # 28 -> 14 -> 7
         replace(TINY, blocks_per_stage=1, channel_mults=(1,)),  # a single stage, no resampling
+        replace(TINY, full_res_channels=4),  # a thin 28x28 stage around the 2x2 fold
     ],
 )
 def test_output_has_the_input_shape(config):
@@ -80,6 +81,8 @@ def test_config_round_trips_through_json():
         ({"num_classes": 0}, r"num_classes must be a positive integer"),
         ({"stem_patch": 0}, r"stem_patch must be a positive integer"),
         ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+        ({"full_res_channels": 4, "stem_patch": 1}, r"full_res_channels must be 0, or positive with stem_patch > 1"),
+        ({"full_res_channels": 6}, r"groups 4 must divide full_res_channels 6"),
     ],
 )
 def test_bad_configs_raise_value_error_saying_what_is_allowed(changes, message):
@@ -114,12 +117,24 @@ def test_images_in_a_batch_do_not_influence_each_other():
         torch.testing.assert_close(model(x[i : i + 1], t[i : i + 1], y[i : i + 1])[0], batch[i], atol=1e-5, rtol=0)
 
 
-def test_every_parameter_takes_part():
-    model = perturb(UNet(replace(TINY, attention_stages=(0, 1)))).train()
+@pytest.mark.parametrize("config", [replace(TINY, attention_stages=(0, 1)), replace(TINY, full_res_channels=4)])
+def test_every_parameter_takes_part(config):
+    model = perturb(UNet(config)).train()
     x, t, y = inputs(3)
     model(x, t, y).square().mean().backward()
     unused = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().max() == 0]
     assert unused == []
+
+
+def test_the_full_resolution_stage_is_built_around_the_fold_and_starts_at_zero():
+    config = replace(TINY, full_res_channels=4)
+    model = UNet(config)
+    assert {"full_in.weight", "full_down.conv1.weight", "full_up.conv1.weight", "unstem.weight"} <= set(
+        model.state_dict()
+    )
+    assert model.stem.in_channels == 4 * 2 * 2 and model.out_conv.in_channels == 4  # folded F channels
+    x, t, y = inputs(1)
+    assert torch.equal(model(x, t, y), torch.zeros(1, 1, 28, 28))  # zero init
 
 
 def test_timestep_embedding_matches_the_transformer_formula():
