@@ -122,9 +122,12 @@ class Runtime:
         }
 
 
-def _dtype(precision: str, device: torch.device) -> torch.dtype:
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """``auto``: float16 on CUDA, bfloat16 on a CPU that computes it natively, float32 elsewhere."""
     if precision == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if device.type == "cpu" and machine.native_bfloat16() else torch.float32
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[precision]
 
 
@@ -151,4 +154,4 @@ def prepare(
     if rows:
         net = FixedRows(net, rows, clone_outputs=cudagraphs)
     denoiser = replace(loaded.denoiser, model=net)
-    return Runtime(denoiser, device, _dtype(precision, device), rows, count_parameters(loaded.model))
+    return Runtime(denoiser, device, autocast_dtype(precision, device), rows, count_parameters(loaded.model))

@@ -104,7 +104,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics.ready.set(1)
         app.state.clip = clip_service
         app.state.serving = Serving(
-            engine, name, defaults, T, str(device), loaded.card, metrics, scorers, replica=settings.replica
+            engine,
+            name,
+            defaults,
+            T,
+            str(device),
+            loaded.card,
+            metrics,
+            scorers,
+            replica=settings.replica,
+            precision=runtime.describe()["precision"],
         )
         log.info("ready: %s on %s (%s parameters)", name, device, runtime.parameters)
         clip_service.start()  # after ready: CLIP never delays the service

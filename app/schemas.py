@@ -325,6 +325,7 @@ class Health(BaseModel):
     status: str
     model: str | None = None
     device: str | None = None
+    precision: str | None = Field(default=None, description="the network's autocast dtype (FASHION_PRECISION)")
     clip: ComponentHealth | None = Field(
         default=None, description="CLIP (POST /clip/score, rerank by clip); the service is ready without it"
     )

@@ -3,15 +3,20 @@ evaluation, and the achieved GFLOP/s beside a float32 matrix-product peak measur
 
     python -m bench.sampling                                   # shipped weights, n = 16, 3 repeats
     python -m bench.sampling --guidance 1 --repeats 5 --runs dpm++:10 dpm++:20
+    python -m bench.sampling --precisions float32                # only float32 (default: float32 and auto)
 
 Without the weights file it times a freshly initialised network of the default shape
 (UNetConfig defaults with base_channels=48) and says so: speed does not depend on the weights' values.
+Each row runs in float32 and in the precision that FASHION_PRECISION=auto picks on this machine
+(``app.device.autocast_dtype``: bfloat16 on a CPU with AVX512_BF16 or AMX, float16 on CUDA), with
+the speed-up against float32 measured in the same run.
 Prints a Markdown table, with the machine it ran on.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from dataclasses import replace
@@ -20,6 +25,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from app.device import autocast_dtype
 from model.diffusion import Schedule
 from model.io import WeightsError, load_weights
 from model.machine import describe
@@ -88,16 +94,26 @@ def build_denoiser(weights: Path, device: torch.device) -> tuple[Denoiser, str, 
 
 
 def time_run(
-    den: Denoiser, n: int, sampler: str, steps: int, guidance: float, repeats: int, device: torch.device
+    den: Denoiser,
+    n: int,
+    sampler: str,
+    steps: int,
+    guidance: float,
+    repeats: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
 ) -> float:
-    """Median wall-clock seconds of ``repeats`` sampling calls for n images (one per class in turn)."""
+    """Median wall-clock seconds of ``repeats`` sampling calls for n images (one per class in turn),
+    the network under autocast to ``dtype`` as the service runs it."""
     labels = (torch.arange(n) % den.null_class).to(device)
     times = []
     for r in range(repeats):
         generators = generators_from_seeds(range(r * n, (r + 1) * n))
+        autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
         sync(device)
         t0 = time.perf_counter()
-        sample(den, labels, generators, sampler, steps, guidance)
+        with torch.inference_mode(), autocast:
+            sample(den, labels, generators, sampler, steps, guidance)
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
@@ -115,6 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--matmul-size", type=int, default=2048)
+    p.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=("float32", "auto", "bfloat16", "float16"),
+        default=["float32", "auto"],
+        help="autocast dtypes to time each row in (auto: what FASHION_PRECISION=auto picks here)",
+    )
     args = p.parse_args(argv)
     if args.repeats < 1 or args.n < 1:
         p.error("--repeats and --n must be at least 1")
@@ -148,17 +171,26 @@ def main(argv: list[str] | None = None) -> int:
         f"median of {args.repeats} run(s)\n"
     )
 
-    time_run(den, args.n, "dpm++", 2, guidance, 1, device)  # warm-up: allocator, kernels, caches
-    print("| sampler | steps | seconds | images/s | GFLOP/s | % of matmul peak |")
-    print("|---|---:|---:|---:|---:|---:|")
+    dtypes = list(dict.fromkeys(autocast_dtype(p, device) for p in args.precisions))  # auto may be float32
+    names = {
+        d: str(d).removeprefix("torch.") + (" (auto)" if d == autocast_dtype("auto", device) else "") for d in dtypes
+    }
+    for dtype in dtypes:
+        time_run(den, args.n, "dpm++", 2, guidance, 1, device, dtype)  # warm-up: allocator, kernels, caches
+    print("| sampler | steps | precision | seconds | images/s | vs float32 | GFLOP/s | % of float32 matmul peak |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
     for sampler, steps in args.runs:
-        seconds = time_run(den, args.n, sampler, steps, guidance, args.repeats, device)
-        achieved = flops * args.n * steps * evals_per_step / seconds / 1e9
-        print(
-            f"| {sampler} | {steps} | {seconds:.2f} | {args.n / seconds:.2f} | {achieved:.1f} | "
-            f"{100 * achieved / peak:.0f}% |",
-            flush=True,
-        )
+        base = None
+        for dtype in dtypes:
+            seconds = time_run(den, args.n, sampler, steps, guidance, args.repeats, device, dtype)
+            base = seconds if dtype == torch.float32 else base
+            ratio = f"{base / seconds:.2f}x" if base else ""
+            achieved = flops * args.n * steps * evals_per_step / seconds / 1e9
+            print(
+                f"| {sampler} | {steps} | {names[dtype]} | {seconds:.2f} | {args.n / seconds:.2f} | {ratio} | "
+                f"{achieved:.1f} | {100 * achieved / peak:.0f}% |",
+                flush=True,
+            )
     return 0
 
 

@@ -94,16 +94,32 @@ def evaluate_clip(
     return {"model": clip.spec.describe(), "templates": list(clip.spec.templates), "per_class": per_class, "mean": mean}
 
 
-def generate(weights, per_class: int, sampler: str, steps: int, guidance: float, batch_size: int, seed: int = 0):
-    """uint8 (10 * per_class, 28, 28) samples and their labels, class by class; seeds are seed, seed+1, ..."""
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def generate(
+    weights,
+    per_class: int,
+    sampler: str,
+    steps: int,
+    guidance: float,
+    batch_size: int,
+    seed: int = 0,
+    precision: str = "float32",
+):
+    """uint8 (10 * per_class, 28, 28) samples and their labels, class by class; seeds are seed, seed+1, ...
+    ``precision``: the network's autocast dtype, as the service's FASHION_PRECISION (the sampler stays float32)."""
     den = weights.denoiser
     device = next(den.model.parameters()).device
     labels = np.repeat(np.arange(NUM_CLASSES), per_class)
+    dtype = PRECISIONS[precision]
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     out = []
     for i in range(0, len(labels), batch_size):
         y = torch.from_numpy(labels[i : i + batch_size]).to(device)
         gens = generators_from_seeds(range(seed + i, seed + i + len(y)))
-        out.append(to_uint8(sample(den, y, gens, sampler, steps, guidance)))
+        with autocast:
+            out.append(to_uint8(sample(den, y, gens, sampler, steps, guidance)))
     return np.concatenate(out), labels
 
 
@@ -122,12 +138,15 @@ def evaluate(
     guidance_interval: tuple[float, float] | None = None,
     reference: str = "test",
     val_size: int = 5_000,
+    precision: str = "float32",
 ) -> dict:
     """Generate, classify and measure; returns the figures as a dict (see ``format_table``).
     ``guidance_interval`` replaces the card's (None: guidance at every step). ``reference``: the real
     images the distance is measured against, "test" or "val" (the ``val_size`` images training held out)."""
     if reference not in REFERENCES:
         raise ValueError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     weights = load_weights(weights_path, device)
     weights = dataclasses.replace(
         weights, denoiser=dataclasses.replace(weights.denoiser, guidance_interval=guidance_interval)
@@ -136,7 +155,7 @@ def evaluate(
     data = FashionMNIST.load(data_dir)
 
     start = time.perf_counter()
-    images, labels = generate(weights, per_class, sampler, steps, guidance, batch_size, seed)
+    images, labels = generate(weights, per_class, sampler, steps, guidance, batch_size, seed, precision)
     gen_seconds = time.perf_counter() - start
 
     probs, feats = predict(classifier, to_model_range(images).to(device))
@@ -158,6 +177,7 @@ def evaluate(
         "steps": steps,
         "guidance": guidance,
         "guidance_interval": list(guidance_interval) if guidance_interval else None,
+        "precision": precision,
         "per_class": per_class,
         "accuracy": float((pred == labels).mean()),
         "accuracy_per_class": {CLASS_NAMES[c]: float((pred[labels == c] == c).mean()) for c in range(NUM_CLASSES)},
@@ -190,7 +210,8 @@ def describe_interval(interval) -> str:
 def format_table(r: dict) -> str:
     ref = r.get("reference", "test").split(" ")[0]
     lines = [
-        f"samples: {r['per_class']} per class, {r['sampler']} {r['steps']} steps, guidance {r['guidance']}"
+        f"samples: {r['per_class']} per class, {r['sampler']} {r['steps']} steps, guidance {r['guidance']}, "
+        f"{r.get('precision', 'float32')}"
         f"{describe_interval(r.get('guidance_interval'))}  ({r['generation_seconds']} s on {r['machine']})",
         "",
         f"{'class':<14}{'accuracy':>10}",
@@ -277,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         help="guide only where SIGMA_LO < sigma_t <= SIGMA_HI; 'all': every step; default: the card's interval",
     )
     p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--precision", choices=list(PRECISIONS), default="float32", help="the network's autocast dtype")
     p.add_argument(
         "--reference", choices=REFERENCES, default="test", help="val: the held-out training images (for choosing)"
     )
@@ -332,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             clip_spec,
             interval,
             a.reference,
+            precision=a.precision,
         )
         print(format_table(r), end="\n\n", flush=True)
         results.append(r)

@@ -20,6 +20,23 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bfloat16(flags: frozenset[str] | None = None) -> bool:
+    """Whether the CPU computes bfloat16 in hardware (AVX512_BF16 or AMX): there, autocast to
+    bfloat16 runs convolutions and matmuls faster than float32; elsewhere it emulates and is slower."""
+    return bool({"avx512_bf16", "amx_bf16"} & (cpu_flags() if flags is None else flags))
+
+
 def describe(device: torch.device | str = "cpu", threads: int | None = None) -> str:
     """CPU or GPU model, torch version and CPU threads (``threads``: as configured, else torch's current)."""
     device = torch.device(device)

@@ -13,6 +13,7 @@ from httpx_sse import connect_sse
 
 from app import client as cli
 from app.settings import Settings
+from model.machine import native_bfloat16
 
 pytestmark = pytest.mark.timeout(180)
 REPO = Path(__file__).resolve().parents[2]
@@ -30,6 +31,7 @@ def test_generate_over_http(live: str, decode_png: Callable, metric: Callable) -
         assert http.get("/healthz").json() == {"status": "ok"}
         ready = http.get("/readyz").json()
         assert (ready["status"], ready["model"], ready["device"]) == ("ready", "tiny-test", "cpu")
+        assert ready["precision"] == ("bfloat16" if native_bfloat16() else "float32")  # FASHION_PRECISION=auto
         assert ready["clip"]["status"] in ("loading", "unavailable")  # no CLIP weights here; ready all the same
         r = http.post("/generate", json={"class": "sneaker", "n": 4, "seed": 9})
         assert r.status_code == 200

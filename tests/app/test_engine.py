@@ -72,6 +72,19 @@ MIXED = [
 ]
 
 
+def test_auto_precision_is_bfloat16_on_a_cpu_that_computes_it_and_float32_elsewhere(app_weights, monkeypatch):
+    from model import machine
+
+    loaded = load_weights(app_weights, "cpu")
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(machine, "native_bfloat16", lambda native=native: native)
+        runtime = prepare(loaded, torch.device("cpu"))
+        assert runtime.dtype == expected and runtime.describe()["precision"] == str(expected).removeprefix("torch.")
+    assert prepare(loaded, torch.device("cpu"), precision="float32").dtype == torch.float32  # asked for: kept
+    monkeypatch.setattr(machine, "native_bfloat16", lambda: False)
+    assert prepare(loaded, torch.device("cpu"), precision="bfloat16").dtype == torch.bfloat16
+
+
 def test_fixed_rows_makes_each_row_independent_of_its_batch(app_weights: Path) -> None:
     net = load_weights(app_weights, "cpu").model
     fixed = FixedRows(net, rows=4)

@@ -9,9 +9,9 @@ import torch
 
 from model.classifier import Classifier, ClassifierConfig, load_classifier, predict, random_shift, train_classifier
 from model.clip import TINY_MODEL, ClipSpec
-from model.evaluate import evaluate, format_table, frechet_distance, main, write_card
-from model.io import WeightsError, save_weights, save_weights_file
-from model.unet import UNet, tiny_config
+from model.evaluate import evaluate, format_table, frechet_distance, generate, main, write_card
+from model.io import WeightsError, load_weights, save_weights, save_weights_file
+from model.unet import UNet, perturbed_unet, tiny_config
 
 
 def test_frechet_distance_matches_the_closed_form_for_gaussians():
@@ -171,3 +171,17 @@ def test_evaluate_cli_takes_a_guidance_interval_and_keeps_it_in_the_card(tmp_pat
     with pytest.raises(SystemExit):
         main([*common, "--weights", str(tmp_path / "missing.safetensors")])
     assert "missing.json: card not found" in capsys.readouterr().err
+
+
+def test_generate_runs_the_network_in_the_precision_asked_for(tmp_path):
+    weights, _ = tiny_models(tmp_path)
+    net = perturbed_unet(tiny_config())  # an untrained U-Net outputs zeros, in any precision
+    save_weights(net, json.loads(weights.with_suffix(".json").read_text()), weights)
+    loaded = load_weights(weights)
+    full, labels = generate(loaded, 1, "dpm++", 3, 1.5, 16)
+    half, same_labels = generate(loaded, 1, "dpm++", 3, 1.5, 16, precision="bfloat16")
+    assert full.dtype == half.dtype == np.uint8 and (labels == same_labels).all()
+    assert not np.array_equal(full, half)  # bfloat16 rounds the network's output
+    assert np.abs(full.astype(int) - half.astype(int)).mean() < 8  # ... a little
+    with pytest.raises(ValueError, match="precision must be one of float32, bfloat16, float16"):
+        evaluate(weights, tmp_path / "none", per_class=1, steps=1, precision="int8")

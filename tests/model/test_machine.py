@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.machine import resolve_device
+from model.machine import native_bfloat16, resolve_device
 
 
 def test_auto_is_cuda_when_present_else_the_cpu(monkeypatch):
@@ -27,3 +27,10 @@ def test_an_absent_device_is_an_error_that_names_where_it_was_asked_for(monkeypa
         resolve_device("mps")
     with pytest.raises(RuntimeError, match="Expected one of"):  # torch's own message for a name it does not know
         resolve_device("gpu")
+
+
+def test_native_bfloat16_means_avx512_bf16_or_amx():
+    assert native_bfloat16(frozenset({"sse2", "avx512f", "avx512_bf16"}))
+    assert native_bfloat16(frozenset({"amx_tile", "amx_bf16"}))
+    assert not native_bfloat16(frozenset({"avx2", "avx512f", "avx512_vnni"}))  # AVX-512 alone emulates bf16
+    assert not native_bfloat16(frozenset())  # no /proc/cpuinfo: float32
