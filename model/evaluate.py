@@ -210,9 +210,9 @@ def describe_interval(interval) -> str:
 def format_table(r: dict) -> str:
     ref = r.get("reference", "test").split(" ")[0]
     lines = [
-        f"samples: {r['per_class']} per class, {r['sampler']} {r['steps']} steps, guidance {r['guidance']}, "
-        f"{r.get('precision', 'float32')}"
-        f"{describe_interval(r.get('guidance_interval'))}  ({r['generation_seconds']} s on {r['machine']})",
+        f"samples: {r['per_class']} per class, {r['sampler']} {r['steps']} steps, guidance {r['guidance']}"
+        f"{describe_interval(r.get('guidance_interval'))}, {r.get('precision', 'float32')}"
+        f"  ({r['generation_seconds']} s on {r['machine']})",
         "",
         f"{'class':<14}{'accuracy':>10}",
     ]

@@ -128,6 +128,7 @@ def test_evaluate_end_to_end_with_tiny_models(tmp_path, fashion_mnist_dir):
         val_size=40,
     )
     assert v["reference"] == "val (40 held-out training images)" and "samples vs val" in format_table(v)
+    assert "guidance 1.5, float32  (" in format_table(v)
     assert v["frechet_distance"] != r["frechet_distance"]
     assert v["frechet_distance_real_train"] != r["frechet_distance_real_train"]
     assert v["accuracy"] == r["accuracy"]  # the same samples
