@@ -107,7 +107,7 @@ class RayEngineMetrics(EngineMetrics):
 )
 @serve.ingress()
 class FashionDiffusion:
-    """One replica. ``settings`` override the ``FASHION_*`` environment (tests pass the weights here)."""
+    """One replica. ``settings`` (``FashionDiffusion.bind(weights=...)``) override the ``FASHION_*`` environment."""
 
     def __init__(self, **settings: Any) -> None:
         replica = serve.get_replica_context().replica_tag
