@@ -109,9 +109,7 @@ class Runtime:
     parameters: int
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+        return machine.autocast(self.device.type, self.dtype)
 
     def describe(self) -> dict[str, str]:
         return {
@@ -128,7 +126,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda":
             return torch.float16
         return torch.bfloat16 if device.type == "cpu" and machine.native_bfloat16() else torch.float32
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[precision]
+    return machine.DTYPES[precision]
 
 
 def prepare(

@@ -113,7 +113,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             metrics,
             scorers,
             replica=settings.replica,
-            precision=runtime.describe()["precision"],
         )
         log.info("ready: %s on %s (%s parameters)", name, device, runtime.parameters)
         clip_service.start()  # after ready: CLIP never delays the service

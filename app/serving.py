@@ -79,7 +79,6 @@ class Serving:
     metrics: Metrics
     scorers: dict[str, Scorer] = field(default_factory=dict)  # rerank methods: "clip", "classifier"
     replica: str = ""  # this process's name (Settings.replica)
-    precision: str = "float32"  # the network's autocast dtype
 
 
 @dataclass(frozen=True)

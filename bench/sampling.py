@@ -16,7 +16,6 @@ Prints a Markdown table, with the machine it ran on.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
 from dataclasses import replace
@@ -28,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from app.device import autocast_dtype
 from model.diffusion import Schedule
 from model.io import WeightsError, load_weights
-from model.machine import describe
+from model.machine import autocast, describe
 from model.samplers import SAMPLERS, Denoiser, generators_from_seeds, sample
 from model.unet import UNet, UNetConfig, count_parameters
 
@@ -109,10 +108,9 @@ def time_run(
     times = []
     for r in range(repeats):
         generators = generators_from_seeds(range(r * n, (r + 1) * n))
-        autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
         sync(device)
         t0 = time.perf_counter()
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), autocast(device.type, dtype):
             sample(den, labels, generators, sampler, steps, guidance)
         sync(device)
         times.append(time.perf_counter() - t0)

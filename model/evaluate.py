@@ -32,7 +32,7 @@ import torch
 from model.classifier import load_classifier, predict
 from model.data import CLASS_NAMES, NUM_CLASSES, FashionMNIST, to_model_range
 from model.io import WeightsError, atomic_write_bytes, card_sampling, load_weights, read_card
-from model.machine import describe
+from model.machine import DTYPES, autocast, describe
 from model.samplers import check_guidance_interval, generators_from_seeds, sample, to_uint8
 
 if TYPE_CHECKING:
@@ -94,9 +94,6 @@ def evaluate_clip(
     return {"model": clip.spec.describe(), "templates": list(clip.spec.templates), "per_class": per_class, "mean": mean}
 
 
-PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def generate(
     weights,
     per_class: int,
@@ -112,13 +109,11 @@ def generate(
     den = weights.denoiser
     device = next(den.model.parameters()).device
     labels = np.repeat(np.arange(NUM_CLASSES), per_class)
-    dtype = PRECISIONS[precision]
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     out = []
     for i in range(0, len(labels), batch_size):
         y = torch.from_numpy(labels[i : i + batch_size]).to(device)
         gens = generators_from_seeds(range(seed + i, seed + i + len(y)))
-        with autocast:
+        with autocast(device.type, DTYPES[precision]):
             out.append(to_uint8(sample(den, y, gens, sampler, steps, guidance)))
     return np.concatenate(out), labels
 
@@ -145,8 +140,8 @@ def evaluate(
     images the distance is measured against, "test" or "val" (the ``val_size`` images training held out)."""
     if reference not in REFERENCES:
         raise ValueError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision not in DTYPES:
+        raise ValueError(f"precision must be one of {', '.join(DTYPES)}, got {precision!r}")
     weights = load_weights(weights_path, device)
     weights = dataclasses.replace(
         weights, denoiser=dataclasses.replace(weights.denoiser, guidance_interval=guidance_interval)
@@ -298,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         help="guide only where SIGMA_LO < sigma_t <= SIGMA_HI; 'all': every step; default: the card's interval",
     )
     p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--precision", choices=list(PRECISIONS), default="float32", help="the network's autocast dtype")
+    p.add_argument("--precision", choices=list(DTYPES), default="float32", help="the network's autocast dtype")
     p.add_argument(
         "--reference", choices=REFERENCES, default="test", help="val: the held-out training images (for choosing)"
     )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,6 +37,16 @@ def native_bfloat16(flags: frozenset[str] | None = None) -> bool:
     """Whether the CPU computes bfloat16 in hardware (AVX512_BF16 or AMX): there, autocast to
     bfloat16 runs convolutions and matmuls faster than float32; elsewhere it emulates and is slower."""
     return bool({"avx512_bf16", "amx_bf16"} & (cpu_flags() if flags is None else flags))
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # autocast by name
+
+
+def autocast(device_type: str, dtype: torch.dtype) -> contextlib.AbstractContextManager[Any]:
+    """Autocast of the network to ``dtype`` on ``device_type``; float32 is no autocast at all."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype)
 
 
 def describe(device: torch.device | str = "cpu", threads: int | None = None) -> str:

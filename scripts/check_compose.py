@@ -55,6 +55,11 @@ def published(service: dict[str, Any]) -> set[tuple[str, str]]:
     return out
 
 
+def mount_targets(service: dict[str, Any]) -> list[str]:
+    """Where each volume is mounted in the container (long or short syntax)."""
+    return [str(v.get("target")) if isinstance(v, dict) else str(v).split(":")[1] for v in service.get("volumes") or []]
+
+
 def gpu_devices(service: dict[str, Any]) -> list[dict[str, Any]]:
     return (((service.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get("devices") or []
 
@@ -127,11 +132,10 @@ def check_ray(check: Checks, ray: dict[str, Any], prom: dict[str, Any]) -> None:
     check(("8000", "8000") in published(app), "Ray: the proxy publishes port 8000")
     exposed = {target for _, target in published(app)} - {"8000"}
     check(not exposed and "--dashboard-host" not in command, "Ray: the dashboard (it runs jobs) is not published")
-    mounts = [v.get("target") if isinstance(v, dict) else str(v).split(":")[1] for v in app.get("volumes") or []]
-    prom_mounts = [
-        v.get("target") if isinstance(v, dict) else str(v).split(":")[1] for v in prometheus.get("volumes") or []
-    ]
-    check("/tmp/ray" in mounts and "/tmp/ray" in prom_mounts, "Ray: /tmp/ray shared with Prometheus")
+    check(
+        "/tmp/ray" in mount_targets(app) and "/tmp/ray" in mount_targets(prometheus),
+        "Ray: /tmp/ray shared with Prometheus",
+    )
     files = [
         f
         for job in prom.get("scrape_configs", [])

@@ -31,7 +31,12 @@ async def readyz(request: Request) -> Any:
     CLIP and the classifier are reported beside it (``loading``, ``ready`` or ``unavailable`` with a
     message saying how to provide the weights); the service is ready, and generates, without them."""
     serving = get_serving(request)  # raises the 503 ApiError
-    health = Health(status="ready", model=serving.name, device=serving.device, precision=serving.precision)
+    health = Health(
+        status="ready",
+        model=serving.name,
+        device=serving.device,
+        precision=serving.engine.runtime.describe()["precision"],
+    )
     clip = getattr(request.app.state, "clip", None)
     if clip is not None:
         health.clip = ComponentHealth(status=clip.status, model=clip.describe(), message=clip.message)
