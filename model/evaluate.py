@@ -33,7 +33,7 @@ from model.classifier import load_classifier, predict
 from model.data import CLASS_NAMES, NUM_CLASSES, FashionMNIST, to_model_range
 from model.io import WeightsError, atomic_write_bytes, card_sampling, load_weights, read_card
 from model.machine import DTYPES, autocast, describe
-from model.samplers import check_guidance_interval, generators_from_seeds, sample, to_uint8
+from model.samplers import SAMPLERS, check_guidance_interval, generators_from_seeds, sample, to_uint8
 
 if TYPE_CHECKING:
     from model.clip import Clip
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classifier", default="weights/classifier.safetensors")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--per-class", type=int, default=500)
-    p.add_argument("--sampler", default=None, choices=("ddpm", "ddim", "dpm++"), help="default: the card's, else dpm++")
+    p.add_argument("--sampler", default=None, choices=SAMPLERS, help="default: the card's, else dpm++")
     p.add_argument("--steps", type=int, default=None, help="default: the card's, else 20")
     p.add_argument(
         "--guidance",

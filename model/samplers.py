@@ -1,4 +1,5 @@
-"""Samplers: ancestral DDPM, DDIM and DPM-Solver++(2M), with classifier-free guidance.
+"""Samplers: ancestral DDPM, DDIM, DPM-Solver++(2M) and multistep consistency sampling, with
+classifier-free guidance.
 
 A sampler is an explicit per-trajectory state (``SamplerState``: x_t, the step index, the
 sampler's memory, the per-image generators) and a pure step function
@@ -23,7 +24,7 @@ import torch
 
 from model.diffusion import Schedule, split_prediction
 
-SAMPLERS = ("ddpm", "ddim", "dpm++")
+SAMPLERS = ("ddpm", "ddim", "dpm++", "consistency")
 
 
 class SamplingStopped(Exception):
@@ -145,7 +146,7 @@ def spaced_timesteps(T: int, steps: int) -> list[int]:
 class SamplerState:
     """A batch of trajectories in flight, all at the same step of the same sampler."""
 
-    sampler: str  # "ddpm", "ddim" or "dpm++"
+    sampler: str  # one of SAMPLERS
     timesteps: tuple[int, ...]  # the evaluation timesteps, descending
     x: torch.Tensor  # (B, C, H, W) x_t at timesteps[index]; the sample itself once done
     generators: tuple[torch.Generator, ...]  # one per image: x_T and every later noise draw
@@ -183,7 +184,7 @@ def start(
         if steps != schedule.T:
             raise ValueError(f"ddpm runs all {schedule.T} steps; got steps={steps}")
         timesteps = list(range(schedule.T - 1, -1, -1))
-    elif sampler in ("ddim", "dpm++"):
+    elif sampler in ("ddim", "dpm++", "consistency"):
         timesteps = spaced_timesteps(schedule.T, steps)
     else:
         raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
@@ -201,6 +202,8 @@ def step(state: SamplerState, schedule: Schedule, eps: torch.Tensor, x0: torch.T
         return _ddpm_step(state, schedule, x0)
     if state.sampler == "ddim":
         return _ddim_step(state, schedule, eps, x0)
+    if state.sampler == "consistency":
+        return _consistency_step(state, schedule, x0)
     return _dpm_solver_pp_step(state, schedule, x0)
 
 
@@ -234,6 +237,20 @@ def _ddim_step(state: SamplerState, schedule: Schedule, eps: torch.Tensor, x0: t
     x = float(np.sqrt(a_prev)) * x0 + float(np.sqrt(max(1 - a_prev - sigma**2, 0.0))) * eps
     if sigma > 0:
         x = x + float(sigma) * _noise_like(x, state.generators)
+    return replace(state, x=x, index=i + 1)
+
+
+def _consistency_step(state: SamplerState, schedule: Schedule, x0: torch.Tensor) -> SamplerState:
+    """Multistep consistency sampling (Song et al. 2023, alg. 1): the network's x0 prediction is
+    taken as the end of the trajectory, and re-noised with fresh noise to the next timestep. For a
+    network distilled to map x_t to its trajectory's end (``model.distill``), one step is a sample
+    and each further step corrects it at a lower noise level."""
+    i, ts = state.index, state.timesteps
+    if i + 1 == len(ts):
+        return replace(state, x=x0, index=i + 1)
+    # x_s = sqrt(alpha_bar_s) x0 + sqrt(1 - alpha_bar_s) z, z ~ N(0, I) drawn from each image's generator.
+    a_s = schedule.alpha_bar[ts[i + 1]]
+    x = float(np.sqrt(a_s)) * x0 + float(np.sqrt(1 - a_s)) * _noise_like(x0, state.generators)
     return replace(state, x=x, index=i + 1)
 
 

@@ -30,8 +30,15 @@ from model.samplers import (
 )
 
 NULL = 10  # the null class of a 10-class model
-RUNS = [("ddpm", 1000, 0.0), ("ddim", 50, 0.0), ("ddim", 50, 1.0), ("dpm++", 10, 0.0), ("dpm++", 20, 0.0)]
-RUN_IDS = ["ddpm-1000", "ddim-50-eta0", "ddim-50-eta1", "dpm++-10", "dpm++-20"]
+RUNS = [
+    ("ddpm", 1000, 0.0),
+    ("ddim", 50, 0.0),
+    ("ddim", 50, 1.0),
+    ("dpm++", 10, 0.0),
+    ("dpm++", 20, 0.0),
+    ("consistency", 4, 0.0),
+]
+RUN_IDS = ["ddpm-1000", "ddim-50-eta0", "ddim-50-eta1", "dpm++-10", "dpm++-20", "consistency-4"]
 
 
 class _Oracle(torch.nn.Module):
@@ -133,8 +140,15 @@ def test_every_sampler_recovers_the_oracles_image(sampler, steps, eta, predictio
     assert np.abs(stds - 1).max() < 0.05, stds
     # ... and e_t carries over to the next step with the correlation the sampler implies:
     # 1 for the deterministic ones; sqrt(ab_t (1 - ab_s) / (ab_s (1 - ab_t))) from t to s for
-    # DDPM and DDIM with eta = 1 (both draw from the posterior q(x_s | x_t, x0)).
+    # DDPM and DDIM with eta = 1 (both draw from the posterior q(x_s | x_t, x0)); none for
+    # consistency sampling, whose every step re-noises with the image's next fresh draw.
     ab = sch.alpha_bar
+    if sampler == "consistency":
+        gens = generators_from_seeds(list(range(8)))
+        draws = [torch.stack([torch.randn((1, 28, 28), generator=g) for g in gens]) for _ in trace]
+        for e, z in zip(noise, draws, strict=True):
+            torch.testing.assert_close(e, z.double(), rtol=0, atol=2e-2)  # float32 x0 from eps at low noise
+        return
     for prev, nxt, e0, e1 in zip(trace, trace[1:], noise, noise[1:], strict=False):
         if sampler == "ddpm" or eta == 1.0:
             a_t, a_s = ab[prev.t], ab[nxt.t]
