@@ -186,7 +186,8 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("-n", type=int, default=16, help="how many images")
         s.add_argument("-o", "--out", required=True, help="directory for the PNGs")
         s.add_argument("--steps", type=int)
-        s.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"])
+        # No choices here: the server knows its samplers, and its 422 names them (one list, model.samplers).
+        s.add_argument("--sampler", help="default: the model's")
         s.add_argument("--guidance", type=float)
         s.add_argument("--seed", type=int)
         s.add_argument("--rerank", choices=["clip", "classifier"], help="sample more candidates, keep the best n")

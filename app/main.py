@@ -36,6 +36,7 @@ from app.scorers import Scorer, load_classifier_scorer
 from app.serving import Defaults, Serving
 from app.settings import Settings
 from model.io import WeightsError, card_sampling, load_weights
+from model.samplers import SAMPLERS
 
 log = logging.getLogger("app")
 
@@ -52,8 +53,8 @@ def sampling_defaults(settings: Settings, card: dict[str, Any], T: int) -> Defau
     guidance = settings.guidance if settings.guidance is not None else from_card.guidance
     if sampler == "ddpm":
         steps = T
-    if sampler not in ("ddpm", "ddim", "dpm++"):
-        raise WeightsError(f"card sampling.sampler {sampler!r} is not one of ddpm, ddim, dpm++")
+    if sampler not in SAMPLERS:
+        raise WeightsError(f"card sampling.sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
     if not 1 <= int(steps) <= min(T, settings.max_steps):
         raise WeightsError(
             f"default steps {steps} outside 1..{min(T, settings.max_steps)} (FASHION_STEPS / FASHION_MAX_STEPS)"

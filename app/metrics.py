@@ -18,6 +18,7 @@ from prometheus_client import (
 )
 
 from app.jobs import Job
+from model.samplers import SAMPLERS
 
 NAMESPACE = "fashion"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -137,7 +138,7 @@ class Metrics:
         for stage in ("queued", "running"):
             self.jobs_cancelled.labels(stage)
         self.jobs_rejected.labels("queue_full")
-        for sampler in ("ddpm", "ddim", "dpm++"):
+        for sampler in SAMPLERS:
             self.images.labels(sampler)
         for outcome in CLIP_OUTCOMES:
             self.clip_requests.labels(outcome)

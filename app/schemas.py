@@ -17,7 +17,8 @@ from pydantic_core import PydanticCustomError
 from model.data import CLASS_NAMES, NUM_CLASSES, class_allowed, parse_class
 
 SEED_MAX = 2**32 - 1
-SamplerName = Literal["ddpm", "ddim", "dpm++"]
+# model.samplers.SAMPLERS as a type, so mypy and the OpenAPI page know the names (a test keeps them equal).
+SamplerName = Literal["ddpm", "ddim", "dpm++", "consistency"]
 RerankMethod = Literal["clip", "classifier"]
 ComponentStatus = Literal["loading", "ready", "unavailable"]
 MAX_TEXT_CHARS = 1000  # a prompt longer than this cannot fit CLIP's 77 tokens anyway
@@ -164,7 +165,11 @@ class GenerateRequestBase(BaseModel):
     n: PositiveInt = 16
     steps: PositiveInt | None = None
     sampler: SamplerName | None = Field(
-        default=None, description="ddpm (ancestral), ddim or dpm++ (DPM-Solver++ 2M); default: the server's"
+        default=None,
+        description=(
+            "ddpm (ancestral), ddim, dpm++ (DPM-Solver++ 2M) or consistency (multistep consistency sampling, "
+            "for a distilled student); default: the model's"
+        ),
     )
     guidance: NonNegativeFloat | None = None
     seed: Seed | None = Field(

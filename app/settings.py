@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.schemas import SamplerName
 from model.clip import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEFAULT_TEMPLATES
 from model.samplers import check_guidance_interval
 
@@ -78,7 +79,7 @@ class Settings(BaseSettings):
     )
 
     # Sampling defaults; None takes the weights card's "sampling" section, then dpm++ / 20 / 1.0.
-    sampler: Literal["ddpm", "ddim", "dpm++"] | None = None
+    sampler: SamplerName | None = None
     steps: int | None = Field(default=None, ge=1)
     guidance: float | None = Field(default=None, ge=0.0, allow_inf_nan=False)
     guidance_interval: tuple[float, float] | Literal["all"] | None = Field(

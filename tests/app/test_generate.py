@@ -7,14 +7,16 @@ import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
+from app.schemas import SamplerName
 from app.settings import Settings
+from model.samplers import SAMPLERS
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -126,6 +128,19 @@ def test_samplers_and_explicit_parameters(client: TestClient) -> None:
         "guidance": 1.0,
         "seed": 3,
     }
+
+
+def test_every_sampler_of_model_samplers_is_served(client: TestClient, metric: Callable) -> None:
+    """The service's one list of samplers is model.samplers.SAMPLERS; the Literal type spells it out."""
+    assert get_args(SamplerName) == SAMPLERS
+    assert Settings(sampler="consistency").sampler == "consistency"
+    for sampler in SAMPLERS:
+        steps = 1000 if sampler == "ddpm" else 2
+        r = client.post("/generate", json={"class": 6, "n": 1, "seed": 4, "sampler": sampler, "steps": steps})
+        assert r.status_code == 200, r.text
+        assert (r.json()["params"]["sampler"], r.json()["params"]["steps"]) == (sampler, steps)
+    text = client.get("/metrics").text
+    assert all(metric(text, "fashion_images_generated_total", sampler=s) == 1 for s in SAMPLERS)
 
 
 def test_the_cards_guidance_interval_is_used_and_reported(

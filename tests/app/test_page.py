@@ -7,6 +7,7 @@ import base64
 import io
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -44,6 +45,15 @@ def test_the_page_and_its_files_are_served(live: str) -> None:
         assert src in page.text
         assert httpx.get(live + src).status_code == 200
     assert "https://" not in page.text and "http://" not in page.text  # nothing from elsewhere: works offline
+
+
+def test_the_pages_samplers_are_model_samplers() -> None:
+    from model.samplers import SAMPLERS
+
+    html = (Path(__file__).resolve().parents[2] / "app/static/index.html").read_text()
+    select = re.search(r'<select name="sampler">(.*?)</select>', html)
+    assert select is not None
+    assert sorted(re.findall(r"<option>([^<]+)</option>", select.group(1))) == sorted(SAMPLERS)
 
 
 def test_schedule_is_the_weights_schedule(live: str) -> None:
