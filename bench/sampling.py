@@ -4,6 +4,12 @@ evaluation, and the achieved GFLOP/s beside a float32 matrix-product peak measur
     python -m bench.sampling                                   # shipped weights, n = 16, 3 repeats
     python -m bench.sampling --guidance 1 --repeats 5 --runs dpm++:10 dpm++:20
     python -m bench.sampling --precisions float32                # only float32 (default: float32 and auto)
+    python -m bench.sampling --student-runs consistency:1 consistency:4
+
+The distilled student (``--student``, weights/fashion-student.safetensors when it exists) is timed
+beside the teacher at its card's guidance (1: distilled in) for 1, 2 and 4 steps, and every row
+gets its speed-up over the teacher's DPM-Solver++ 20 steps in the same precision, measured in the
+same run.
 
 Without the weights file it times a freshly initialised network of the default shape
 (UNetConfig defaults with base_channels=48) and says so: speed does not depend on the weights' values.
@@ -18,7 +24,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,6 +38,8 @@ from model.samplers import SAMPLERS, Denoiser, generators_from_seeds, sample
 from model.unet import UNet, UNetConfig, count_parameters
 
 DEFAULT_RUNS = ["ddpm:1000", "ddim:50", "dpm++:10", "dpm++:20"]
+STUDENT_RUNS = ["consistency:1", "consistency:2", "consistency:4"]
+REFERENCE = ("dpm++", 20)  # the teacher's card sampling: every row's speed-up is against it
 
 
 def sync(device: torch.device) -> None:
@@ -117,14 +125,46 @@ def time_run(
     return statistics.median(times)
 
 
+@dataclass(frozen=True)
+class Row:
+    model: str
+    den: Denoiser
+    sampler: str
+    steps: int
+    guidance: float
+
+    @property
+    def evaluations(self) -> int:
+        """Network evaluations per image: two per step while guided (the conditional and the null branch)."""
+        return self.steps * (1 if self.guidance == 1.0 else 2)
+
+
+def check_runs(p: argparse.ArgumentParser, runs: list[tuple[str, int]], T: int) -> None:
+    for sampler, steps in runs:  # refuse bad rows before spending minutes on good ones
+        if sampler not in SAMPLERS or not 1 <= steps <= T or (sampler == "ddpm" and steps != T):
+            p.exit(
+                2,
+                f"error: {sampler}:{steps}: samplers are {', '.join(SAMPLERS)} with 1..{T} steps (ddpm: exactly {T})\n",
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.sampling", description=__doc__.splitlines()[0])
     p.add_argument("--weights", type=Path, default=Path("weights/fashion-unet.safetensors"))
+    p.add_argument("--student", type=Path, default=Path("weights/fashion-student.safetensors"))
     p.add_argument("--guidance", type=float, default=None, help="default: the card's sampling guidance (2.0 without)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per row; the median is reported")
     p.add_argument("--n", type=int, default=16, help="images per call")
     p.add_argument(
         "--runs", type=parse_run, nargs="+", default=[parse_run(r) for r in DEFAULT_RUNS], metavar="SAMPLER:STEPS"
+    )
+    p.add_argument(
+        "--student-runs",
+        type=parse_run,
+        nargs="*",
+        default=[parse_run(r) for r in STUDENT_RUNS],
+        metavar="SAMPLER:STEPS",
+        help="the student's rows (none: the teacher alone)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="cpu")
@@ -145,27 +185,32 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         den, what, card_guidance = build_denoiser(args.weights, device)
+        student = load_weights(args.student, device) if args.student_runs and args.student.exists() else None
     except WeightsError as err:
         p.exit(2, f"error: {err}\n")
     T = den.schedule.T
-    for sampler, steps in args.runs:  # refuse bad rows before spending minutes on good ones
-        if sampler not in SAMPLERS or not 1 <= steps <= T or (sampler == "ddpm" and steps != T):
-            p.exit(
-                2,
-                f"error: {sampler}:{steps}: samplers are {', '.join(SAMPLERS)} with 1..{T} steps (ddpm: exactly {T})\n",
-            )
+    check_runs(p, [*args.runs, *args.student_runs], T)
     guidance = card_guidance if args.guidance is None else args.guidance
-    evals_per_step = 1 if guidance == 1.0 else 2  # guidance runs the conditional and the null branch
+    runs = list(dict.fromkeys([*args.runs, REFERENCE]))  # the reference always runs
+    rows = [Row("teacher", den, sampler, steps, guidance) for sampler, steps in runs]
+    if student is not None:
+        s_guidance = float(student.card.get("sampling", {}).get("guidance", 1.0))
+        rows += [Row("student", student.denoiser, sampler, steps, s_guidance) for sampler, steps in args.student_runs]
     config = den.model.config
     flops = flops_per_image(den.model, config, device)
     peak = matmul_peak(device, args.matmul_size)
 
     print(f"machine: {describe(device)}")
-    print(f"weights: {what}")
+    print(f"teacher: {what}")
+    if student is not None:
+        teacher_name = student.card.get("distillation", {}).get("teacher")
+        print(f"student: {args.student} ({student.card.get('name')}, distilled from {teacher_name})")
+    else:
+        print(f"student: {args.student} not found or not asked for: the teacher alone")
     print(f"network: {flops / 1e9:.3f} GFLOP per image per evaluation (torch FlopCounterMode)")
     print(f"matmul peak: {peak:.1f} GFLOP/s (float32 torch.mm, {args.matmul_size}x{args.matmul_size}, best of 1 s)")
     print(
-        f"n = {args.n} images, guidance {guidance:g} ({evals_per_step} network evaluation(s) per image and step), "
+        f"n = {args.n} images, teacher guidance {guidance:g} (2 network evaluations per image and step unless 1), "
         f"median of {args.repeats} run(s)\n"
     )
 
@@ -175,18 +220,26 @@ def main(argv: list[str] | None = None) -> int:
     }
     for dtype in dtypes:
         time_run(den, args.n, "dpm++", 2, guidance, 1, device, dtype)  # warm-up: allocator, kernels, caches
-    print("| sampler | steps | precision | seconds | images/s | vs float32 | GFLOP/s | % of float32 matmul peak |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|")
-    for sampler, steps in args.runs:
-        base = None
+    seconds = {
+        (i, dtype): time_run(r.den, args.n, r.sampler, r.steps, r.guidance, args.repeats, device, dtype)
+        for i, r in enumerate(rows)
+        for dtype in dtypes
+    }
+    reference = runs.index(REFERENCE)
+    print(
+        "| model | sampler | steps | evaluations/image | precision | seconds | images/s | vs float32 "
+        "| vs teacher dpm++ 20 | GFLOP/s | % of float32 matmul peak |"
+    )
+    print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    for i, r in enumerate(rows):
         for dtype in dtypes:
-            seconds = time_run(den, args.n, sampler, steps, guidance, args.repeats, device, dtype)
-            base = seconds if dtype == torch.float32 else base
-            ratio = f"{base / seconds:.2f}x" if base else ""
-            achieved = flops * args.n * steps * evals_per_step / seconds / 1e9
+            sec = seconds[i, dtype]
+            vs_fp32 = f"{seconds[i, torch.float32] / sec:.2f}x" if (i, torch.float32) in seconds else ""
+            achieved = flops * args.n * r.evaluations / sec / 1e9
             print(
-                f"| {sampler} | {steps} | {names[dtype]} | {seconds:.2f} | {args.n / seconds:.2f} | {ratio} | "
-                f"{achieved:.1f} | {100 * achieved / peak:.0f}% |",
+                f"| {r.model} | {r.sampler} | {r.steps} | {r.evaluations} | {names[dtype]} | {sec:.2f} | "
+                f"{args.n / sec:.2f} | {vs_fp32} | {seconds[reference, dtype] / sec:.1f}x | {achieved:.1f} | "
+                f"{100 * achieved / peak:.0f}% |",
                 flush=True,
             )
     return 0
