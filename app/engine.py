@@ -1,24 +1,34 @@
 """The step-level engine: every active job shares every network evaluation, whatever its parameters.
 
-One worker thread owns the device. Each *tick* is one network evaluation over the rows of every
-active job, whatever its sampler, step count, guidance, class or progress: each row brings its own
-timestep, a job that guides at that step also brings a null-class row per image, guidance is
-combined per job (``model.samplers.Denoiser.rows``), and then every job advances one step of its
-own sampler (``model.samplers.step``). This is the iteration-level scheduling of LLM servers (Orca,
-OSDI 2022; vLLM's continuous batching) applied to diffusion: a job that arrives joins at the next
-tick, a finished job leaves at once, a cancelled one at the next tick, and no job waits for
-another to end.
+One worker thread owns the device and serves one or more models (a teacher and its distilled
+student, say). Each *tick* is one network evaluation per model that has active jobs, over the rows
+of all of that model's jobs, whatever their sampler, step count, guidance, class or progress: each
+row brings its own timestep, a job that guides at that step also brings a null-class row per image,
+guidance is combined per job (``model.samplers.Denoiser.rows``), and then every job advances one
+step of its own sampler (``model.samplers.step``). So every model with work advances at every tick,
+none waits for another's jobs, and a model's rows are never batched with another's. This is the
+iteration-level scheduling of LLM servers (Orca, OSDI 2022; vLLM's continuous batching) applied to
+diffusion: a job that arrives joins at the next tick, a finished job leaves at once, a cancelled one
+at the next tick, and no job waits for another to end.
 
-Admission is first come, first served within a row budget (``max_rows`` rows per evaluation; a
-job counts its peak rows, 2 per image when it guides). The oldest waiting job is always the next
-to enter: a later job never overtakes it, even when it would fit, so a large job gets in as soon
-as enough rows free up however many small jobs keep arriving, and small jobs flow past a large
-*running* job because the budget is shared, not held for the length of a batch. A job larger than
-the whole budget is refused at submission (``JobTooLarge``).
+Each model has its own *lane*: a queue, its running jobs and a row budget of ``max_rows`` rows per
+evaluation (a job counts its peak rows, 2 per image when it guides). The budget is per model because
+it bounds one network evaluation, and each model's evaluation is its own (its own memory peak, its
+own fixed-row chunks); a shared budget would let one model's long jobs hold rows that the other
+model's evaluation never uses, and a student's 4-step job would wait for teacher jobs to end. The
+price is that a tick runs up to ``max_rows`` rows per model, so with both models busy it takes the
+sum of their evaluations. The queue limit (``queue_size``) is per lane too, so a flood of requests
+for one model never refuses another's.
 
-Each image keeps its own ``torch.Generator`` and the network runs on fixed-size chunks of rows
-(``app.device.FixedRows``), so an image's bytes depend only on its seed and parameters, never on
-which jobs shared its ticks or when it joined.
+Admission is first come, first served within a lane: the oldest waiting job of a model is always
+the next of that model to enter, and a later job never overtakes it, even when it would fit, so a
+large job gets in as soon as enough rows free up however many small jobs keep arriving, and small
+jobs flow past a large *running* job because the budget is shared, not held for the length of a
+batch. A job larger than the whole budget is refused at submission (``JobTooLarge``).
+
+Each image keeps its own ``torch.Generator`` and each network runs on fixed-size chunks of rows
+(``app.device.FixedRows``), so an image's bytes depend only on its model, seed and parameters,
+never on which jobs (of its own model or another) shared its ticks or when it joined.
 
 Threading: ``submit``, ``cancel`` and ``drain`` are called on the event loop and only take a
 lock; ticks run on the worker thread; encoding, metrics and delivery to the loop run on the
@@ -34,14 +44,16 @@ import math
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from app.device import Runtime
 from app.jobs import EngineClosed, EventCallback, Job, JobCancelled, JobResult, JobSpec, JobTooLarge, Queued, QueueFull
-from app.output import Observer, Output
+from app.output import Evaluation, Observer, Output
 from model.samplers import SamplerState, generators_from_seeds, start, step, to_uint8
 
 log = logging.getLogger("app")
@@ -56,6 +68,16 @@ class _Running:
     job: Job
     state: SamplerState
     labels: torch.Tensor  # (n,)
+
+
+@dataclass
+class _Lane:
+    """One model's share of the engine: its network, its queue and its running jobs."""
+
+    name: str
+    runtime: Runtime
+    pending: deque[Job] = field(default_factory=deque)
+    running: list[_Running] = field(default_factory=list)
 
 
 def admission_ticks(active: list[tuple[int, int]], queued: list[tuple[int, int]], budget: int) -> list[int]:
@@ -79,23 +101,27 @@ def admission_ticks(active: list[tuple[int, int]], queued: list[tuple[int, int]]
 
 
 class Engine:
-    """Owns the device through one worker thread; see the module docstring."""
+    """Owns the device through one worker thread; see the module docstring. ``runtimes`` names the
+    models it serves, in order: a job that names no model (``JobSpec.model`` None) goes to the first."""
 
-    def __init__(self, runtime: Runtime, observer: Observer, *, queue_size: int = 64, max_rows: int = 128) -> None:
+    def __init__(
+        self, runtimes: Mapping[str, Runtime], observer: Observer, *, queue_size: int = 64, max_rows: int = 128
+    ) -> None:
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-        self.runtime = runtime
+        if not runtimes:
+            raise ValueError("the engine needs at least one model")
+        self.runtimes = dict(runtimes)
         self.observer = observer
-        self.queue_size = queue_size
-        self.max_rows = max_rows
-        self._pending: deque[Job] = deque()
-        self._running: list[_Running] = []
+        self.queue_size = queue_size  # per model
+        self.max_rows = max_rows  # per model and evaluation
+        self._lanes = {name: _Lane(name, runtime) for name, runtime in self.runtimes.items()}
         self._cond = threading.Condition()
         self._closing = False
         self._drain_deadline: float | None = None
         self._thread: threading.Thread | None = None
         self._output = Output(observer)
-        self._tick_s = 0.0  # moving average of the tick's wall time, for estimates
+        self._tick_s = 0.0  # moving average of the tick's wall time (every model's part), for estimates
 
     # --- event-loop side ---------------------------------------------------------------------
 
@@ -113,7 +139,12 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._pending)
+        """Jobs waiting, every model's."""
+        return sum(len(lane.pending) for lane in self._lanes.values())
+
+    def queue_depth_of(self, model: str) -> int:
+        """Jobs waiting for room in this model's row budget."""
+        return len(self._lane(model).pending)
 
     def submit(
         self,
@@ -124,19 +155,22 @@ class Engine:
         record: bool = True,
     ) -> Job:
         """Queue a job (on the event loop). Raises JobTooLarge for a job over the row budget,
-        QueueFull at once when ``queue_size`` jobs wait, EngineClosed when stopping or draining."""
+        QueueFull at once when ``queue_size`` jobs of its model wait, EngineClosed when stopping or
+        draining, and ValueError for a model the engine does not serve."""
+        lane = self._lane(spec.model)
+        spec = replace(spec, model=lane.name)
         if spec.rows > self.max_rows:
             raise JobTooLarge(spec.rows, self.max_rows, spec.n)
         loop = asyncio.get_running_loop()
         with self._cond:
             if self._closing or self._thread is None or self._drain_deadline is not None:
                 raise EngineClosed("the server is shutting down" if self._thread else "the engine is not running")
-            if record and len(self._pending) >= self.queue_size:
+            if record and len(lane.pending) >= self.queue_size:
                 self._output.call(self.observer.rejected, "queue_full")
-                raise QueueFull(len(self._pending), self._retry_after_locked())
+                raise QueueFull(len(lane.pending), self._retry_after_locked(lane))
             job = Job(spec, loop, on_event, preview_every, record)
-            self._pending.append(job)
-            self._output.call(self.observer.depth, len(self._pending), len(self._running))
+            lane.pending.append(job)
+            self._report_depth_locked()
             self._cond.notify_all()
         return job
 
@@ -145,11 +179,11 @@ class Engine:
         a running one at the next tick, and neither gets any more events."""
         with self._cond:
             if job.state == "queued":
-                self._pending.remove(job)
+                self._lane(job.spec.model).pending.remove(job)
                 job.state = "cancelled"
                 job.request_cancel()
                 self._output.failed(job, JobCancelled(f"job {job.id} cancelled while queued"), "queued")
-                self._output.call(self.observer.depth, len(self._pending), len(self._running))
+                self._report_depth_locked()
                 self._cond.notify_all()
                 return True
             if job.state == "running":
@@ -172,9 +206,8 @@ class Engine:
         with self._cond:
             if self._drain_deadline is None:
                 self._drain_deadline = time.monotonic() + seconds
-                log.info(
-                    "draining: %d running, %d queued, %.0f s to finish", len(self._running), len(self._pending), seconds
-                )
+                running = sum(len(lane.running) for lane in self._lanes.values())
+                log.info("draining: %d running, %d queued, %.0f s to finish", running, self.queue_depth, seconds)
             self._cond.notify_all()
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -189,17 +222,29 @@ class Engine:
             self._fail_all_locked(EngineClosed("the server is shutting down"))
         self._output.close()
 
-    def _estimates_locked(self) -> list[float]:
-        """Seconds from now until each queued job is admitted, at the measured tick time."""
-        active = [(r.job.spec.rows, r.state.total - r.state.index) for r in self._running]
-        queued = [(job.spec.rows, job.spec.steps) for job in self._pending]
+    def _lane(self, model: str | None) -> _Lane:
+        if model is None:
+            return next(iter(self._lanes.values()))
+        try:
+            return self._lanes[model]
+        except KeyError:
+            raise ValueError(f"unknown model {model!r}; this engine serves {', '.join(self._lanes)}") from None
+
+    def _estimates_locked(self, lane: _Lane) -> list[float]:
+        """Seconds from now until each job queued for this model is admitted, at the measured tick time."""
+        active = [(r.job.spec.rows, r.state.total - r.state.index) for r in lane.running]
+        queued = [(job.spec.rows, job.spec.steps) for job in lane.pending]
         tick = self._tick_s or DEFAULT_TICK_S
         return [ticks * tick for ticks in admission_ticks(active, queued, self.max_rows)]
 
-    def _retry_after_locked(self) -> int:
-        """Until the oldest waiting job is admitted, which frees a place in the queue."""
-        estimates = self._estimates_locked()
+    def _retry_after_locked(self, lane: _Lane) -> int:
+        """Until the model's oldest waiting job is admitted, which frees a place in its queue."""
+        estimates = self._estimates_locked(lane)
         return max(1, math.ceil(estimates[0] if estimates else self._tick_s))
+
+    def _report_depth_locked(self) -> None:
+        active = sum(len(lane.running) for lane in self._lanes.values())
+        self._output.call(self.observer.depth, self.queue_depth, active)
 
     # --- worker side ---------------------------------------------------------------------------
 
@@ -211,80 +256,110 @@ class Engine:
                     return
                 if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
                     self._fail_all_locked(EngineClosed("the server is shutting down: the job did not finish in time"))
-                self._release_cancelled_locked()
-                self._admit_locked()
-                if not self._running:
+                for lane in self._lanes.values():
+                    self._release_cancelled_locked(lane)
+                    self._admit_locked(lane)
+                batches = [(lane, list(lane.running)) for lane in self._lanes.values() if lane.running]
+                if not batches:
                     self._cond.wait(timeout=self._idle_wait_locked())
                     continue
-                batch = list(self._running)
-            try:
-                self._tick(batch)
-            except Exception as err:  # never let the worker die with jobs waiting on it
-                log.exception("a tick of %d jobs failed", len(batch))
-                with self._cond:
-                    for r in batch:
-                        if r in self._running:
-                            self._running.remove(r)
-                            r.job.state = "failed"
-                            self._output.failed(r.job, err)
+            self._tick(batches)
 
     def _idle_wait_locked(self) -> float | None:
-        if self._drain_deadline is not None and self._pending:
+        if self._drain_deadline is not None and self.queue_depth:
             return max(0.0, self._drain_deadline - time.monotonic())
         return None
 
     def _fail_all_locked(self, error: EngineClosed) -> None:
-        for job in [*self._pending, *(r.job for r in self._running)]:
-            job.state = "failed"
-            self._output.failed(job, error)
-        self._pending.clear()
-        self._running.clear()
+        for lane in self._lanes.values():
+            for job in [*lane.pending, *(r.job for r in lane.running)]:
+                job.state = "failed"
+                self._output.failed(job, error)
+            lane.pending.clear()
+            lane.running.clear()
         self._output.call(self.observer.depth, 0, 0)
 
-    def _release_cancelled_locked(self) -> None:
-        for r in [r for r in self._running if r.job.cancel_requested]:
-            self._running.remove(r)
+    def _release_cancelled_locked(self, lane: _Lane) -> None:
+        for r in [r for r in lane.running if r.job.cancel_requested]:
+            lane.running.remove(r)
             r.job.state = "cancelled"
             self._output.failed(r.job, JobCancelled(f"job {r.job.id} cancelled while sampling"), "running")
 
-    def _admit_locked(self) -> None:
-        """First come, first served: the oldest waiting job enters when its rows fit; nobody overtakes it."""
-        used = sum(r.job.spec.rows for r in self._running)
+    def _admit_locked(self, lane: _Lane) -> None:
+        """First come, first served: the model's oldest waiting job enters when its rows fit; nobody overtakes it."""
+        used = sum(r.job.spec.rows for r in lane.running)
         now = time.monotonic()
         changed = False
-        while self._pending and used + self._pending[0].spec.rows <= self.max_rows:
-            job = self._pending.popleft()
+        while lane.pending and used + lane.pending[0].spec.rows <= self.max_rows:
+            job = lane.pending.popleft()
             spec = job.spec
-            schedule, device = self.runtime.denoiser.schedule, self.runtime.device
+            schedule, device = lane.runtime.denoiser.schedule, lane.runtime.device
             state = start(spec.sampler, schedule, spec.steps, generators_from_seeds(spec.seeds), device=device)
-            labels = torch.full((spec.n,), spec.label, dtype=torch.long, device=self.runtime.device)
-            self._running.append(_Running(job, state, labels))
+            labels = torch.full((spec.n,), spec.label, dtype=torch.long, device=device)
+            lane.running.append(_Running(job, state, labels))
             job.state, job.admitted = "running", now
             used += spec.rows
             changed = True
             if job.record:
                 self._output.call(self.observer.admitted, now - job.submitted)
-        if self._pending:  # tell the ones still waiting where they stand, when that changed
-            for position, (job, eta) in enumerate(zip(self._pending, self._estimates_locked(), strict=True), 1):
+        if lane.pending:  # tell the ones still waiting where they stand, when that changed
+            for position, (job, eta) in enumerate(zip(lane.pending, self._estimates_locked(lane), strict=True), 1):
                 if job.position != position:
                     job.position = position
                     self._output.queued(job, Queued(position, eta))
         if changed:
-            self._output.call(self.observer.depth, len(self._pending), len(self._running))
+            self._report_depth_locked()
 
-    def _tick(self, batch: list[_Running]) -> None:
-        """One network evaluation over every active job's rows, then one step of each job."""
+    def _tick(self, batches: list[tuple[_Lane, list[_Running]]]) -> None:
+        """One network evaluation per model over the rows of its active jobs, then one step of each job."""
         t0 = time.monotonic()
-        den = self.runtime.denoiser
+        evaluations: list[Evaluation] = []
+        finished: list[tuple[_Lane, _Running, np.ndarray]] = []
+        for lane, batch in batches:
+            try:
+                rows, done = self._evaluate(lane.runtime, batch)
+            except Exception as err:  # never let the worker die with jobs waiting on it; other models go on
+                log.exception("a tick of %d jobs of %s failed", len(batch), lane.name)
+                with self._cond:
+                    for r in batch:
+                        if r in lane.running:
+                            lane.running.remove(r)
+                            r.job.state = "failed"
+                            self._output.failed(r.job, err)
+                continue
+            finished.extend((lane, r, images) for r, images in done)
+            if any(r.job.record for r in batch):
+                evaluations.append(Evaluation(lane.name, rows, len(batch)))
+        elapsed = time.monotonic() - t0
+        self._tick_s = elapsed if self._tick_s == 0 else 0.8 * self._tick_s + 0.2 * elapsed
+        if evaluations:
+            self._output.call(self.observer.tick, tuple(evaluations), elapsed)
+        if finished:
+            now = time.monotonic()
+            with self._cond:
+                for lane, r, images in finished:
+                    if r not in lane.running:  # stop() gave up on the worker and failed it already
+                        continue
+                    lane.running.remove(r)
+                    if r.job.state == "running":
+                        r.job.state = "done"
+                        self._output.result(r.job, images, now)
+                self._report_depth_locked()
+
+    def _evaluate(self, runtime: Runtime, batch: list[_Running]) -> tuple[int, list[tuple[_Running, np.ndarray]]]:
+        """One evaluation of one model's network over its jobs' rows, then one step of each job: the
+        rows evaluated (images plus null-class rows), and the jobs that took their last step with
+        their images (uint8 (n, 28, 28); copied here, where a device error still fails only this model)."""
+        den = runtime.denoiser
         x = torch.cat([r.state.x for r in batch])  # (rows, C, H, W)
         y = torch.cat([r.labels for r in batch])
         ts = [r.state.t for r in batch for _ in range(r.job.spec.n)]
         ws = [r.job.spec.guidance for r in batch for _ in range(r.job.spec.n)]
-        with torch.inference_mode(), self.runtime.autocast():
+        with torch.inference_mode(), runtime.autocast():
             eps, x0 = den.rows(x, ts, y, ws)
         images = len(x)
         rows = images + sum(r.job.spec.n for r in batch if den.needs_null_row(r.state.t, r.job.spec.guidance))
-        finished: list[tuple[_Running, torch.Tensor]] = []
+        finished: list[tuple[_Running, np.ndarray]] = []
         offset = 0
         for r in batch:
             n, job, before = r.job.spec.n, r.job, r.state
@@ -301,19 +376,5 @@ class Engine:
             elif before.index == 0 and job.record:
                 self._output.call(self.observer.first_step, time.monotonic() - job.submitted)
             if r.state.done:
-                finished.append((r, r.state.x))
-        elapsed = time.monotonic() - t0
-        self._tick_s = elapsed if self._tick_s == 0 else 0.8 * self._tick_s + 0.2 * elapsed
-        if any(r.job.record for r in batch):
-            self._output.call(self.observer.tick, rows, len(batch), elapsed)
-        if finished:
-            now = time.monotonic()
-            with self._cond:
-                for r, sample in finished:
-                    if r not in self._running:  # stop() gave up on the worker and failed it already
-                        continue
-                    self._running.remove(r)
-                    if r.job.state == "running":
-                        r.job.state = "done"
-                        self._output.result(r.job, to_uint8(sample.float()), now)
-                self._output.call(self.observer.depth, len(self._pending), len(self._running))
+                finished.append((r, to_uint8(r.state.x.float())))
+        return rows, finished

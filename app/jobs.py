@@ -51,13 +51,15 @@ class JobCancelled(Exception):
 
 @dataclass(frozen=True)
 class JobSpec:
-    """What to sample: ``len(seeds)`` images of class ``label``; image i is drawn from ``seeds[i]``."""
+    """What to sample: ``len(seeds)`` images of class ``label`` with model ``model``; image i is drawn
+    from ``seeds[i]``."""
 
     label: int
     seeds: tuple[int, ...]
     sampler: str
     steps: int
     guidance: float
+    model: str | None = None  # a model the engine serves; None: its first (Engine.submit fills it in)
 
     @property
     def n(self) -> int:

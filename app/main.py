@@ -92,16 +92,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         max_batch=settings.max_batch,
     )
     observer = app.state.engine_metrics(metrics)
-    engine = Engine(runtime, observer, queue_size=settings.queue_size, max_rows=settings.max_batch)
+    name = str(loaded.card.get("name") or loaded.path.stem)
+    engine = Engine({name: runtime}, observer, queue_size=settings.queue_size, max_rows=settings.max_batch)
     engine.start()
     try:
         if settings.warmup:
             warm_sampler = "ddim" if defaults.sampler == "ddpm" else defaults.sampler
             await engine.run(JobSpec(0, (0,), warm_sampler, min(2, T), defaults.guidance), record=False)
-        name = str(loaded.card.get("name") or loaded.path.stem)
         classifier = await on_fresh_thread(load_classifier_scorer, settings.classifier_weights, device)
         scorers: dict[str, Scorer] = {"clip": ClipScorer(clip_service), "classifier": classifier}
-        metrics.model.info({"name": name, "weights": loaded.path.name, **runtime.describe()})
+        metrics.add_model(name, {"weights": loaded.path.name, **runtime.describe()})
         metrics.ready.set(1)
         app.state.clip = clip_service
         app.state.serving = Serving(

@@ -6,6 +6,8 @@ Names follow the Prometheus conventions: a ``fashion_`` namespace, base units
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -18,6 +20,7 @@ from prometheus_client import (
 )
 
 from app.jobs import Job
+from app.output import Evaluation
 from model.samplers import SAMPLERS
 
 NAMESPACE = "fashion"
@@ -52,24 +55,30 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        # Engine: one tick is one network evaluation over the rows of every active job.
+        # Engine: one tick is one network evaluation per model, over the rows of that model's active jobs.
         self.queue_depth = Gauge("queue_depth", "jobs waiting for room in the row budget", namespace=ns, registry=r)
         self.jobs_active = Gauge(
             "jobs_active", "jobs admitted and stepping on the device now", namespace=ns, registry=r
         )
         self.tick_rows = Histogram(
             "tick_rows",
-            "rows in one network evaluation (images, plus a null-class row per guided image)",
+            "rows in one network evaluation (images, plus a null-class row per guided image), by model",
+            ["model"],
             namespace=ns,
             buckets=BATCH_BUCKETS,
             registry=r,
         )
         self.tick_jobs = Histogram(
-            "tick_jobs", "jobs that shared one network evaluation", namespace=ns, buckets=BATCH_BUCKETS, registry=r
+            "tick_jobs",
+            "jobs that shared one network evaluation, by model",
+            ["model"],
+            namespace=ns,
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
         self.tick_duration = Histogram(
             "tick_duration_seconds",
-            "wall time of one tick: the network evaluation and every job's sampler step",
+            "wall time of one tick: every model's network evaluation and every job's sampler step",
             namespace=ns,
             buckets=STEP_BUCKETS,
             registry=r,
@@ -89,17 +98,27 @@ class Metrics:
             registry=r,
         )
         self.images = Counter(
-            "images_generated", "images sampled (rerank candidates included)", ["sampler"], namespace=ns, registry=r
+            "images_generated",
+            "images sampled (rerank candidates included), by sampler and model",
+            ["sampler", "model"],
+            namespace=ns,
+            registry=r,
         )
         self.steps = Counter(
-            "sampler_steps", "sampler steps taken, one per active job per tick", namespace=ns, registry=r
+            "sampler_steps",
+            "sampler steps taken, one per active job per tick, by model",
+            ["model"],
+            namespace=ns,
+            registry=r,
         )
         self.jobs_cancelled = Counter(
             "jobs_cancelled", "jobs stopped because their client went away", ["stage"], namespace=ns, registry=r
         )
         self.jobs_rejected = Counter("jobs_rejected", "jobs refused at once", ["reason"], namespace=ns, registry=r)
         self.jobs_failed = Counter("jobs_failed", "jobs that ended in an error", ["reason"], namespace=ns, registry=r)
-        self.model = Info("model", "the loaded weights", namespace=ns, registry=r)
+        self.model = Info(
+            "model", "each served model: its weights, kind, device and precision", ["name"], namespace=ns, registry=r
+        )
         self.ready = Gauge("ready", "1 when the weights are loaded and warm", namespace=ns, registry=r)
         # CLIP scoring (POST /clip/score, rerank by clip) and reranking.
         self.clip_requests = Counter(
@@ -138,8 +157,6 @@ class Metrics:
         for stage in ("queued", "running"):
             self.jobs_cancelled.labels(stage)
         self.jobs_rejected.labels("queue_full")
-        for sampler in SAMPLERS:
-            self.images.labels(sampler)
         for outcome in CLIP_OUTCOMES:
             self.clip_requests.labels(outcome)
         for use in CLIP_USES:
@@ -148,6 +165,13 @@ class Metrics:
         for method in RERANK_METHODS:
             self.rerank.labels(method)
             self.rerank_candidates.labels(method)
+
+    def add_model(self, name: str, info: dict[str, str]) -> None:
+        """A served model: its info, and its series at zero, so rate() sees them before the first job."""
+        self.model.labels(name).info(info)
+        self.steps.labels(name)
+        for sampler in SAMPLERS:
+            self.images.labels(sampler, name)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
@@ -160,11 +184,12 @@ class EngineMetrics:
     def __init__(self, metrics: Metrics) -> None:
         self.m = metrics
 
-    def tick(self, rows: int, jobs: int, seconds: float) -> None:
-        self.m.tick_rows.observe(rows)
-        self.m.tick_jobs.observe(jobs)
+    def tick(self, evaluations: Sequence[Evaluation], seconds: float) -> None:
+        for e in evaluations:
+            self.m.tick_rows.labels(e.model).observe(e.rows)
+            self.m.tick_jobs.labels(e.model).observe(e.jobs)
+            self.m.steps.labels(e.model).inc(e.jobs)
         self.m.tick_duration.observe(seconds)
-        self.m.steps.inc(jobs)
 
     def depth(self, queued: int, active: int) -> None:
         self.m.queue_depth.set(queued)
@@ -180,7 +205,7 @@ class EngineMetrics:
         self.m.jobs_rejected.labels(reason).inc()
 
     def done(self, job: Job) -> None:
-        self.m.images.labels(job.spec.sampler).inc(job.spec.n)
+        self.m.images.labels(job.spec.sampler, job.spec.model).inc(job.spec.n)
 
     def cancelled(self, stage: str) -> None:
         self.m.jobs_cancelled.labels(stage).inc()

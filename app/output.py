@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -19,10 +20,20 @@ from app.jobs import Job, JobResult, Progress, Queued
 from model.images import grid, png_bytes
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """One model's network evaluation within a tick."""
+
+    model: str
+    rows: int  # images, plus a null-class row per guided image
+    jobs: int  # jobs that shared it
+
+
 class Observer(Protocol):
     """What the engine reports for metrics; ``app.metrics.EngineMetrics`` is the Prometheus one."""
 
-    def tick(self, rows: int, jobs: int, seconds: float) -> None: ...
+    def tick(self, evaluations: Sequence[Evaluation], seconds: float) -> None:
+        """A tick: one evaluation per model with active jobs, ``seconds`` of wall time for all of them."""
 
     def depth(self, queued: int, active: int) -> None: ...
 

@@ -19,6 +19,7 @@ and that one import Ray or run in it (the ``ray`` extra); ``python -m app`` neve
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI
@@ -28,6 +29,7 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 from app.jobs import Job
 from app.main import create_app
 from app.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, STEP_BUCKETS, EngineMetrics, Metrics
+from app.output import Evaluation
 from app.settings import Settings
 
 
@@ -37,8 +39,13 @@ class RayEngineMetrics(EngineMetrics):
 
     def __init__(self, metrics: Metrics) -> None:
         super().__init__(metrics)
-        self.tick_rows = Histogram("fashion_tick_rows", "rows in one network evaluation", list(BATCH_BUCKETS))
-        self.tick_jobs = Histogram("fashion_tick_jobs", "jobs that shared one network evaluation", list(BATCH_BUCKETS))
+        by_model = ("model",)
+        self.tick_rows = Histogram(
+            "fashion_tick_rows", "rows in one network evaluation", list(BATCH_BUCKETS), tag_keys=by_model
+        )
+        self.tick_jobs = Histogram(
+            "fashion_tick_jobs", "jobs that shared one network evaluation", list(BATCH_BUCKETS), tag_keys=by_model
+        )
         self.tick_duration = Histogram("fashion_tick_duration_seconds", "wall time of one tick", list(STEP_BUCKETS))
         self.queue_wait = Histogram(
             "fashion_queue_wait_seconds", "from a job's submission to its admission", list(LATENCY_BUCKETS)
@@ -48,20 +55,24 @@ class RayEngineMetrics(EngineMetrics):
         )
         self.queue_depth = Gauge("fashion_queue_depth", "jobs waiting for room in the row budget")
         self.jobs_active = Gauge("fashion_jobs_active", "jobs admitted and stepping on the device now")
-        self.steps = Counter("fashion_sampler_steps_total", "sampler steps taken")
-        self.images = Counter("fashion_images_generated_total", "images sampled", tag_keys=("sampler",))
+        self.steps = Counter("fashion_sampler_steps_total", "sampler steps taken", tag_keys=by_model)
+        # Ray annotates tag_keys as Tuple[str], a 1-tuple; any number of keys works.
+        two_tags: Any = ("sampler", "model")
+        self.images = Counter("fashion_images_generated_total", "images sampled", tag_keys=two_tags)
         self.rejected_jobs = Counter("fashion_jobs_rejected_total", "jobs refused at once", tag_keys=("reason",))
         self.cancelled_jobs = Counter(
             "fashion_jobs_cancelled_total", "jobs stopped because their client went away", tag_keys=("stage",)
         )
         self.failed_jobs = Counter("fashion_jobs_failed_total", "jobs that ended in an error", tag_keys=("reason",))
 
-    def tick(self, rows: int, jobs: int, seconds: float) -> None:
-        super().tick(rows, jobs, seconds)
-        self.tick_rows.observe(rows)
-        self.tick_jobs.observe(jobs)
+    def tick(self, evaluations: Sequence[Evaluation], seconds: float) -> None:
+        super().tick(evaluations, seconds)
+        for e in evaluations:
+            tags = {"model": e.model}
+            self.tick_rows.observe(e.rows, tags=tags)
+            self.tick_jobs.observe(e.jobs, tags=tags)
+            self.steps.inc(e.jobs, tags=tags)
         self.tick_duration.observe(seconds)
-        self.steps.inc(jobs)
 
     def depth(self, queued: int, active: int) -> None:
         super().depth(queued, active)
@@ -82,7 +93,7 @@ class RayEngineMetrics(EngineMetrics):
 
     def done(self, job: Job) -> None:
         super().done(job)
-        self.images.inc(job.spec.n, tags={"sampler": job.spec.sampler})
+        self.images.inc(job.spec.n, tags={"sampler": job.spec.sampler, "model": job.spec.model or ""})
 
     def cancelled(self, stage: str) -> None:
         super().cancelled(stage)

@@ -35,7 +35,7 @@ async def readyz(request: Request) -> Any:
         status="ready",
         model=serving.name,
         device=serving.device,
-        precision=serving.engine.runtime.describe()["precision"],
+        precision=serving.engine.runtimes[serving.name].describe()["precision"],
     )
     clip = getattr(request.app.state, "clip", None)
     if clip is not None:

@@ -26,7 +26,7 @@ async def page() -> FileResponse:
 async def schedule(serving: ServingDep) -> ScheduleOut:
     """alpha_bar_t (the signal fraction of x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps), the log
     signal-to-noise ratio and the noise level sigma_t, for every timestep t = 0..T-1, from the weights card."""
-    s = serving.engine.runtime.denoiser.schedule
+    s = serving.engine.runtimes[serving.name].denoiser.schedule
     return ScheduleOut(
         name=s.name,
         T=s.T,

@@ -40,22 +40,31 @@ REPO = Path(__file__).resolve().parents[2]
 TEST_STEPS = 3  # the card's default steps: enough to exercise multistep solvers, cheap on 2 cores
 
 
-def build_tiny_weights(path: Path, seed: int = 0) -> Path:
-    """A tiny U-Net with random (non-zero) weights, saved as <path>.safetensors + .json.
+STUDENT_STEPS = 4  # the student card's default steps, as the shipped student's
+STUDENT_CARD = {  # a distilled student's card: consistency sampling, with guidance distilled into it
+    "name": "tiny-student",
+    "sampling": {"sampler": "consistency", "steps": STUDENT_STEPS, "guidance": 1.0, "guidance_interval": None},
+    "distillation": {"teacher": "tiny-test", "method": "consistency distillation (test fixture)", "guidance": 1.35},
+}
+
+
+def build_tiny_weights(path: Path, seed: int = 0, **card: Any) -> Path:
+    """A tiny U-Net with random (non-zero) weights, saved as <path>.safetensors + .json; ``card``
+    replaces or adds top-level sections of the card (``STUDENT_CARD`` for a student's).
 
     A freshly initialised U-Net outputs zeros (its last convolutions start at zero), which would
     make every image the same; perturbing all weights gives seed-dependent, non-trivial images.
     v-prediction keeps the untrained network's x0 predictions bounded.
     """
     net = perturbed_unet(TINY, seed)
-    card = {
+    base = {
         "name": "tiny-test",
         "unet": TINY.to_dict(),
         "diffusion": {"schedule": "cosine", "T": 1000, "prediction": "v"},
         "classes": list(CLASS_NAMES),
         "sampling": {"sampler": "dpm++", "steps": TEST_STEPS, "guidance": 2.0},
     }
-    save_weights(net, card, path)
+    save_weights(net, {**base, **card}, path)
     return path
 
 
@@ -63,6 +72,17 @@ def build_tiny_weights(path: Path, seed: int = 0) -> Path:
 def app_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tiny network for the whole session (the app never writes to it)."""
     return build_tiny_weights(tmp_path_factory.mktemp("weights") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="session")
+def student_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second tiny network with a distilled student's card (``STUDENT_CARD``), to serve beside ``app_weights``."""
+    return build_tiny_weights(tmp_path_factory.mktemp("student") / "student.safetensors", seed=1, **STUDENT_CARD)
+
+
+@pytest.fixture
+def student_steps() -> int:
+    return STUDENT_STEPS
 
 
 @pytest.fixture

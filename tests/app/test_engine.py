@@ -5,31 +5,39 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from app.device import FixedRows, Runtime, prepare
 from app.engine import Engine, admission_ticks
-from app.jobs import EngineClosed, JobCancelled, JobSpec, JobTooLarge, Progress, Queued, QueueFull
+from app.jobs import EngineClosed, JobCancelled, JobResult, JobSpec, JobTooLarge, Progress, Queued, QueueFull
 from app.metrics import EngineMetrics, Metrics
+from app.output import Evaluation
 from model.io import load_weights
 
 pytestmark = pytest.mark.timeout(120)
 
 
 class Recorder(EngineMetrics):
-    """The Prometheus observer, also keeping every tick's (rows, jobs)."""
+    """The Prometheus observer, also keeping every tick's evaluations."""
 
     def __init__(self) -> None:
         super().__init__(Metrics())
-        self.ticks: list[tuple[int, int]] = []
+        self.evaluations: list[tuple[Evaluation, ...]] = []
 
-    def tick(self, rows: int, jobs: int, seconds: float) -> None:
-        super().tick(rows, jobs, seconds)
-        self.ticks.append((rows, jobs))
+    def tick(self, evaluations: Sequence[Evaluation], seconds: float) -> None:
+        super().tick(evaluations, seconds)
+        self.evaluations.append(tuple(evaluations))
+
+    @property
+    def ticks(self) -> list[tuple[int, int]]:
+        """(rows, jobs) of every evaluation, for the tests of one model."""
+        return [(e.rows, e.jobs) for tick in self.evaluations for e in tick]
 
     def value(self, name: str, **labels: str) -> float:
         return self.m.registry.get_sample_value(name, labels or None) or 0.0
@@ -40,16 +48,30 @@ def runtime(app_weights: Path) -> Runtime:
     return prepare(load_weights(app_weights, "cpu"), torch.device("cpu"))
 
 
-def spec(label: int, seeds: range | tuple[int, ...], steps: int = 3, guidance: float = 2.0, sampler: str = "dpm++"):
-    return JobSpec(label, tuple(seeds), sampler, steps, guidance)
+@pytest.fixture(scope="module")
+def student_runtime(student_weights: Path) -> Runtime:
+    return prepare(load_weights(student_weights, "cpu"), torch.device("cpu"))
 
 
-def scenario(runtime: Runtime, body, **engine_kwargs) -> Recorder:  # type: ignore[no-untyped-def]
-    """Run ``body(engine)`` on a started engine, then stop it; the observer for assertions."""
+def spec(
+    label: int,
+    seeds: range | tuple[int, ...],
+    steps: int = 3,
+    guidance: float = 2.0,
+    sampler: str = "dpm++",
+    model: str | None = None,
+) -> JobSpec:
+    return JobSpec(label, tuple(seeds), sampler, steps, guidance, model)
+
+
+def scenario(runtime: Runtime | dict[str, Runtime], body, **engine_kwargs) -> Recorder:  # type: ignore[no-untyped-def]
+    """Run ``body(engine)`` on a started engine (of one model, or of several by name), then stop it;
+    the observer for assertions."""
     recorder = Recorder()
+    runtimes = runtime if isinstance(runtime, dict) else {"tiny": runtime}
 
     async def main() -> None:
-        engine = Engine(runtime, recorder, **engine_kwargs)
+        engine = Engine(runtimes, recorder, **engine_kwargs)
         engine.start()
         try:
             await body(engine)
@@ -319,7 +341,7 @@ def test_drain_fails_what_cannot_finish_in_time(runtime: Runtime) -> None:
 
 def test_stop_fails_queued_and_running_jobs_and_refuses_new_ones(runtime: Runtime) -> None:
     async def main() -> None:
-        engine = Engine(runtime, Recorder(), max_rows=2)
+        engine = Engine({"tiny": runtime}, Recorder(), max_rows=2)
         engine.start()
         seen: list = []
         running = engine.submit(spec(0, (1,), steps=1000, sampler="ddim"), on_event=seen.append)
@@ -334,3 +356,131 @@ def test_stop_fails_queued_and_running_jobs_and_refuses_new_ones(runtime: Runtim
             engine.submit(spec(2, (3,), steps=2))
 
     asyncio.run(main())
+
+
+# --- several models: a teacher and its student on one engine ------------------------------------------
+
+
+class Counting(torch.nn.Module):
+    """The network, appending its model's name to ``calls`` at every evaluation; raises when ``broken``."""
+
+    def __init__(self, net: torch.nn.Module, name: str, calls: list[str], broken: bool = False) -> None:
+        super().__init__()
+        self.net, self.name, self.calls, self.broken = net, name, calls, broken
+
+    def forward(self, x, t, y):  # type: ignore[no-untyped-def]
+        self.calls.append(self.name)
+        if self.broken:
+            raise RuntimeError(f"{self.name} is broken")
+        return self.net(x, t, y)
+
+
+def counted(runtime: Runtime, name: str, calls: list[str], broken: bool = False) -> Runtime:
+    return replace(
+        runtime, denoiser=replace(runtime.denoiser, model=Counting(runtime.denoiser.model, name, calls, broken))
+    )
+
+
+def student_spec(seeds: tuple[int, ...] = (7, 8), steps: int = 4) -> JobSpec:
+    return spec(2, seeds, steps=steps, guidance=1.0, sampler="consistency", model="student")
+
+
+def test_every_tick_evaluates_each_model_with_active_jobs_once(runtime: Runtime, student_runtime: Runtime) -> None:
+    calls: list[str] = []
+    models = {"teacher": counted(runtime, "teacher", calls), "student": counted(student_runtime, "student", calls)}
+    results: dict[str, Any] = {}
+
+    async def body(engine: Engine) -> None:
+        events: list = []
+        teacher = engine.submit(spec(0, (1, 2), steps=40, sampler="ddim", model="teacher"), on_event=events.append)
+        await first_step(events)
+        results["student"] = await engine.run(student_spec())
+        assert not teacher.future.done()  # the student did not wait for the teacher's job
+        results["teacher"] = await teacher.future
+
+    recorder = scenario(models, body)
+    ticks = [tuple(e.model for e in tick) for tick in recorder.evaluations]
+    # Each of the student's 4 steps shared its tick with a teacher step: one evaluation of each network.
+    assert [tick for tick in ticks if "student" in tick] == [("teacher", "student")] * 4
+    assert set(ticks) == {("teacher",), ("teacher", "student")}
+    assert calls == [model for tick in ticks for model in tick]  # one network call per evaluation, no more
+    # Rows of the two models are never batched together: each job saw only its own model's jobs.
+    assert results["student"].batch_jobs == 1 and results["student"].batch_images == 2
+    assert results["teacher"].batch_jobs == 1
+    assert sum(e.rows for tick in recorder.evaluations for e in tick if e.model == "student") == 4 * 2  # unguided
+
+
+def test_a_job_of_one_model_never_waits_for_the_other_models_jobs(runtime: Runtime, student_runtime: Runtime) -> None:
+    async def body(engine: Engine) -> None:
+        events: list = []
+        # The teacher's budget (2 rows) is full and its queue (1 job) too; the student's are its own.
+        long = engine.submit(spec(0, (1,), steps=300, sampler="ddim", model="teacher"), on_event=events.append)
+        await first_step(events)
+        queued = engine.submit(spec(1, (2,), steps=2, model="teacher"))
+        with pytest.raises(QueueFull):
+            engine.submit(spec(3, (4,), steps=2, model="teacher"))
+        assert (engine.queue_depth_of("teacher"), engine.queue_depth_of("student")) == (1, 0)
+        student = await engine.run(student_spec())  # 2 rows: admitted at once, beside the full teacher
+        assert student.queued_s < 0.5 and len(student.pngs) == 2
+        assert not long.future.done() and queued.state == "queued"  # first come, first served within the teacher
+        engine.cancel(long)
+        await asyncio.gather(long.future, return_exceptions=True)
+        assert len((await queued.future).pngs) == 1
+
+    scenario({"teacher": runtime, "student": student_runtime}, body, max_rows=2, queue_size=1)
+
+
+def test_a_models_images_are_the_same_bytes_whether_or_not_the_other_model_is_busy(
+    runtime: Runtime, student_runtime: Runtime
+) -> None:
+    mine = {
+        "student": student_spec((30, 31, 32)),
+        "teacher": spec(5, (30, 31), steps=6, sampler="ddim", model="teacher"),
+    }
+    alone: dict[str, JobResult] = {}
+    busy: dict[str, JobResult] = {}
+
+    async def body(engine: Engine) -> None:
+        for name, s in mine.items():
+            alone[name] = await engine.run(s)
+        # Each beside a different load of the other model (and of its own), joining half way.
+        events: list = []
+        noise = [
+            engine.submit(spec(9, (70, 71, 72), steps=25, sampler="ddim", model="teacher"), on_event=events.append),
+            engine.submit(student_spec((80,), steps=3)),
+        ]
+        await first_step(events)
+        busy.update(zip(mine, await asyncio.gather(*(engine.run(s) for s in mine.values())), strict=True))
+        await asyncio.gather(*(job.future for job in noise))
+
+    scenario({"teacher": runtime, "student": student_runtime}, body)
+    for name in mine:
+        assert busy[name].pngs == alone[name].pngs, name  # byte for byte
+    # A job runs on its own model's network: the teacher draws other images from the student's parameters.
+    as_teacher = replace(mine["student"], model="teacher")
+
+    async def teacher_body(engine: Engine) -> None:
+        assert (await engine.run(as_teacher)).pngs != alone["student"].pngs
+
+    scenario({"teacher": runtime, "student": student_runtime}, teacher_body)
+
+
+def test_a_failing_model_fails_its_own_jobs_and_the_other_model_goes_on(
+    runtime: Runtime, student_runtime: Runtime
+) -> None:
+    calls: list[str] = []
+    models = {"teacher": runtime, "student": counted(student_runtime, "student", calls, broken=True)}
+
+    async def body(engine: Engine) -> None:
+        teacher = engine.submit(spec(0, (1,), steps=6, sampler="ddim", model="teacher"))
+        student = engine.submit(student_spec())
+        with pytest.raises(RuntimeError, match="student is broken"):
+            await student.future
+        assert len((await teacher.future).pngs) == 1
+        with pytest.raises(ValueError, match="unknown model 'nobody'; this engine serves teacher, student"):
+            engine.submit(spec(0, (1,), model="nobody"))
+        assert engine.submit(spec(0, (1,), steps=1)).spec.model == "teacher"  # no model: the first
+
+    recorder = scenario(models, body)
+    assert calls == ["student"]
+    assert recorder.value("fashion_jobs_failed_total", reason="RuntimeError") == 1
