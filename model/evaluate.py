@@ -14,6 +14,11 @@ Sampler, steps, guidance and guidance interval default to the weights card's "sa
 so a bare ``python -m model.evaluate`` re-measures the shipped configuration.
 ``--write-card`` stores the figures in the weights card; ``--clip`` adds CLIP similarity and
 zero-shot accuracy per class for the samples and for real test images.
+
+    python -m model.evaluate --student weights/fashion-student.safetensors --student-steps 1 2 4
+
+measures a distilled student at its card's sampler and guidance for each step count in the same
+run as the teacher, against the same reference and floor, and ends with a table of both.
 """
 
 from __future__ import annotations
@@ -235,6 +240,30 @@ def format_table(r: dict) -> str:
     return "\n".join(lines)
 
 
+def evaluations_per_image(r: dict) -> int:
+    """Network evaluations per image: two per step while guided (the conditional and the null branch;
+    a guidance interval makes it fewer)."""
+    return r["steps"] * (1 if r["guidance"] == 1.0 else 2)
+
+
+def format_comparison(rows: list[tuple[str, dict]]) -> str:
+    """The teacher's and the student's results side by side; "vs teacher" is the Frechet distance
+    over the first row's."""
+    base = rows[0][1]["frechet_distance"]
+    lines = [
+        "| model | sampler | steps | evaluations/image | guidance | accuracy | Frechet distance | ratio to floor "
+        "| vs teacher |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in rows:
+        lines.append(
+            f"| {name} | {r['sampler']} | {r['steps']} | {evaluations_per_image(r)} | {r['guidance']:g} | "
+            f"{r['accuracy']:.3f} | {r['frechet_distance']:.3f} | {r['frechet_ratio']:.2f} | "
+            f"{r['frechet_distance'] / base:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
 def write_card(weights_path: str | Path, result: dict) -> Path:
     card_path = Path(weights_path).with_suffix(".json")
     card = json.loads(card_path.read_text())
@@ -305,7 +334,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clip-pretrained", default=None, help="open_clip pretrained tag (default laion2b_s34b_b79k)")
     p.add_argument("--clip-checkpoint", default=None, help="local open_clip checkpoint file")
     p.add_argument("--clip-cache-dir", default=None, help="where downloaded CLIP weights are cached")
-    p.add_argument("--write-card", action="store_true", help="store the (last) result in the weights card")
+    p.add_argument("--student", default=None, help="a distilled student's weights, measured beside the teacher")
+    p.add_argument("--student-steps", type=int, nargs="+", default=None, help="default: the student card's steps")
+    p.add_argument(
+        "--write-card",
+        action="store_true",
+        help="store the (last) result in the weights card, and the student's at its card's steps in its card",
+    )
     p.add_argument("--json", default=None, help="also write all results to this JSON file")
     a = p.parse_args(argv)
     if a.threads:
@@ -333,16 +368,22 @@ def main(argv: list[str] | None = None) -> int:
             cache_dir=a.clip_cache_dir,
             device=a.device,
         )
-    results = []
-    for g in guidances:
+    student = None
+    if a.student:
+        try:
+            student = card_sampling(read_card(Path(a.student)))
+        except (WeightsError, TypeError, ValueError) as err:
+            p.error(f"--student: {err}")
+
+    def run(weights: str, sampler: str, steps: int, guidance: float, interval) -> dict:
         r = evaluate(
-            a.weights,
+            weights,
             a.classifier,
             a.data_dir,
             a.per_class,
             sampler,
             steps,
-            g,
+            guidance,
             a.batch_size,
             a.device,
             a.seed,
@@ -352,11 +393,23 @@ def main(argv: list[str] | None = None) -> int:
             precision=a.precision,
         )
         print(format_table(r), end="\n\n", flush=True)
-        results.append(r)
+        return r
+
+    results = [run(a.weights, sampler, steps, g, interval) for g in guidances]
+    rows = [(Path(a.weights).stem, r) for r in results]
+    if student is not None:
+        for n in a.student_steps or [student.steps]:
+            r = run(a.student, student.sampler, n, student.guidance, student.guidance_interval)
+            results.append(r | {"weights": a.student})
+            rows.append((Path(a.student).stem, r))
+        print(format_comparison(rows), end="\n\n")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
     if a.write_card:
-        print(f"wrote quality figures to {write_card(a.weights, results[-1])}")
+        print(f"wrote quality figures to {write_card(a.weights, results[len(guidances) - 1])}")
+        mine = [r for r in results[len(guidances) :] if student is not None and r["steps"] == student.steps]
+        if mine:
+            print(f"wrote quality figures to {write_card(a.student, mine[0])}")
     return 0
 
 

@@ -186,3 +186,30 @@ def test_generate_runs_the_network_in_the_precision_asked_for(tmp_path):
     assert np.abs(full.astype(int) - half.astype(int)).mean() < 8  # ... a little
     with pytest.raises(ValueError, match="precision must be one of float32, bfloat16, float16"):
         evaluate(weights, tmp_path / "none", per_class=1, steps=1, precision="int8")
+
+
+def test_evaluate_cli_measures_a_student_beside_the_teacher(tmp_path, capsys, fashion_mnist_dir):
+    weights, clf = tiny_models(tmp_path)
+    card = json.loads(weights.with_suffix(".json").read_text())
+    student = tmp_path / "student.safetensors"
+    student_card = {**card, "name": "student", "sampling": {"sampler": "consistency", "steps": 2, "guidance": 1.0}}
+    save_weights(perturbed_unet(tiny_config(), seed=1), student_card, student)
+    common = ["--weights", str(weights), "--classifier", str(clf), "--data-dir", str(fashion_mnist_dir)]
+    common += ["--per-class", "2", "--steps", "3", "--guidance", "2", "--student", str(student)]
+    common += ["--student-steps", "1", "2", "--json", str(tmp_path / "r.json"), "--write-card"]
+    assert main(common) == 0
+    out = capsys.readouterr().out
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert [(r["sampler"], r["steps"], r["guidance"]) for r in results] == [
+        ("dpm++", 3, 2.0),
+        ("consistency", 1, 1.0),  # the student's card: its sampler, and no guidance (distilled in)
+        ("consistency", 2, 1.0),
+    ]
+    assert results[1]["frechet_distance_real_train"] == results[0]["frechet_distance_real_train"]  # one floor
+    table = out[out.index("| model |") :].splitlines()
+    assert table[2].startswith("| tiny | dpm++ | 3 | 6 | 2 |") and table[2].endswith("| 1.00x |")
+    assert table[3].startswith("| student | consistency | 1 | 1 | 1 |")
+    ratio = results[2]["frechet_distance"] / results[0]["frechet_distance"]
+    assert table[4].startswith("| student | consistency | 2 | 2 | 1 |") and table[4].endswith(f"| {ratio:.2f}x |")
+    # --write-card: the student's card gets the result at its own steps.
+    assert json.loads(student.with_suffix(".json").read_text())["quality"]["steps"] == 2
