@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> None:
         "--host", default=os.environ.get("UVICORN_HOST", "127.0.0.1"), help="interface to bind (0.0.0.0 for all)"
     )
     parser.add_argument("--port", type=int, default=int(os.environ.get("UVICORN_PORT", "8000")))
-    parser.add_argument("--weights", help="weights .safetensors (default: FASHION_WEIGHTS or the shipped weights)")
+    parser.add_argument(
+        "--weights", help="serve this one model (FASHION_WEIGHTS; default: FASHION_MODELS or the shipped models)"
+    )
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: FASHION_DEVICE or auto)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     args = parser.parse_args(argv)

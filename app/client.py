@@ -1,6 +1,8 @@
 """A small command-line client, for people who would rather not write curl.
 
+    python -m app.client models                                        # the served models and their defaults
     python -m app.client generate --class dress -n 16 -o out/          # 16 PNGs in out/
+    python -m app.client generate --class dress --model fashion-student -o out/   # the distilled student
     python -m app.client generate --class 3 -n 16 --grid -o out/       # one PNG grid
     python -m app.client stream --class "ankle boot" -n 4 -o out/ --previews
     python -m app.client generate --class dress -n 4 --rerank clip --candidates 16 -o out/   # best 4 of 16
@@ -31,7 +33,7 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 def _body(args: argparse.Namespace) -> dict[str, Any]:
     cls: int | str = int(args.cls) if re.fullmatch(r"\d+", args.cls) else args.cls
     body: dict[str, Any] = {"class": cls, "n": args.n}
-    for key in ("steps", "sampler", "guidance", "seed"):
+    for key in ("model", "steps", "sampler", "guidance", "seed"):
         if getattr(args, key) is not None:
             body[key] = getattr(args, key)
     if getattr(args, "preview_every", None) is not None:
@@ -145,6 +147,23 @@ def stream(args: argparse.Namespace) -> int:
     return 1
 
 
+def models(args: argparse.Namespace) -> int:
+    """GET /models: one line per model, the default first."""
+    with httpx.Client(base_url=args.url, timeout=args.timeout) as client:
+        response = client.get("/models", headers=_headers(args))
+    if response.status_code != 200:
+        print(_error_text(response), file=sys.stderr)
+        return 1
+    for m in response.json()["data"]:
+        role = f"{m['kind']} of {m['parent']}" if m.get("parent") else m["kind"]
+        default = ", the default" if m["default"] else ""
+        print(
+            f"{m['id']} ({role}{default}; {m['parameters']} parameters, {m['precision']}): "
+            f"{m['sampler']} {m['steps']} steps, guidance {m['guidance']}"
+        )
+    return 0
+
+
 def score(args: argparse.Namespace) -> int:
     """POST the files to /clip/score as multipart/form-data; print one row per file."""
     if (args.cls is None) == (not args.text):
@@ -183,6 +202,7 @@ def parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=f"{name} images of one class")
         s.set_defaults(fn=fn)
         s.add_argument("--class", dest="cls", required=True, help="index 0-9 or a name (dress, 'ankle boot', ...)")
+        s.add_argument("--model", help="a model of `models` (default: the server's first)")
         s.add_argument("-n", type=int, default=16, help="how many images")
         s.add_argument("-o", "--out", required=True, help="directory for the PNGs")
         s.add_argument("--steps", type=int)
@@ -197,6 +217,8 @@ def parser() -> argparse.ArgumentParser:
         else:
             s.add_argument("--preview-every", type=int, help="previews every k steps")
             s.add_argument("--previews", action="store_true", help="also save the preview PNGs under OUT/previews")
+    s = sub.add_parser("models", help="the served models and their sampling defaults")
+    s.set_defaults(fn=models)
     s = sub.add_parser("score", help="CLIP similarity of image files with a class's prompts or with texts")
     s.set_defaults(fn=score)
     s.add_argument("files", nargs="+", help="image files (PNG, JPEG, ...)")

@@ -111,10 +111,15 @@ class Runtime:
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         return machine.autocast(self.device.type, self.dtype)
 
+    @property
+    def precision(self) -> str:
+        """The autocast dtype's name: float32, bfloat16 or float16."""
+        return str(self.dtype).removeprefix("torch.")
+
     def describe(self) -> dict[str, str]:
         return {
             "device": str(self.device),
-            "precision": str(self.dtype).removeprefix("torch."),
+            "precision": self.precision,
             "fixed_rows": str(self.rows),
             "parameters": str(self.parameters),
         }

@@ -179,7 +179,7 @@ class Engine:
         a running one at the next tick, and neither gets any more events."""
         with self._cond:
             if job.state == "queued":
-                self._lane(job.spec.model).pending.remove(job)
+                self._lane(job.model).pending.remove(job)
                 job.state = "cancelled"
                 job.request_cancel()
                 self._output.failed(job, JobCancelled(f"job {job.id} cancelled while queued"), "queued")

@@ -149,6 +149,12 @@ class Job:
         self._loop = loop
 
     @property
+    def model(self) -> str:
+        """The model sampling it (``Engine.submit`` names it in the spec)."""
+        assert self.spec.model is not None, "Engine.submit names the model"
+        return self.spec.model
+
+    @property
     def cancel_requested(self) -> bool:
         return self._cancel.is_set()
 

@@ -1,9 +1,10 @@
 """The FastAPI application: ``create_app(settings)``, and ``app`` for ``uvicorn app.main:app``.
 
-Nothing heavy happens at import: the lifespan loads the weights (safetensors + JSON card,
-no pickle) onto the device, starts the engine, runs a warm-up batch, and only then
-reports ready. Weights that are missing or corrupt stop startup with a message naming the
-file and the problem, and uvicorn exits non-zero.
+Nothing heavy happens at import: the lifespan loads every listed model (safetensors + JSON
+card, no pickle; ``app.models``) onto the device, starts the engine, runs a warm-up batch
+per model, and only then reports ready. Weights that are missing or corrupt, or two models
+with one name, stop startup with a message naming the file and the problem, and uvicorn
+exits non-zero.
 
 The rerank scorers come next: the classifier (small, loaded before ready; missing weights only
 disable rerank by classifier) and CLIP, which loads on a background thread after the service
@@ -12,60 +13,39 @@ is ready (``app.clip_service``); /readyz reports both beside the main model.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import replace
 from importlib.metadata import version
-from typing import Any
 
 import anyio
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from app.clip_service import ClipScorer, ClipService
-from app.device import on_fresh_thread, prepare, resolve_device
+from app.device import on_fresh_thread, resolve_device
 from app.engine import Engine
 from app.errors import install_handlers
 from app.jobs import JobSpec
 from app.metrics import EngineMetrics, Metrics
 from app.middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware, ReplicaMiddleware
-from app.routes import clip, generate, health, metrics, page, stream
+from app.models import ServedModel, load_models
+from app.routes import clip, generate, health, metrics, models, page, stream
 from app.schemas import Limits, allowed_values, request_models
 from app.scorers import Scorer, load_classifier_scorer
-from app.serving import Defaults, Serving
+from app.serving import Serving
 from app.settings import Settings
-from model.io import WeightsError, card_sampling, load_weights
-from model.samplers import SAMPLERS
+from model.io import WeightsError
 
 log = logging.getLogger("app")
 
 
-def sampling_defaults(settings: Settings, card: dict[str, Any], T: int) -> Defaults:
-    """Settings override the weights card's "sampling" section (model.io.card_sampling, which fills
-    what the card leaves out)."""
-    try:
-        from_card = card_sampling(card)
-    except (TypeError, ValueError) as err:
-        raise WeightsError(f"card sampling section is invalid ({err})") from err
-    sampler = settings.sampler or from_card.sampler
-    steps = settings.steps or from_card.steps
-    guidance = settings.guidance if settings.guidance is not None else from_card.guidance
-    if sampler == "ddpm":
-        steps = T
-    if sampler not in SAMPLERS:
-        raise WeightsError(f"card sampling.sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
-    if not 1 <= int(steps) <= min(T, settings.max_steps):
-        raise WeightsError(
-            f"default steps {steps} outside 1..{min(T, settings.max_steps)} (FASHION_STEPS / FASHION_MAX_STEPS)"
-        )
-    if not 0 <= float(guidance) <= settings.max_guidance:
-        raise WeightsError(f"default guidance {guidance} outside 0..{settings.max_guidance} (FASHION_GUIDANCE)")
-    if settings.guidance_interval is None:
-        interval = from_card.guidance_interval
-    else:
-        interval = None if settings.guidance_interval == "all" else settings.guidance_interval
-    return Defaults(sampler=sampler, steps=int(steps), guidance=float(guidance), guidance_interval=interval)
+def warmup_job(model: ServedModel) -> JobSpec:
+    """One image, two steps, with the model's default sampler and guidance (ddim for ddpm's 1000 steps)."""
+    d = model.defaults
+    sampler = "ddim" if d.sampler == "ddpm" else d.sampler
+    return JobSpec(0, (0,), sampler, min(2, model.T), d.guidance, model.name)
 
 
 @asynccontextmanager
@@ -75,47 +55,28 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         device = resolve_device(settings.device)
         clip_service = ClipService(settings, metrics, str(device))  # "loading" until started below
-        loaded = await on_fresh_thread(load_weights, settings.weights, device)
-        T = loaded.denoiser.schedule.T
-        defaults = sampling_defaults(settings, loaded.card, T)
-        loaded = replace(loaded, denoiser=replace(loaded.denoiser, guidance_interval=defaults.guidance_interval))
+        served = await on_fresh_thread(load_models, settings, device)
     except (WeightsError, RuntimeError) as err:
         log.error("cannot start: %s", err)
         raise
-    runtime = prepare(
-        loaded,
-        device,
-        precision=settings.precision,
-        channels_last=settings.channels_last,
-        compile=settings.compile,
-        fixed_rows=settings.fixed_rows,
-        max_batch=settings.max_batch,
-    )
     observer = app.state.engine_metrics(metrics)
-    name = str(loaded.card.get("name") or loaded.path.stem)
-    engine = Engine({name: runtime}, observer, queue_size=settings.queue_size, max_rows=settings.max_batch)
+    runtimes = {m.name: m.runtime for m in served}
+    engine = Engine(runtimes, observer, queue_size=settings.queue_size, max_rows=settings.max_batch)
     engine.start()
     try:
         if settings.warmup:
-            warm_sampler = "ddim" if defaults.sampler == "ddpm" else defaults.sampler
-            await engine.run(JobSpec(0, (0,), warm_sampler, min(2, T), defaults.guidance), record=False)
+            await asyncio.gather(*(engine.run(warmup_job(m), record=False) for m in served))
         classifier = await on_fresh_thread(load_classifier_scorer, settings.classifier_weights, device)
         scorers: dict[str, Scorer] = {"clip": ClipScorer(clip_service), "classifier": classifier}
-        metrics.add_model(name, {"weights": loaded.path.name, **runtime.describe()})
+        for m in served:
+            metrics.add_model(m.name, m.describe())
         metrics.ready.set(1)
         app.state.clip = clip_service
         app.state.serving = Serving(
-            engine,
-            name,
-            defaults,
-            T,
-            str(device),
-            loaded.card,
-            metrics,
-            scorers,
-            replica=settings.replica,
+            engine, {m.name: m for m in served}, str(device), metrics, scorers, replica=settings.replica
         )
-        log.info("ready: %s on %s (%s parameters)", name, device, runtime.parameters)
+        described = ", ".join(f"{m.name} ({m.kind}, {m.runtime.parameters} parameters)" for m in served)
+        log.info("ready on %s: %s", device, described)
         clip_service.start()  # after ready: CLIP never delays the service
         yield
     finally:
@@ -161,6 +122,7 @@ def create_app(
         page.router,
         health.router,
         metrics.router,
+        models.router,
         generate.build_router(generate_model),
         stream.build_router(stream_model),
         clip.build_router(settings),

@@ -205,7 +205,7 @@ class EngineMetrics:
         self.m.jobs_rejected.labels(reason).inc()
 
     def done(self, job: Job) -> None:
-        self.m.images.labels(job.spec.sampler, job.spec.model).inc(job.spec.n)
+        self.m.images.labels(job.spec.sampler, job.model).inc(job.spec.n)
 
     def cancelled(self, stage: str) -> None:
         self.m.jobs_cancelled.labels(stage).inc()

@@ -93,7 +93,7 @@ class RayEngineMetrics(EngineMetrics):
 
     def done(self, job: Job) -> None:
         super().done(job)
-        self.images.inc(job.spec.n, tags={"sampler": job.spec.sampler, "model": job.spec.model or ""})
+        self.images.inc(job.spec.n, tags={"sampler": job.spec.sampler, "model": job.model})
 
     def cancelled(self, stage: str) -> None:
         super().cancelled(stage)

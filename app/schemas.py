@@ -20,6 +20,7 @@ SEED_MAX = 2**32 - 1
 # model.samplers.SAMPLERS as a type, so mypy and the OpenAPI page know the names (a test keeps them equal).
 SamplerName = Literal["ddpm", "ddim", "dpm++", "consistency"]
 RerankMethod = Literal["clip", "classifier"]
+ModelKind = Literal["teacher", "student"]
 ComponentStatus = Literal["loading", "ready", "unavailable"]
 MAX_TEXT_CHARS = 1000  # a prompt longer than this cannot fit CLIP's 77 tokens anyway
 
@@ -71,6 +72,9 @@ def bounded_int(lo: int | None = None, hi: int | None = None) -> Any:
 def bounded_float(lo: float | None = None, hi: float | None = None) -> Any:
     return Annotated[float, Field(ge=lo, le=hi, allow_inf_nan=False), BeforeValidator(_no_bool)]
 
+
+ModelId = Annotated[str, Field(min_length=1, max_length=200)]
+MODEL_ALLOWED = "a model id of GET /models"
 
 # The same, spelled out statically for type checkers.
 PositiveInt = Annotated[int, Field(ge=1), BeforeValidator(_no_bool)]
@@ -161,6 +165,9 @@ class GenerateRequestBase(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True)
 
+    model: ModelId | None = Field(
+        default=None, description="the model to sample with, an id of GET /models; default: the first listed there"
+    )
     class_: ClassField = Field(alias="class")
     n: PositiveInt = 16
     steps: PositiveInt | None = None
@@ -214,6 +221,8 @@ def allowed_values(model: type[BaseModel]) -> dict[str, str]:
             out[key] = CLASS_ALLOWED
         elif key == "rerank":
             out[key] = RERANK_ALLOWED
+        elif key == "model":
+            out[key] = MODEL_ALLOWED
         elif len(options) == 1 and "enum" in options[0]:
             out[key] = "one of " + ", ".join(map(str, options[0]["enum"]))
         elif len(options) == 1 and options[0].get("type") in ("integer", "number"):
@@ -283,9 +292,41 @@ class GenerateResponse(BaseModel):
 
 class StartEvent(BaseModel):
     job: str
+    model: str = Field(description="the model sampling it")
     params: Params
-    queue_depth: int = Field(description="jobs waiting ahead, including this one")
+    queue_depth: int = Field(description="jobs waiting for its model ahead of it, including this one")
     replica: str = Field(description="the replica (process) sampling it, as in the X-Replica header")
+
+
+class ModelOut(BaseModel):
+    """One served model, as an entry of OpenAI's ``GET /v1/models`` list, with its card's sampling defaults."""
+
+    id: str = Field(description="the name requests give as model (the card's name)")
+    object: Literal["model"] = "model"
+    created: int = Field(description="when the weights file was written, in Unix seconds")
+    owned_by: str = "fashion-diffusion"
+    kind: ModelKind = Field(description="student: distilled from a teacher (its card's distillation section)")
+    parent: str | None = Field(default=None, description="a student's teacher")
+    default: bool = Field(description="the model of requests that name none")
+    sampler: SamplerName = Field(description="the default sampler")
+    steps: int = Field(description="the default steps")
+    guidance: float = Field(description="the default guidance scale")
+    guidance_interval: tuple[float, float] | None = Field(
+        default=None, description="noise levels (sigma_lo, sigma_hi) where guidance applies; null: every step"
+    )
+    distilled_guidance: float | None = Field(
+        default=None, description="a student's guidance scale, distilled into it: requests then take guidance 1 only"
+    )
+    samplers: list[SamplerName] = Field(description="the samplers it can be asked for")
+    T: int = Field(description="diffusion timesteps of its schedule")
+    parameters: int
+    precision: str = Field(description="its network's autocast dtype")
+    device: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelOut] = Field(description="every served model, the default first")
 
 
 class ScheduleOut(BaseModel):
@@ -326,11 +367,21 @@ class ComponentHealth(BaseModel):
     message: str | None = Field(default=None, description="why it is unavailable, and how to provide it")
 
 
+class ModelHealth(BaseModel):
+    name: str
+    kind: ModelKind
+    precision: str = Field(description="the network's autocast dtype (FASHION_PRECISION)")
+    parameters: int
+
+
 class Health(BaseModel):
     status: str
-    model: str | None = None
+    model: str | None = Field(default=None, description="the default model")
     device: str | None = None
-    precision: str | None = Field(default=None, description="the network's autocast dtype (FASHION_PRECISION)")
+    precision: str | None = Field(
+        default=None, description="the default model's autocast dtype (FASHION_PRECISION); each model's in models"
+    )
+    models: list[ModelHealth] | None = Field(default=None, description="every served model, the default first")
     clip: ComponentHealth | None = Field(
         default=None, description="CLIP (POST /clip/score, rerank by clip); the service is ready without it"
     )

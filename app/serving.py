@@ -1,5 +1,6 @@
-"""From a validated request to its answer, in one pass: defaults and seeds, the engine job, waiting
-with disconnect handling, one mapping of engine and scorer errors to API errors, and the response.
+"""From a validated request to its answer, in one pass: the model and its defaults, seeds, the engine
+job, waiting with disconnect handling, one mapping of engine and scorer errors to API errors, and the
+response.
 
 Routes call ``generate`` (``POST /generate``) or ``open_stream`` + ``stream_events`` (the SSE
 routes) and only choose the representation. Everything here runs on the event loop; the device
@@ -37,6 +38,7 @@ from app.jobs import (
     QueueFull,
 )
 from app.metrics import Metrics
+from app.models import ServedModel
 from app.schemas import (
     SEED_MAX,
     GenerateRequestBase,
@@ -58,33 +60,42 @@ PREVIEWS_PER_RUN = 10  # a stream's default: previews on about this many of its 
 _DONE = object()  # put on a stream's event queue once its job's future is settled
 
 
-@dataclass(frozen=True)
-class Defaults:
-    sampler: str
-    steps: int
-    guidance: float
-    guidance_interval: tuple[float, float] | None = None  # noise levels where guidance applies; None: all
-
-
 @dataclass
 class Serving:
-    """Everything the lifespan loaded; ``app.state.serving`` is None until the model is warm."""
+    """Everything the lifespan loaded; ``app.state.serving`` is None until every model is warm."""
 
     engine: Engine
-    name: str  # the weights' name, from the card
-    defaults: Defaults
-    T: int  # diffusion steps of the schedule (ddpm always runs all of them)
+    models: dict[str, ServedModel]  # by name, in the settings' order: the first is the default
     device: str
-    card: dict[str, Any]
     metrics: Metrics
     scorers: dict[str, Scorer] = field(default_factory=dict)  # rerank methods: "clip", "classifier"
     replica: str = ""  # this process's name (Settings.replica)
+
+    @property
+    def default(self) -> ServedModel:
+        """The model of requests that name none."""
+        return next(iter(self.models.values()))
+
+    def model(self, name: str | None) -> ServedModel:
+        """The model a request names (None: the default); 404 naming the served ones for any other."""
+        if name is None:
+            return self.default
+        try:
+            return self.models[name]
+        except KeyError:
+            raise ApiError(
+                404,
+                f"model: this server has no model {name!r}; allowed: {', '.join(self.models)} (GET /models)",
+                code="model_not_found",
+                param="model",
+            ) from None
 
 
 @dataclass(frozen=True)
 class Generated:
     """A finished /generate: what was asked, what came back, and (with rerank) the chosen order."""
 
+    model: str
     params: Params
     result: JobResult
     ranked: rerank.Ranked | None
@@ -138,38 +149,55 @@ async def until_disconnected(request: Request) -> None:
 # --- request -> job --------------------------------------------------------------------------
 
 
+def _ddpm_steps(asked: int | None, total: int, settings: Settings) -> int:
+    """ddpm runs every step of the schedule: ``total``, which the request may only repeat."""
+    if asked is not None and asked != total:
+        raise ApiError(
+            422,
+            f"steps: ddpm always runs all {total} steps of the schedule; allowed: {total} or omit steps "
+            "(use ddim or dpm++ for fewer)",
+            code="steps_for_sampler",
+            param="steps",
+        )
+    if total > settings.max_steps:
+        raise ApiError(
+            422,
+            f"sampler: ddpm needs {total} steps but this server allows at most {settings.max_steps}; "
+            "allowed: ddim, dpm++",
+            code="sampler_unavailable",
+            param="sampler",
+        )
+    return total
+
+
 def resolve(
     body: GenerateRequestBase, serving: Serving, settings: Settings, candidates: int | None = None
 ) -> tuple[JobSpec, Params]:
-    """Fill in defaults and seeds; the checks that need the loaded weights (ddpm's T) happen here.
+    """Pick the model and fill in its defaults and the seeds; the checks that need the loaded models
+    (which exist, ddpm's T, a student's distilled guidance) happen here.
 
     With ``candidates`` (rerank) the job samples that many images, seeds ``seed .. seed + candidates - 1``;
     ``params.n`` stays the number the client gets back."""
-    sampler = body.sampler or serving.defaults.sampler
-    steps = body.steps if body.steps is not None else serving.defaults.steps
-    guidance = body.guidance if body.guidance is not None else serving.defaults.guidance
+    model = serving.model(body.model)
+    defaults = model.defaults
+    sampler = body.sampler or defaults.sampler
+    steps = body.steps if body.steps is not None else defaults.steps
+    guidance = body.guidance if body.guidance is not None else defaults.guidance
+    if model.distilled_guidance not in (None, 1.0) and guidance != 1.0:
+        raise ApiError(
+            422,
+            f"guidance: guidance {model.distilled_guidance} is distilled into {model.name} (its card's "
+            "distillation section), so it takes no classifier-free guidance on top; allowed: 1.0 or omit guidance",
+            code="guidance_distilled",
+            param="guidance",
+        )
     if sampler == "ddpm":
-        if body.steps is None:
-            steps = serving.T
-        elif body.steps != serving.T:
-            raise ApiError(
-                422,
-                f"steps: ddpm always runs all {serving.T} steps of the schedule; allowed: {serving.T} or omit steps "
-                "(use ddim or dpm++ for fewer)",
-                code="steps_for_sampler",
-                param="steps",
-            )
-        if steps > settings.max_steps:
-            raise ApiError(
-                422,
-                f"sampler: ddpm needs {serving.T} steps but this server allows at most {settings.max_steps}; "
-                "allowed: ddim, dpm++",
-                code="sampler_unavailable",
-                param="sampler",
-            )
+        steps = _ddpm_steps(body.steps, model.T, settings)
     base = body.seed if body.seed is not None else secrets.randbelow(SEED_MAX + 1)
     seeds = tuple(base + i for i in range(candidates or body.n))
-    spec = JobSpec(label=body.class_, seeds=seeds, sampler=sampler, steps=steps, guidance=float(guidance))
+    spec = JobSpec(
+        label=body.class_, seeds=seeds, sampler=sampler, steps=steps, guidance=float(guidance), model=model.name
+    )
     params = Params.model_validate(
         {
             "class": body.class_,
@@ -178,7 +206,7 @@ def resolve(
             "sampler": sampler,
             "steps": steps,
             "guidance": float(guidance),
-            "guidance_interval": serving.defaults.guidance_interval,
+            "guidance_interval": defaults.guidance_interval,
             "seed": base,
         }
     )
@@ -223,9 +251,10 @@ async def generate(body: GenerateRequestBase, request: Request, serving: Serving
     accepted = time.monotonic()
     plan = rerank.plan(body, serving.scorers, settings)
     spec, params = resolve(body, serving, settings, candidates=plan.candidates if plan else None)
-    result = await wait(submit(serving, spec), request, serving)
+    job = submit(serving, spec)
+    result = await wait(job, request, serving)
     ranked = await _rank(plan, result, spec.label, serving)
-    return Generated(params, result, ranked, accepted)
+    return Generated(job.model, params, result, ranked, accepted)
 
 
 def response_body(serving: Serving, generated: Generated) -> GenerateResponse:
@@ -258,14 +287,14 @@ def response_body(serving: Serving, generated: Generated) -> GenerateResponse:
         batch_jobs=result.batch_jobs,
         replica=serving.replica,
     )
-    return GenerateResponse(model=serving.name, params=params, images=images, timings=timings, rerank=rerank_out)
+    return GenerateResponse(model=generated.model, params=params, images=images, timings=timings, rerank=rerank_out)
 
 
 def png_headers(serving: Serving, generated: Generated) -> dict[str, str]:
     """The parameters of a PNG-grid answer, which has no JSON body to carry them."""
     params, ranked = generated.params, generated.ranked
     headers = {
-        "X-Model": serving.name,
+        "X-Model": generated.model,
         "X-Class": str(params.class_),
         "X-Sampler": params.sampler,
         "X-Steps": str(params.steps),
@@ -307,6 +336,7 @@ async def open_stream(
     events: asyncio.Queue[Any] = asyncio.Queue()
     job = submit(serving, spec, on_event=events.put_nowait, preview_every=every)
     job.future.add_done_callback(lambda _: events.put_nowait(_DONE))
+    depth = serving.engine.queue_depth_of(job.model)
 
     async def cancel_when_gone() -> None:
         await until_disconnected(request)
@@ -314,7 +344,7 @@ async def open_stream(
 
     watcher = asyncio.ensure_future(cancel_when_gone())
     try:
-        yield Stream(job, params, events, serving, accepted, serving.engine.queue_depth, plan)
+        yield Stream(job, params, events, serving, accepted, depth, plan)
     finally:
         watcher.cancel()
         if not job.future.done():
@@ -337,8 +367,13 @@ def _event(item: Event, seq: int) -> ServerSentEvent:
 async def stream_events(stream: Stream) -> AsyncIterator[ServerSentEvent]:
     """``start``, ``queued`` while it waits, one ``step`` per sampler step, then ``done`` or ``error``."""
     seq = 0
+    model = stream.job.model
     start = StartEvent(
-        job=stream.job.id, params=stream.params, queue_depth=stream.queue_depth, replica=stream.serving.replica
+        job=stream.job.id,
+        model=model,
+        params=stream.params,
+        queue_depth=stream.queue_depth,
+        replica=stream.serving.replica,
     )
     yield ServerSentEvent(event="start", id=str(seq), data=start.model_dump(mode="json", by_alias=True))
     try:
@@ -354,7 +389,7 @@ async def stream_events(stream: Stream) -> AsyncIterator[ServerSentEvent]:
         except Exception as err:
             yield error_event(api_error(err), seq)
             return
-        done = response_body(stream.serving, Generated(stream.params, result, ranked, stream.accepted))
+        done = response_body(stream.serving, Generated(model, stream.params, result, ranked, stream.accepted))
         data = done.model_dump(mode="json", by_alias=True, exclude_none=True)
         yield ServerSentEvent(event="done", id=str(seq), data=data)
     finally:

@@ -1,6 +1,7 @@
 """Service settings: one pydantic-settings class, read from ``FASHION_*`` environment variables.
 
-    FASHION_WEIGHTS=weights/fashion-unet.safetensors FASHION_DEVICE=cuda python -m app
+    FASHION_MODELS='["weights/fashion-unet.safetensors", "weights/fashion-student.safetensors"]' \
+        FASHION_DEVICE=cuda python -m app
 
 Every field fails fast with a message naming the variable and what is allowed, so a
 misconfigured deployment stops at startup rather than at the first request.
@@ -22,8 +23,10 @@ from model.clip import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEFAULT_TEMPLATES
 from model.samplers import check_guidance_interval
 
 ENV_PREFIX = "FASHION_"
-WEIGHTS_RELATIVE = Path("weights") / "fashion-unet.safetensors"
-CLASSIFIER_RELATIVE = Path("weights") / "classifier.safetensors"
+WEIGHTS_DIR = Path("weights")
+SHIPPED_MODELS = ("fashion-unet", "fashion-student")  # the teacher, then the student distilled from it
+WEIGHTS_RELATIVE = WEIGHTS_DIR / f"{SHIPPED_MODELS[0]}.safetensors"
+CLASSIFIER_RELATIVE = WEIGHTS_DIR / "classifier.safetensors"
 MiB = 1024 * 1024
 
 
@@ -45,6 +48,18 @@ def default_weights_path() -> Path:
     return _shipped(WEIGHTS_RELATIVE)
 
 
+def default_weights_dir() -> Path:
+    """The shipped weights' directory, ``<repo root>/weights``, found the same way."""
+    return _shipped(WEIGHTS_DIR)
+
+
+def shipped_models(directory: Path) -> tuple[Path, ...]:
+    """The shipped models in ``directory`` that exist, teacher first; the teacher alone when none does
+    (so that startup fails naming the file it looked for)."""
+    paths = tuple(directory / f"{name}.safetensors" for name in SHIPPED_MODELS)
+    return tuple(path for path in paths if path.exists()) or paths[:1]
+
+
 def default_classifier_path() -> Path:
     """The shipped evaluation classifier, ``<repo root>/weights/classifier.safetensors``, found the same way."""
     return _shipped(CLASSIFIER_RELATIVE)
@@ -55,9 +70,21 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True)
 
-    # Weights and device.
-    weights: Path = Field(
-        default_factory=default_weights_path, description="the .safetensors file; its .json card sits beside it"
+    # The models and the device.
+    models: tuple[Path, ...] | None = Field(
+        default=None,
+        description=(
+            "the models to serve, as a JSON list of .safetensors files (each with its .json card beside it); the "
+            "first is the default model of requests that name none. None: weights alone when set, else the shipped "
+            "models of weights_dir that exist (fashion-unet, then fashion-student)"
+        ),
+    )
+    weights: Path | None = Field(
+        default=None, description='one model to serve, the same as models=["<weights>"] (older deployments set it)'
+    )
+    weights_dir: Path = Field(
+        default_factory=default_weights_dir,
+        description="where the shipped models are found when neither models nor weights is set",
     )
     device: str = Field(default="auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     precision: Literal["auto", "float32", "float16", "bfloat16"] = Field(
@@ -78,7 +105,8 @@ class Settings(BaseSettings):
         ),
     )
 
-    # Sampling defaults; None takes the weights card's "sampling" section, then dpm++ / 20 / 1.0.
+    # The default model's sampling defaults; None takes its card's "sampling" section, then dpm++ / 20 / 1.0.
+    # Other models always take their own card's: a student's are not the teacher's.
     sampler: SamplerName | None = None
     steps: int | None = Field(default=None, ge=1)
     guidance: float | None = Field(default=None, ge=0.0, allow_inf_nan=False)
@@ -201,6 +229,29 @@ class Settings(BaseSettings):
         return value
 
     @property
+    def model_paths(self) -> tuple[Path, ...]:
+        """The models to serve, the default first (see ``models``)."""
+        if self.models is not None:
+            return self.models
+        if self.weights is not None:
+            return (self.weights,)
+        return shipped_models(self.weights_dir)
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, value: tuple[Path, ...] | None) -> tuple[Path, ...] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("models must list at least one .safetensors file")
+        seen: set[Path] = set()
+        for path in value:
+            if path.resolve() in seen:
+                raise ValueError(f"models lists {path} twice")
+            seen.add(path.resolve())
+        return value
+
+    @property
     def max_candidates(self) -> int:
         return self.rerank_max_candidates or self.max_images
 
@@ -234,6 +285,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
+        if self.models is not None and self.weights is not None:
+            raise ValueError(
+                f"set models or weights, not both (models={[str(p) for p in self.models]}, weights={self.weights}): "
+                "weights is the one-model form of models"
+            )
         if self.max_images > self.max_batch:
             raise ValueError(
                 f"max_images ({self.max_images}) must not exceed max_batch ({self.max_batch}): "

@@ -1,4 +1,4 @@
-"""``GET /healthz`` (the process is alive) and ``GET /readyz`` (weights loaded and warm)."""
+"""``GET /healthz`` (the process is alive) and ``GET /readyz`` (every model loaded and warm)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from app.deps import get_serving
-from app.schemas import ComponentHealth, ErrorResponse, Health
+from app.schemas import ComponentHealth, ErrorResponse, Health, ModelHealth
 from app.scorers import ClassifierScorer, ScorerUnavailable
 
 router = APIRouter(tags=["health"])
@@ -26,16 +26,18 @@ async def healthz() -> Health:
     responses={503: {"model": ErrorResponse, "description": "not ready"}},
 )
 async def readyz(request: Request) -> Any:
-    """Ready: the weights are loaded and warm and the engine runs; 503 otherwise.
+    """Ready: every model is loaded and warm and the engine runs; 503 otherwise. ``model`` and
+    ``precision`` are the default model's; ``models`` lists each with its precision.
 
     CLIP and the classifier are reported beside it (``loading``, ``ready`` or ``unavailable`` with a
     message saying how to provide the weights); the service is ready, and generates, without them."""
     serving = get_serving(request)  # raises the 503 ApiError
+    models = [
+        ModelHealth(name=m.name, kind=m.kind, precision=m.runtime.precision, parameters=m.runtime.parameters)
+        for m in serving.models.values()
+    ]
     health = Health(
-        status="ready",
-        model=serving.name,
-        device=serving.device,
-        precision=serving.engine.runtimes[serving.name].describe()["precision"],
+        status="ready", model=models[0].name, device=serving.device, precision=models[0].precision, models=models
     )
     clip = getattr(request.app.state, "clip", None)
     if clip is not None:

@@ -5,11 +5,13 @@ forward process."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 
 from app.deps import ServingDep
+from app.errors import error_responses
 from app.schemas import ScheduleOut
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
@@ -22,11 +24,18 @@ async def page() -> FileResponse:
     return FileResponse(STATIC / "index.html", media_type="text/html")
 
 
-@router.get("/schedule", response_model=ScheduleOut, tags=["model"], summary="The noise schedule of the weights")
-async def schedule(serving: ServingDep) -> ScheduleOut:
+@router.get(
+    "/schedule",
+    response_model=ScheduleOut,
+    responses=error_responses({404: "no such model"}),
+    tags=["model"],
+    summary="The noise schedule of a model",
+)
+async def schedule(serving: ServingDep, model: Annotated[str | None, Query(max_length=200)] = None) -> ScheduleOut:
     """alpha_bar_t (the signal fraction of x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps), the log
-    signal-to-noise ratio and the noise level sigma_t, for every timestep t = 0..T-1, from the weights card."""
-    s = serving.engine.runtimes[serving.name].denoiser.schedule
+    signal-to-noise ratio and the noise level sigma_t, for every timestep t = 0..T-1, from the card of
+    ``model`` (default: the default model)."""
+    s = serving.model(model).runtime.denoiser.schedule
     return ScheduleOut(
         name=s.name,
         T=s.T,

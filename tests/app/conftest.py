@@ -103,10 +103,9 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def make_settings(app_weights: Path) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
-        values: dict[str, Any] = {
-            "weights": app_weights,
-            "device": "cpu",
-        }
+        values: dict[str, Any] = {"device": "cpu"}
+        if "models" not in overrides:  # the two are one setting: FASHION_WEIGHTS is the one-model form
+            values["weights"] = app_weights
         values.update(overrides)
         return Settings(**values)
 
@@ -170,7 +169,9 @@ def spawn_app(tmp_path: Path, app_weights: Path) -> Iterator[Callable[..., tuple
     def spawn(*args: str, ready: bool = True, **settings: str) -> tuple[subprocess.Popen[str], str]:
         port = _free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("FASHION_")}
-        env.update(FASHION_WEIGHTS=str(app_weights), FASHION_DEVICE="cpu")
+        env.update(FASHION_DEVICE="cpu")
+        if "models" not in settings:  # FASHION_WEIGHTS is the one-model form of FASHION_MODELS
+            env.update(FASHION_WEIGHTS=str(app_weights))
         env.update({f"FASHION_{k.upper()}": v for k, v in settings.items()})
         env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
         command = [sys.executable, *(args or ("-m", "app")), "--port", str(port)]

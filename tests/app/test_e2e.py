@@ -121,6 +121,11 @@ def test_command_line_client(
     assert cli.main([*common, "generate", "--class", "hat", "-o", str(tmp_path / "x")]) == 1
     assert "422" in capsys.readouterr().err
 
+    assert cli.main([*common, "models"]) == 0
+    assert capsys.readouterr().out.startswith("tiny-test (teacher, the default;")
+    assert cli.main([*common, "generate", "--class", "3", "--model", "nope", "-o", str(tmp_path / "x")]) == 1
+    assert "404 model_not_found" in capsys.readouterr().err
+
 
 def test_python_m_app_serves_and_stops(app_weights: Path, spawn_app: Callable) -> None:
     proc, url = spawn_app("-m", "app", "--weights", str(app_weights))

@@ -8,8 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 import app
-from app.main import sampling_defaults
-from app.serving import Defaults
+from app.models import Defaults, sampling_defaults
 from app.settings import Settings, default_weights_path
 from model.io import WeightsError
 
@@ -27,7 +26,11 @@ def test_default_weights_resolve_from_the_package_not_the_cwd(tmp_path: Path, mo
     monkeypatch.chdir(tmp_path)
     repo = Path(app.__file__).resolve().parent.parent
     assert default_weights_path() == repo / "weights" / "fashion-unet.safetensors"
-    assert Settings().weights == repo / "weights" / "fashion-unet.safetensors"
+    shipped = [p for p in (repo / "weights/fashion-unet.safetensors", repo / "weights/fashion-student.safetensors")]
+    assert Settings().model_paths == tuple(
+        p for p in shipped if p.exists()
+    )  # the teacher, and the student once shipped
+    assert Settings().model_paths[0] == shipped[0]
 
 
 def test_environment_prefix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -36,7 +39,7 @@ def test_environment_prefix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     monkeypatch.setenv("FASHION_API_KEY", "k")
     monkeypatch.setenv("FASHION_DEVICE", "CPU")
     s = Settings()
-    assert s.weights == tmp_path / "w.safetensors"
+    assert s.weights == tmp_path / "w.safetensors" and s.model_paths == (tmp_path / "w.safetensors",)
     assert s.max_images == 8
     assert s.api_key is not None and s.api_key.get_secret_value() == "k"
     assert s.device == "cpu"
