@@ -1,5 +1,6 @@
 // The page that shows the model drawing: server-sent events from GET /generate/stream, one column
-// per run, x_t beside the x0 prediction at every step; the forward process from GET /schedule.
+// per run (each with its model of GET /models), x_t beside the x0 prediction at every step; the
+// forward process from GET /schedule.
 // Plain JavaScript, no build step, nothing loaded from elsewhere.
 "use strict";
 
@@ -9,6 +10,7 @@ const MAX_RUNS = 3;
 const $ = (selector, root = document) => root.querySelector(selector);
 
 let schedule = null; // {name, T, alpha_bar, log_snr, sigma}
+let models = []; // GET /models data: [{id, default, sampler, steps, guidance, distilled_guidance, ...}]
 let runs = []; // the columns of the current generation
 let forwardImage = null; // Float32Array(784) in [-1, 1]
 
@@ -31,6 +33,7 @@ function setStatus(text) {
 
 function runSpecs() {
   return [...document.querySelectorAll(".run-spec")].map((row) => ({
+    model: $("[name=model]", row).value,
     sampler: $("[name=sampler]", row).value,
     steps: Number($("[name=steps]", row).value),
     guidance: Number($("[name=guidance]", row).value),
@@ -40,17 +43,80 @@ function runSpecs() {
 function addRunSpec(spec) {
   const rows = document.querySelectorAll(".run-spec");
   if (rows.length >= MAX_RUNS) return;
-  const row = rows[rows.length - 1].cloneNode(true);
+  const last = rows[rows.length - 1];
+  const row = last.cloneNode(true);
   row.dataset.run = String(rows.length);
+  for (const name of ["model", "sampler"]) $(`[name=${name}]`, row).value = $(`[name=${name}]`, last).value;
   if (spec) fillRunSpec(row, spec);
   $("#runs-spec").appendChild(row);
   syncRunButtons();
 }
 
 function fillRunSpec(row, spec) {
+  row.dataset.touched = "1"; // the link's values win over the model's defaults
+  if (spec.model) {
+    row.dataset.model = spec.model; // chosen once GET /models has filled the list
+    if (modelById(spec.model)) $("[name=model]", row).value = spec.model;
+  }
   if (spec.sampler) $("[name=sampler]", row).value = spec.sampler;
   if (spec.steps) $("[name=steps]", row).value = spec.steps;
   if (spec.guidance !== undefined && spec.guidance !== "") $("[name=guidance]", row).value = spec.guidance;
+}
+
+// --- models ------------------------------------------------------------------------------------
+
+function modelById(id) {
+  return models.find((m) => m.id === id);
+}
+
+function rowModel(row) {
+  return modelById($("[name=model]", row).value);
+}
+
+// A student with guidance distilled into it takes guidance 1 only: the field shows it and stays locked.
+function lockGuidance(row) {
+  const model = rowModel(row);
+  const input = $("[name=guidance]", row);
+  const distilled = Boolean(model && model.distilled_guidance !== null && model.distilled_guidance !== 1);
+  input.disabled = distilled;
+  input.title = distilled ? `guidance ${model.distilled_guidance} is distilled into ${model.id}` : "";
+  if (distilled) input.value = "1";
+}
+
+function showModelDefaults(row) {
+  const model = rowModel(row);
+  if (!model) return;
+  $("[name=sampler]", row).value = model.sampler;
+  $("[name=steps]", row).value = String(model.steps);
+  $("[name=guidance]", row).value = String(model.guidance);
+  lockGuidance(row);
+}
+
+function fillModels(row) {
+  const select = $("[name=model]", row);
+  const wanted = row.dataset.model || select.value;
+  select.replaceChildren(
+    ...models.map((m) => {
+      const option = document.createElement("option");
+      option.value = option.textContent = m.id;
+      return option;
+    }),
+  );
+  if (wanted && modelById(wanted)) select.value = wanted;
+  else if (wanted) setStatus(`this server has no model ${wanted}; using ${select.value}`);
+  if (row.dataset.touched) lockGuidance(row);
+  else showModelDefaults(row); // what the user has not set shows the chosen model's card
+}
+
+async function loadModels() {
+  try {
+    const response = await fetch("/models", { headers: authHeaders() });
+    if (!response.ok) return; // loadSchedule says why (an API key, say)
+    models = (await response.json()).data;
+  } catch {
+    return;
+  }
+  document.querySelectorAll(".run-spec").forEach(fillModels);
 }
 
 function syncRunButtons() {
@@ -75,6 +141,7 @@ function common() {
 
 function streamQuery(base, spec) {
   const q = new URLSearchParams({
+    ...(spec.model ? { model: spec.model } : {}),
     class: base.class,
     n: String(base.n),
     seed: String(base.seed),
@@ -89,6 +156,7 @@ function streamQuery(base, spec) {
 // The page's own URL carries the parameters, so a link reruns the same generation.
 function writeUrl(base, specs) {
   const q = new URLSearchParams({ class: base.class, n: String(base.n), seed: String(base.seed) });
+  if (specs.every((s) => s.model)) q.set("model", specs.map((s) => s.model).join(","));
   q.set("sampler", specs.map((s) => s.sampler).join(","));
   q.set("steps", specs.map((s) => s.steps).join(","));
   q.set("guidance", specs.map((s) => s.guidance).join(","));
@@ -106,8 +174,10 @@ function readUrl() {
   const samplers = (q.get("sampler") || "").split(",").filter(Boolean);
   const steps = (q.get("steps") || "").split(",");
   const guidance = (q.get("guidance") || "").split(",");
+  const chosen = (q.get("model") || "").split(",");
   samplers.slice(0, MAX_RUNS).forEach((sampler, i) => {
-    const spec = { sampler, steps: steps[i] || steps[0], guidance: guidance[i] || guidance[0] };
+    const model = chosen[i] || chosen[0];
+    const spec = { model, sampler, steps: steps[i] || steps[0], guidance: guidance[i] || guidance[0] };
     if (i === 0) fillRunSpec($(".run-spec"), spec);
     else addRunSpec(spec);
   });
@@ -144,7 +214,8 @@ function generate() {
 function startRun(base, spec, i) {
   const el = $("#run-template").content.firstElementChild.cloneNode(true);
   const label = spec.sampler === "ddpm" ? "ddpm, 1000 steps" : `${spec.sampler}, ${spec.steps} steps`;
-  $(".run-title", el).textContent = `Run ${i + 1}: ${label}, guidance ${spec.guidance}`;
+  const who = models.length > 1 && spec.model ? `${spec.model}: ` : "";
+  $(".run-title", el).textContent = `Run ${i + 1}: ${who}${label}, guidance ${spec.guidance}`;
   $("#runs").appendChild(el);
   const query = streamQuery(base, spec);
   const key = apiKey();
@@ -417,6 +488,18 @@ function init() {
   $("#api-key").addEventListener("change", () => {
     localStorage.setItem(KEY_STORAGE, $("#api-key").value.trim());
     loadSchedule();
+    loadModels();
+  });
+  // Choosing a model shows its card's defaults; a value the user sets stays through the list's arrival.
+  $("#runs-spec").addEventListener("change", (e) => {
+    const row = e.target.closest(".run-spec");
+    if (!row) return;
+    if (e.target.name === "model") showModelDefaults(row);
+    row.dataset.touched = "1";
+  });
+  $("#runs-spec").addEventListener("input", (e) => {
+    const row = e.target.closest(".run-spec");
+    if (row && e.target.name !== "model") row.dataset.touched = "1";
   });
   $("#controls").addEventListener("submit", (e) => {
     e.preventDefault();
@@ -451,7 +534,7 @@ function init() {
   });
   syncRunButtons();
   const fromLink = readUrl();
-  loadSchedule().then(() => {
+  Promise.all([loadSchedule(), loadModels()]).then(() => {
     if (fromLink) generate();
   });
 }

@@ -33,6 +33,14 @@ def live(app_weights: Path, serve_in_thread: Callable) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
+def two_models(app_weights: Path, student_weights: Path, serve_in_thread: Callable) -> Iterator[str]:
+    """The tiny teacher (the default) and the tiny distilled student."""
+    settings = Settings(models=[app_weights, student_weights], device="cpu", api_key=None)
+    with serve_in_thread(settings) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
 def keyed(app_weights: Path, serve_in_thread: Callable) -> Iterator[str]:
     with serve_in_thread(Settings(weights=app_weights, device="cpu", api_key=KEY), log_level="info") as url:
         yield url
@@ -127,6 +135,12 @@ def decode(src: str) -> np.ndarray:
 pytest_browser = pytest.mark.browser
 
 
+def finished_titles(page, finals: int, timeout: int = 120_000) -> list[str]:  # type: ignore[no-untyped-def]
+    """Wait until the page shows ``finals`` final images; the runs' titles then."""
+    page.wait_for_function(f"document.querySelectorAll('.finals img.final').length === {finals}", timeout=timeout)
+    return page.eval_on_selector_all(".run-title", "hs => hs.map(h => h.textContent)")
+
+
 @pytest_browser
 def test_a_shared_link_streams_its_steps_then_shows_the_final_images(live: str, page) -> None:  # type: ignore[no-untyped-def]
     page.goto(f"{live}/?class=dress&n=3&seed=7&sampler=ddim&steps=6&guidance=1.5")
@@ -182,9 +196,7 @@ def test_a_comparison_streams_three_runs_side_by_side(live: str, page) -> None: 
         rows.nth(i).locator("[name=steps]").fill(steps)
         rows.nth(i).locator("[name=guidance]").fill(guidance)
     page.click("#go")
-    page.wait_for_function("document.querySelectorAll('.finals img.final').length === 6", timeout=120_000)
-    titles = page.eval_on_selector_all(".run-title", "hs => hs.map(h => h.textContent)")
-    assert titles == [
+    assert finished_titles(page, 6) == [
         "Run 1: ddim, 8 steps, guidance 1.35",
         "Run 2: dpm++, 4 steps, guidance 1.35",
         "Run 3: dpm++, 4 steps, guidance 3",
@@ -225,4 +237,45 @@ def test_the_page_sends_the_key_it_keeps(keyed: str, page) -> None:  # type: ign
     page.goto(f"{keyed}/?class=coat&n=1&seed=5&sampler=ddim&steps=3&guidance=1.35")
     page.wait_for_selector(".finals img.final", timeout=60_000)
     assert KEY not in page.url
+    assert page.errors == []
+
+
+@pytest_browser
+def test_the_model_selector_lists_the_models_and_a_chosen_student_draws(two_models: str, page) -> None:  # type: ignore[no-untyped-def]
+    page.goto(f"{two_models}/")
+    page.wait_for_function("document.querySelectorAll('.run-spec [name=model] option').length === 2", timeout=30_000)
+    row = page.locator(".run-spec").nth(0)
+
+    def shown(row) -> tuple[str, str, str, str, bool]:  # type: ignore[no-untyped-def]
+        fields = [row.locator(f"[name={name}]") for name in ("model", "sampler", "steps", "guidance")]
+        return (*(f.input_value() for f in fields), fields[-1].is_disabled())  # type: ignore[return-value]
+
+    options = page.eval_on_selector_all(".run-spec [name=model] option", "os => os.map(o => o.value)")
+    assert options == ["tiny-test", "tiny-student"]  # GET /models' order: the default first
+    assert shown(row) == ("tiny-test", "dpm++", "3", "2", False)  # the teacher's card, not the page's HTML
+    row.locator("[name=model]").select_option("tiny-student")
+    assert shown(row) == ("tiny-student", "consistency", "4", "1", True)  # its card; guidance is distilled
+    page.click("#add-run")
+    second = page.locator(".run-spec").nth(1)
+    assert shown(second)[:2] == ("tiny-student", "consistency")  # a new run starts as a copy of the last
+    second.locator("[name=model]").select_option("tiny-test")
+    assert shown(second) == ("tiny-test", "dpm++", "3", "2", False)
+    page.select_option("#class", "pullover")
+    page.fill("#seed", "11")
+    page.fill("#n", "2")
+    page.click("#go")
+    titles = finished_titles(page, 4)
+    assert titles == [
+        "Run 1: tiny-student: consistency, 4 steps, guidance 1",
+        "Run 2: tiny-test: dpm++, 3 steps, guidance 2",
+    ]
+    assert page.locator(".timeline input").nth(0).get_attribute("max") == "3"  # the student's 4 steps, all previewed
+    assert "model=tiny-student%2Ctiny-test" in page.url
+    finals = page.eval_on_selector_all(".run:first-child .finals img.final", "imgs => imgs.map(i => i.src)")
+    body = {"model": "tiny-student", "class": "pullover", "n": 2, "seed": 11}
+    api = httpx.post(f"{two_models}/generate", json=body, timeout=60).json()
+    assert [src.split(",", 1)[1] for src in finals] == [img["png"] for img in api["images"]]
+    # The page's link reruns the same two runs on their models.
+    page.goto(page.url)
+    assert finished_titles(page, 4) == titles
     assert page.errors == []
