@@ -53,7 +53,8 @@ RUN if [ -n "${CLIP_MODEL}" ]; then \
         && chown -R app:app /opt/clip-cache; \
     fi
 
-# 3. The shipped weights (the U-Net and its JSON card, the evaluation classifier).
+# 3. The shipped weights (the teacher U-Net, the distilled student once trained, their JSON cards, the
+#    evaluation classifier).
 COPY weights/ ./weights/
 
 # 4. The source, installed from pyproject.toml (dependencies are already in place).
@@ -65,7 +66,9 @@ RUN python -m pip install --no-cache-dir --no-deps --no-build-isolation . \
     && rm -rf build ./*.egg-info
 
 # Settings: every FASHION_* variable of app/settings.py can be given with `-e` / compose `environment:`.
-ENV FASHION_WEIGHTS=/srv/fashion/weights/fashion-unet.safetensors \
+# The shipped models are served from FASHION_WEIGHTS_DIR: fashion-unet, and fashion-student once it is
+# in weights/ (FASHION_MODELS='["/path/a.safetensors", ...]' or FASHION_WEIGHTS=/path/a.safetensors for others).
+ENV FASHION_WEIGHTS_DIR=/srv/fashion/weights \
     FASHION_DEVICE=auto \
     FASHION_CLIP_CACHE_DIR=/opt/clip-cache \
     UVICORN_HOST=0.0.0.0 \

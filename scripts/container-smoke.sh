@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the image and prove the container serves: it becomes ready (and its HEALTHCHECK passes),
-# POST /generate returns n decodable 28x28 grayscale PNGs, /metrics counts them, the server
+# GET /models lists the shipped models (the teacher first), POST /generate returns n decodable 28x28 grayscale PNGs, /metrics counts them, the server
 # process is not root, and it stops cleanly on SIGTERM. The container is removed whatever happens;
 # the script exits non-zero on any failure.
 #
@@ -131,6 +131,22 @@ else
   [ "$status" = healthy ] || die "docker health status: $status"
   echo "docker health status: healthy"
 fi
+
+step "GET /models"
+code=$(curl -s -o "$tmp/models.json" -w '%{http_code}' "$base/models")
+[ "$code" = 200 ] || die "/models answered $code: $(head -c 400 "$tmp/models.json")"
+python3 - "$tmp/models.json" "${SMOKE_WEIGHTS:+mounted}" <<'PY' || die "/models does not list the served models"
+import json
+import sys
+
+doc = json.load(open(sys.argv[1]))
+assert doc["object"] == "list" and doc["data"], "no models listed"
+ids = [m["id"] for m in doc["data"]]
+assert doc["data"][0]["default"] and not any(m["default"] for m in doc["data"][1:]), "the first is not the default"
+if not sys.argv[2]:  # the baked weights: the teacher first (and the student beside it once shipped)
+    assert ids[0] == "fashion-unet", f"models {ids}: the shipped teacher is not first"
+print("models: " + ", ".join(f"{m['id']} ({m['kind']}, {m['sampler']} {m['steps']} steps)" for m in doc["data"]))
+PY
 
 step "POST /generate {class: $SMOKE_CLASS, n: $SMOKE_N, steps: $SMOKE_STEPS}"
 body=$(printf '{"class": %s, "n": %s, "steps": %s, "seed": 1234}' "$SMOKE_CLASS" "$SMOKE_N" "$SMOKE_STEPS")

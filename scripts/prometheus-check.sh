@@ -9,7 +9,7 @@
 #
 # Environment (all optional):
 #   PYTHON          interpreter that runs `python -m app` (python3); FASHION_* settings pass through
-#                   (FASHION_WEIGHTS to use other weights; FASHION_DEVICE defaults to cpu here)
+#                   (FASHION_MODELS or FASHION_WEIGHTS for other weights; FASHION_DEVICE defaults to cpu here)
 #   CHECK_TIMEOUT   seconds to wait for the service and for Prometheus (300)
 # Installs the prometheus package with apt-get when it is missing and the script runs as root.
 set -euo pipefail
