@@ -201,6 +201,7 @@ class Student:
     emas: dict[float, EMA]
     step: int = 0
     elapsed: float = 0.0  # seconds of training over every resume
+    cpu_seconds: float = 0.0  # elapsed seconds times the threads of each resumed part
     train_loss: float = math.nan
     val_loss: float = math.nan
 
@@ -212,6 +213,7 @@ class Student:
             "optimizer": self.opt.state_dict(),
             "step": self.step,
             "elapsed": self.elapsed,
+            "cpu_seconds": self.cpu_seconds,
             "train_loss": self.train_loss,
             "val_loss": self.val_loss,
         }
@@ -265,6 +267,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> 
             saved["train_loss"],
             saved["val_loss"],
         )
+        st.cpu_seconds = saved.get("cpu_seconds", saved["elapsed"] * saved["config"]["threads"])
     dtype = torch.bfloat16 if uses_bfloat16(cfg.precision, torch.device("cpu")) else torch.float32
     budget = cfg.max_minutes * 60 if cfg.max_minutes else None
     draws = torch.Generator()
@@ -292,7 +295,9 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> 
                 e.update(model)
             st.step += 1
             running.append(loss.item())
-            st.elapsed = time.perf_counter() - t0
+            now = time.perf_counter() - t0
+            st.cpu_seconds += (now - st.elapsed) * cfg.threads
+            st.elapsed = now
             bar.update(1)
             if st.step % cfg.checkpoint_every == 0 or st.step == cfg.steps:
                 st.train_loss = float(np.mean(running))
@@ -334,7 +339,7 @@ def export(run_dir: Path, out: Path, ema_decay: float | None, name: str = "fashi
     shards = sorted((run_dir / "trajectories").glob("shard-*.safetensors"))
     pairs_cpu = Pairs.load(shards, cfg["timesteps"]).cpu_seconds
     teacher_sampling = asdict(card_sampling(teacher_card))
-    train_cpu_minutes = saved["elapsed"] * cfg["threads"] / 60
+    train_cpu_minutes = saved.get("cpu_seconds", saved["elapsed"] * cfg["threads"]) / 60
     card = {
         "name": name,
         "unet": teacher_card["unet"],

@@ -45,3 +45,28 @@ def test_shipped_weights_draw_the_requested_class():
     # 30 samples: the shipped model is >= 95% accurate, so 80% leaves room for chance, none for a broken model.
     assert (probs.argmax(1) == labels.numpy()).mean() >= 0.8
     assert np.isfinite(x.numpy()).all() and x.abs().max() <= 1.5
+
+
+def test_the_student_card_names_its_teacher_method_defaults_and_cost():
+    card = json.loads((WEIGHTS / "fashion-student.json").read_text())
+    teacher = json.loads((WEIGHTS / "fashion-unet.json").read_text())
+    assert card["distillation"]["teacher"] == teacher["name"]
+    assert card["distillation"]["guidance"] == teacher["sampling"]["guidance"]  # distilled at the card's scale
+    assert card["distillation"]["method"] and card["unet"] == teacher["unet"]
+    assert card["sampling"]["guidance"] == 1.0 and card["sampling"]["steps"] <= 4
+    assert 0 < card["training"]["total_cpu_minutes"] <= 240  # the budget: 4 CPU-hours
+    assert card["quality"]["per_class"] >= 500 and card["quality"]["steps"] == card["sampling"]["steps"]
+
+
+def test_the_student_draws_the_requested_class_in_its_few_steps():
+    torch.set_num_threads(1)
+    student = load_weights(WEIGHTS / "fashion-student.safetensors")
+    classifier = load_classifier(WEIGHTS / "classifier.safetensors")
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(3)
+    s = student.card["sampling"]
+    calls = []
+    student.model.register_forward_hook(lambda *_: calls.append(1))
+    x = sample(student.denoiser, labels, generators_from_seeds(range(30)), s["sampler"], s["steps"], s["guidance"])
+    assert len(calls) == s["steps"]  # one evaluation per step: guidance is distilled in
+    probs, _ = predict(classifier, to_model_range(to_uint8(x)))
+    assert (probs.argmax(1) == labels.numpy()).mean() >= 0.8
