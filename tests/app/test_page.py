@@ -167,7 +167,7 @@ def test_a_shared_link_streams_its_steps_then_shows_the_final_images(live: str, 
 def test_cancel_stops_the_job_on_the_server(live: str, page, metric: Callable) -> None:  # type: ignore[no-untyped-def]
     before = metric(httpx.get(f"{live}/metrics", timeout=30).text, "fashion_jobs_cancelled_total", stage="running")
     page.goto(f"{live}/?class=bag&n=2&seed=1&sampler=ddim&steps=1000&guidance=1.35&preview_every=50")
-    page.wait_for_function("document.querySelector('.step-text').textContent.startsWith('step')", timeout=60_000)
+    page.wait_for_function("document.querySelector('.step-text')?.textContent.startsWith('step')", timeout=60_000)
     shot(page, "running")
     page.keyboard.press("Escape")  # the keyboard alone: Escape cancels
     deadline = time.monotonic() + 30
