@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -116,6 +117,19 @@ def make_trajectories(
             f.write(json.dumps({"shard": k, "trajectories": shard_size, "seconds": round(seconds, 2)}) + "\n")
 
 
+def shard_cpu_seconds(path: Path) -> float:
+    """What sampling the shard cost: its metadata's seconds times threads, read without its tensors."""
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    return float(meta["seconds"]) * int(meta["threads"])
+
+
+def shard_trajectories(path: Path) -> int:
+    """How many trajectories the shard holds, read from its header alone."""
+    with safe_open(str(path), "pt") as f:
+        return f.get_slice("labels").get_shape()[0]
+
+
 @dataclass
 class Pairs:
     """Every (x_t, t, class) -> x0 pair at the student's timesteps, and the CPU seconds they cost."""
@@ -140,9 +154,7 @@ class Pairs:
                 ts.append(torch.full((len(shard["labels"]),), t))
                 ys.append(shard["labels"])
                 ends.append(shard["x0"])
-            with open(path, "rb") as f:  # safetensors' header: 8-byte length, then JSON with __metadata__
-                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]
-            cpu += float(header["seconds"]) * int(header["threads"])
+            cpu += shard_cpu_seconds(path)
         return cls(torch.cat(xs), torch.cat(ts), torch.cat(ys), torch.cat(ends), cpu)
 
 
@@ -240,7 +252,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> 
     grid = spaced_timesteps(teacher.denoiser.schedule.T, cfg.student_steps)
     cfg = DistillConfig(**{**asdict(cfg), "timesteps": tuple(cfg.timesteps or grid)})
     shards = sorted((run_dir / "trajectories").glob("shard-*.safetensors"))
-    held = -(-cfg.val_trajectories // max(1, len(load_file(str(shards[0]))["labels"]))) if shards else 0
+    held = -(-cfg.val_trajectories // max(1, shard_trajectories(shards[0]))) if shards else 0
     if len(shards) <= held:
         raise ValueError(
             f"{run_dir}/trajectories holds {len(shards)} shards and {held} are held out for validation "
@@ -337,7 +349,7 @@ def export(run_dir: Path, out: Path, ema_decay: float | None, name: str = "fashi
     else:
         raise ValueError(f"the checkpoint keeps EMAs {', '.join(saved['ema'])} and 0 (the raw weights), not {decay}")
     shards = sorted((run_dir / "trajectories").glob("shard-*.safetensors"))
-    pairs_cpu = Pairs.load(shards, cfg["timesteps"]).cpu_seconds
+    pairs_cpu = sum(shard_cpu_seconds(path) for path in shards)
     teacher_sampling = asdict(card_sampling(teacher_card))
     train_cpu_minutes = saved.get("cpu_seconds", saved["elapsed"] * cfg["threads"]) / 60
     card = {
@@ -356,7 +368,7 @@ def export(run_dir: Path, out: Path, ema_decay: float | None, name: str = "fashi
             "method": METHOD,
             "guidance": teacher_sampling["guidance"],
             "teacher_sampling": teacher_sampling,
-            "trajectories": len(shards) * len(load_file(str(shards[0]))["labels"]),
+            "trajectories": sum(shard_trajectories(path) for path in shards),
             "timesteps": cfg["timesteps"],
         },
         "training": {
