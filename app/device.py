@@ -139,15 +139,14 @@ def prepare(
     device: torch.device,
     *,
     precision: str = "auto",
-    channels_last: bool | None = None,
+    channels_last: bool = True,
     compile: bool = False,
     fixed_rows: int | None = None,
     max_batch: int = 64,
 ) -> Runtime:
-    """Wrap loaded weights (already on ``device``) for serving."""
-    net: nn.Module = loaded.model
-    if channels_last if channels_last is not None else device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    """Wrap loaded weights (already on ``device``) for serving; ``loaded`` itself is left as it is."""
+    dtype = autocast_dtype(precision, device)
+    net = machine.serving_network(loaded.model, dtype, channels_last)
     cudagraphs = False
     if compile:
         cudagraphs = device.type == "cuda"
@@ -157,4 +156,4 @@ def prepare(
     if rows:
         net = FixedRows(net, rows, clone_outputs=cudagraphs)
     denoiser = replace(loaded.denoiser, model=net)
-    return Runtime(denoiser, device, autocast_dtype(precision, device), rows, count_parameters(loaded.model))
+    return Runtime(denoiser, device, dtype, rows, count_parameters(loaded.model))

