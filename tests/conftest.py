@@ -9,12 +9,15 @@ as a trained network's does.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from model.data import CLASS_NAMES, ENV_DIR, FILES
 from model.io import save_weights
+from model.train import TrainConfig
 from model.unet import UNet, UNetConfig, perturbed_unet, tiny_config
 
 # $FASHION_MNIST_DIR if set, else ../shared/data/fashion-mnist beside the checkout.
@@ -64,3 +67,29 @@ def fashion_mnist_dir() -> Path:
     if not all((DATA_DIR / f).exists() for f in FILES.values()):
         pytest.skip(f"Fashion-MNIST not found at {DATA_DIR}")
     return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_train_config(fashion_mnist_dir: Path) -> Callable[..., TrainConfig]:
+    """``make(root, **changes)``: 2 epochs of the tiny U-Net on 512 real images (8 steps of 64 each),
+    its run and weights under ``root``."""
+
+    def make(root: Path, **changes) -> TrainConfig:
+        cfg = TrainConfig(
+            data_dir=str(fashion_mnist_dir),
+            run_dir=str(root / "run"),
+            weights_dir=str(root / "weights"),
+            name="tiny",
+            unet=TINY_UNET,
+            epochs=2,
+            batch_size=64,
+            train_limit=512,
+            val_size=200,
+            lr=6e-3,
+            warmup_steps=2,
+            sample_steps=2,
+            device="cpu",
+        )
+        return replace(cfg, **changes)
+
+    return make

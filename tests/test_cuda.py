@@ -23,8 +23,7 @@ from app.jobs import JobSpec
 from app.metrics import EngineMetrics, Metrics
 from model.io import load_weights
 from model.samplers import generators_from_seeds, sample, to_uint8
-from model.train import TrainConfig, train
-from model.unet import tiny_config
+from model.train import train
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 CUDA = torch.device("cuda")
@@ -105,26 +104,8 @@ def test_the_engine_on_cuda_gives_a_job_its_solo_bytes_when_it_shares_ticks():
         assert shared.pngs == alone.pngs
 
 
-def test_training_on_cuda_in_bfloat16_and_channels_last_lowers_the_loss_and_records_the_gpu(
-    fashion_mnist_dir, tmp_path
-):
-    cfg = TrainConfig(
-        data_dir=str(fashion_mnist_dir),
-        run_dir=str(tmp_path / "run"),
-        weights_dir=str(tmp_path / "weights"),
-        name="tiny-cuda",
-        unet=tiny_config(),
-        epochs=2,
-        batch_size=64,
-        train_limit=512,
-        val_size=200,
-        lr=6e-3,
-        warmup_steps=2,
-        sample_steps=2,
-        device="cuda",
-        precision="auto",  # bfloat16 on CUDA
-        channels_last=True,
-    )
+def test_training_on_cuda_in_bfloat16_channels_last_lowers_the_loss_and_names_the_gpu(tiny_train_config, tmp_path):
+    cfg = tiny_train_config(tmp_path, device="cuda", precision="auto", channels_last=True)  # auto: bfloat16 on CUDA
     card_path = train(cfg, progress=False)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     epochs = [r for r in map(json.loads, lines) if r["kind"] == "epoch"]

@@ -26,25 +26,6 @@ TINY = tiny_config()
 STEPS_PER_EPOCH = 8  # 512 images / batch 64
 
 
-def tiny_config(data_dir: Path, root: Path, **changes) -> TrainConfig:
-    cfg = TrainConfig(
-        data_dir=str(data_dir),
-        run_dir=str(root / "run"),
-        weights_dir=str(root / "weights"),
-        name="tiny",
-        unet=TINY,
-        epochs=2,
-        batch_size=64,
-        train_limit=512,
-        val_size=200,
-        lr=6e-3,
-        warmup_steps=2,
-        sample_steps=2,
-        device="cpu",
-    )
-    return replace(cfg, **changes)
-
-
 def epoch_rows(run: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if r["kind"] == "epoch"]
@@ -55,9 +36,9 @@ def leftovers(root: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def trained(fashion_mnist_dir, tmp_path_factory):
+def trained(tiny_train_config, tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    cfg = tiny_config(fashion_mnist_dir, root)
+    cfg = tiny_train_config(root)
     card_path = train(cfg, progress=False)
     return cfg, root, card_path
 
@@ -132,9 +113,9 @@ def test_resume_refuses_a_checkpoint_of_another_network(trained, tmp_path):
         train(other, resume=True, progress=False)
 
 
-def test_the_time_budget_ends_training_cleanly_and_still_exports(fashion_mnist_dir, tmp_path):
+def test_the_time_budget_ends_training_cleanly_and_still_exports(tiny_train_config, tmp_path):
     # 0.003 min = 0.18 s: over after the first step or two of the first of 50 epochs.
-    cfg = tiny_config(fashion_mnist_dir, tmp_path, epochs=50, max_minutes=0.003)
+    cfg = tiny_train_config(tmp_path, epochs=50, max_minutes=0.003)
     card_path = train(cfg, progress=False)
     loaded = load_weights(Path(cfg.weights_dir) / "tiny.safetensors")
     assert card_path.exists() and loaded.card["name"] == "tiny"
@@ -201,14 +182,14 @@ def test_cli_flags_reach_the_config():
     assert args.resume
 
 
-def test_a_warm_start_keeps_extra_emas_and_records_the_earlier_training(trained, fashion_mnist_dir, tmp_path):
+def test_a_warm_start_keeps_extra_emas_and_records_the_earlier_training(trained, tiny_train_config, tmp_path):
     """--init-from starts from earlier weights (the card then records that training and the total
     time), extra EMA decays are kept and exportable by decay, and a bfloat16 run trains."""
     cfg, _, card_path = trained
     earlier = json.loads(Path(card_path).read_text())["training"]
     start = load_weights(Path(card_path).with_suffix(".safetensors")).model.state_dict()
     warm = replace(
-        tiny_config(fashion_mnist_dir, tmp_path, epochs=1),
+        tiny_train_config(tmp_path, epochs=1),
         init_from=str(Path(card_path).with_suffix(".safetensors")),
         ema_extra=(0.1, 0.99),
         precision="bfloat16",
@@ -241,12 +222,10 @@ def test_a_warm_start_keeps_extra_emas_and_records_the_earlier_training(trained,
         export(warm, Path(warm.run_dir) / "checkpoint.pt", ema_decay=0.7)
 
 
-def test_a_warm_start_from_another_architecture_is_refused(trained, fashion_mnist_dir, tmp_path):
+def test_a_warm_start_from_another_architecture_is_refused(trained, tiny_train_config, tmp_path):
     _, _, card_path = trained
     other = replace(TINY, base_channels=16)
-    cfg = tiny_config(
-        fashion_mnist_dir, tmp_path, unet=other, init_from=str(Path(card_path).with_suffix(".safetensors"))
-    )
+    cfg = tiny_train_config(tmp_path, unet=other, init_from=str(Path(card_path).with_suffix(".safetensors")))
     with pytest.raises(ValueError, match="UNetConfig .* differs from this run's"):
         train(cfg, progress=False)
 
