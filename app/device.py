@@ -18,7 +18,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -146,12 +146,8 @@ def prepare(
 ) -> Runtime:
     """Wrap loaded weights (already on ``device``) for serving; ``loaded`` itself is left as it is."""
     dtype = autocast_dtype(precision, device)
-    net = machine.serving_network(loaded.model, dtype, channels_last)
-    cudagraphs = False
-    if compile:
-        cudagraphs = device.type == "cuda"
-        mode = "reduce-overhead" if cudagraphs else "default"
-        net = cast(nn.Module, torch.compile(net, mode=mode, dynamic=False))
+    net = machine.serving_network(loaded.model, dtype, channels_last, compile)
+    cudagraphs = compile and device.type == "cuda"  # a replayed graph reuses its output buffer
     rows = fixed_rows if fixed_rows is not None else (max_batch if device.type == "cuda" else CPU_ROWS)
     if rows:
         net = FixedRows(net, rows, clone_outputs=cudagraphs)

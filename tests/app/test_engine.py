@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -161,6 +162,27 @@ def test_jobs_with_different_parameters_share_ticks_and_keep_their_solo_bytes(ru
         assert alone.batch_jobs == 1
         assert shared.pngs == alone.pngs  # byte for byte
     assert len({r.pngs for r in together}) == 3  # and they are different images
+
+
+def test_a_compiled_network_keeps_solo_bytes_in_shared_ticks_and_draws_what_eager_draws(app_weights: Path) -> None:
+    """FASHION_COMPILE=1 on the CPU: inductor compiles the fixed-row chunk's one shape."""
+    loaded = load_weights(app_weights, "cpu")
+    compiled = prepare(loaded, torch.device("cpu"), precision="float32", compile=True)
+    eager = prepare(loaded, torch.device("cpu"), precision="float32")
+    results: dict[str, list] = {"solo": [], "together": [], "eager": []}
+
+    async def body(engine: Engine) -> None:
+        for s in MIXED:
+            results["solo"].append(await engine.run(replace(s, model="compiled")))
+            results["eager"].append(await engine.run(replace(s, model="eager")))
+        jobs = [engine.submit(replace(s, model="compiled")) for s in MIXED]
+        results["together"].extend(await asyncio.gather(*(job.future for job in jobs)))
+
+    scenario({"compiled": compiled, "eager": eager}, body)
+    for alone, shared, plain in zip(results["solo"], results["together"], results["eager"], strict=True):
+        assert shared.pngs == alone.pngs  # byte for byte
+        apart = np.abs(alone.images.astype(np.int16) - plain.images.astype(np.int16))
+        assert apart.mean() < 0.5 and apart.max() <= 8, (apart.mean(), apart.max())  # fused kernels round apart
 
 
 def test_a_job_joining_half_way_finishes_first_with_its_solo_bytes(runtime: Runtime) -> None:
