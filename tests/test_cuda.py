@@ -22,6 +22,7 @@ from app.engine import Engine
 from app.jobs import JobSpec
 from app.metrics import EngineMetrics, Metrics
 from model.io import load_weights
+from model.machine import autocast
 from model.samplers import generators_from_seeds, sample, to_uint8
 from model.train import train
 
@@ -36,8 +37,7 @@ pytestmark = [
 def draw(denoiser, sampler: str, steps: int, guidance: float, dtype: torch.dtype, device: torch.device) -> np.ndarray:
     """uint8 images of classes 0..7, seeds 0..7, the network under autocast to ``dtype``."""
     labels = torch.arange(8, device=device)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast(device.type, dtype):
         return to_uint8(sample(denoiser, labels, generators_from_seeds(range(8)), sampler, steps, guidance))
 
 
@@ -74,7 +74,7 @@ def test_compiled_with_cuda_graphs_it_draws_what_eager_draws_whatever_the_batch(
     assert mean < 1.0, f"compiled is {mean:.2f} grey levels from eager"
     # A replayed graph reuses its output buffer: an image must not change when others share its batch.
     labels = torch.tensor([3], device=CUDA)
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+    with torch.inference_mode(), autocast("cuda", torch.float16):
         alone = to_uint8(sample(compiled.denoiser, labels, generators_from_seeds([3]), "dpm++", 10, 1.35))
     assert np.array_equal(alone[0], b[3])
 
