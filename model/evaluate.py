@@ -27,76 +27,28 @@ import argparse
 import dataclasses
 import json
 import time
-from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from model.classifier import load_classifier, predict
 from model.data import CLASS_NAMES, NUM_CLASSES, FashionMNIST, to_model_range
-from model.io import WeightsError, atomic_write_bytes, card_sampling, load_weights, read_card
+from model.io import (
+    WeightsError,
+    atomic_write_bytes,
+    card_guide_path,
+    card_sampling,
+    load_weights,
+    read_card,
+    with_guide,
+)
 from model.machine import DTYPES, autocast, describe, serving_network
+from model.metrics import frechet_distance, precision_recall
+from model.report import format_comparison, format_table
 from model.samplers import SAMPLERS, check_guidance_interval, generators_from_seeds, sample, to_uint8
 
-if TYPE_CHECKING:
-    from model.clip import Clip
-
-
 REFERENCES = ("test", "val")
-
-
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussians fitted to two feature sets
-    (Heusel et al. 2017). The trace of the matrix square root is taken as the sum of the square roots
-    of the eigenvalues of S_a^(1/2) S_b S_a^(1/2), which is symmetric, so no complex sqrtm is needed."""
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    w, v = np.linalg.eigh(cov_a)
-    sqrt_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    cross = np.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a)
-    tr_sqrt = np.sqrt(np.clip(cross, 0, None)).sum()
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * tr_sqrt)
-
-
-def evaluate_clip(
-    clip: Clip,
-    generated: Mapping[int, np.ndarray],
-    real_images: np.ndarray,
-    real_labels: np.ndarray,
-    batch_size: int = 256,
-) -> dict[str, Any]:
-    """Per class: mean cosine with the class prompt and zero-shot accuracy, for generated and real images.
-
-    ``generated`` maps a class index to its uint8 (n, 28, 28) samples; the real test images are the
-    reference point (CLIP has never been trained on 28x28 grayscale, so absolute values mean little).
-    Returns a JSON-ready dict: {"model", "templates", "per_class": {name: {...}}, "mean": {...}}.
-    """
-    real_labels = np.asarray(real_labels)
-    if len(real_images) != len(real_labels):
-        raise ValueError(f"{len(real_images)} real images but {len(real_labels)} labels")
-    names = clip.spec.class_names
-    per_class: dict[str, dict[str, float | int | None]] = {}
-    for c, name in enumerate(names):
-        row: dict[str, float | int | None] = {}
-        sources = {"generated": generated.get(c), "real": real_images[real_labels == c]}
-        for source, images in sources.items():
-            if images is None or len(images) == 0:
-                row.update({f"{source}_similarity": None, f"{source}_zero_shot_accuracy": None, f"n_{source}": 0})
-                continue
-            emb = clip.encode_images(images, batch_size)  # (n, D)
-            row[f"{source}_similarity"] = float(clip.class_cosine(emb, c).mean())
-            row[f"{source}_zero_shot_accuracy"] = float((clip.zero_shot_embedded(emb).labels == c).mean())
-            row[f"n_{source}"] = len(images)
-        if row["n_generated"] or row["n_real"]:
-            per_class[name] = row
-    keys = ("generated_similarity", "real_similarity", "generated_zero_shot_accuracy", "real_zero_shot_accuracy")
-    mean = {}
-    for k in keys:
-        values = [float(v) for row in per_class.values() if (v := row[k]) is not None]
-        mean[k] = float(np.mean(values)) if values else None  # macro average over classes
-    return {"model": clip.spec.describe(), "templates": list(clip.spec.templates), "per_class": per_class, "mean": mean}
 
 
 def generate(
@@ -139,10 +91,12 @@ def evaluate(
     reference: str = "test",
     val_size: int = 5_000,
     precision: str = "float32",
+    guide: str | Path | None = None,
 ) -> dict:
     """Generate, classify and measure; returns the figures as a dict (see ``format_table``).
     ``guidance_interval`` replaces the card's (None: guidance at every step). ``reference``: the real
-    images the distance is measured against, "test" or "val" (the ``val_size`` images training held out)."""
+    images the distance is measured against, "test" or "val" (the ``val_size`` images training held out).
+    ``guide``: autoguide with these weights instead of the null class (None: classifier-free guidance)."""
     if reference not in REFERENCES:
         raise ValueError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
     if precision not in DTYPES:
@@ -151,6 +105,8 @@ def evaluate(
     weights = dataclasses.replace(
         weights, denoiser=dataclasses.replace(weights.denoiser, guidance_interval=guidance_interval)
     )
+    if guide is not None:
+        weights = with_guide(weights, load_weights(guide, device))
     classifier = load_classifier(classifier_path, device)
     data = FashionMNIST.load(data_dir)
 
@@ -162,21 +118,25 @@ def evaluate(
     pred = probs.argmax(1)
     test_probs, test_feats = predict(classifier, to_model_range(data.test_images).to(device))
     if reference == "val":  # the split training used (its default seed): never seen by the network
-        (pool, _), (ref_images, _) = data.split(val_size)
+        (pool, pool_labels), (ref_images, ref_labels) = data.split(val_size)
         _, ref_feats = predict(classifier, to_model_range(ref_images).to(device))
     else:
-        pool, ref_feats = data.train_images, test_feats
+        pool, pool_labels, ref_feats, ref_labels = data.train_images, data.train_labels, test_feats, data.test_labels
     # The floor: as many real training images as samples, drawn without replacement.
     rng = np.random.default_rng(seed)
     real_idx = rng.choice(len(pool), size=len(images), replace=False)
     _, real_feats = predict(classifier, to_model_range(pool[real_idx]).to(device))
     distance, floor = frechet_distance(feats, ref_feats), frechet_distance(real_feats, ref_feats)
+    # Each class's floor: as many real training images of that class as samples of it.
+    balanced = [rng.choice(np.flatnonzero(pool_labels == c), size=per_class, replace=False) for c in range(NUM_CLASSES)]
+    per_class_floor = [predict(classifier, to_model_range(pool[idx]).to(device))[1] for idx in balanced]
 
     result = {
         "sampler": sampler,
         "steps": steps,
         "guidance": guidance,
         "guidance_interval": list(guidance_interval) if guidance_interval else None,
+        "guide": Path(guide).stem if guide is not None else None,
         "precision": precision,
         "per_class": per_class,
         "accuracy": float((pred == labels).mean()),
@@ -185,12 +145,13 @@ def evaluate(
         "frechet_distance": distance,
         "frechet_distance_real_train": floor,
         "frechet_ratio": distance / floor,
+        **coverage(feats, labels, real_feats, ref_feats, ref_labels, per_class_floor, rng),
         "reference": reference if reference == "test" else f"val ({val_size} held-out training images)",
         "generation_seconds": round(gen_seconds, 1),
         "machine": describe(device),
     }
     if clip_spec is not None:
-        from model.clip import load_clip
+        from model.clip import evaluate_clip, load_clip
 
         # CLIP is slow on a CPU: the real reference is a class-balanced subset of the test set
         # as large as the generated set.
@@ -203,65 +164,39 @@ def evaluate(
     return result
 
 
-def describe_interval(interval) -> str:
-    return f" for {interval[0]:g} < sigma <= {interval[1]:g}" if interval else ""
-
-
-def format_table(r: dict) -> str:
-    ref = r.get("reference", "test").split(" ")[0]
-    lines = [
-        f"samples: {r['per_class']} per class, {r['sampler']} {r['steps']} steps, guidance {r['guidance']}"
-        f"{describe_interval(r.get('guidance_interval'))}, {r.get('precision', 'float32')}"
-        f"  ({r['generation_seconds']} s on {r['machine']})",
-        "",
-        f"{'class':<14}{'accuracy':>10}",
-    ]
-    lines += [f"{name:<14}{acc:>10.3f}" for name, acc in r["accuracy_per_class"].items()]
-    lines += [
-        f"{'overall':<14}{r['accuracy']:>10.3f}",
-        "",
-        f"classifier accuracy on the real test set: {r['classifier_test_accuracy']:.4f}",
-        f"Frechet distance, samples vs {ref}:{' ' * (9 - len(ref))}{r['frechet_distance']:.3f}",
-        f"Frechet distance, real train vs {ref}:{' ' * (6 - len(ref))}{r['frechet_distance_real_train']:.3f}  (floor)",
-        f"ratio:                                   {r['frechet_ratio']:.2f}",
-    ]
-    if "clip" in r:
-        lines += [
-            "",
-            f"CLIP: {r['clip']['model']}",
-            f"{'class':<14}{'cos gen':>10}{'cos real':>10}{'0-shot gen':>12}{'0-shot real':>13}",
-        ]
-        rows = list(r["clip"]["per_class"].items()) + [("mean", r["clip"]["mean"])]
-        for name, row in rows:
-            lines.append(
-                f"{name:<14}{row['generated_similarity']:>10.4f}{row['real_similarity']:>10.4f}"
-                f"{row['generated_zero_shot_accuracy']:>12.3f}{row['real_zero_shot_accuracy']:>13.3f}"
-            )
-    return "\n".join(lines)
-
-
-def evaluations_per_image(r: dict) -> int:
-    """Network evaluations per image: two per step while guided (the conditional and the null branch;
-    a guidance interval makes it fewer)."""
-    return r["steps"] * (1 if r["guidance"] == 1.0 else 2)
-
-
-def format_comparison(rows: list[tuple[str, dict]]) -> str:
-    """The teacher's and the student's results side by side; "vs teacher" is the Frechet distance
-    over the first row's."""
-    base = rows[0][1]["frechet_distance"]
-    lines = [
-        "| model | sampler | steps | evaluations/image | guidance | accuracy | Frechet distance | ratio to floor "
-        "| vs teacher |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, r in rows:
-        lines.append(
-            f"| {name} | {r['sampler']} | {r['steps']} | {evaluations_per_image(r)} | {r['guidance']:g} | "
-            f"{r['accuracy']:.3f} | {r['frechet_distance']:.3f} | {r['frechet_ratio']:.2f} | "
-            f"{r['frechet_distance'] / base:.2f}x |"
-        )
-    return "\n".join(lines)
+def coverage(
+    feats: np.ndarray,
+    labels: np.ndarray,
+    real_feats: np.ndarray,
+    ref_feats: np.ndarray,
+    ref_labels: np.ndarray,
+    per_class_floor: list[np.ndarray],
+    rng: np.random.Generator,
+) -> dict:
+    """Which way the samples are off, in the judge's features: precision and recall against as many
+    reference images as samples (the measures depend on the set sizes), for the samples and for the
+    real floor set, and the Frechet distance of each class to the reference's images of that class,
+    beside that of as many real training images of the class (``per_class_floor[c]``)."""
+    sub = rng.choice(len(ref_feats), size=min(len(feats), len(ref_feats)), replace=False)
+    precision, recall = precision_recall(ref_feats[sub], feats)
+    real_precision, real_recall = precision_recall(ref_feats[sub], real_feats)
+    per_class = {}
+    for c in range(NUM_CLASSES):
+        ref_c = ref_feats[ref_labels == c]
+        per_class[CLASS_NAMES[c]] = {
+            "frechet_distance": frechet_distance(feats[labels == c], ref_c),
+            "frechet_distance_real_train": frechet_distance(per_class_floor[c], ref_c),
+        }
+    return {
+        "precision_recall": {
+            "k": 3,
+            "precision": precision,
+            "recall": recall,
+            "precision_real_train": real_precision,
+            "recall_real_train": real_recall,
+        },
+        "frechet_distance_per_class": per_class,
+    }
 
 
 def write_card(weights_path: str | Path, result: dict) -> Path:
@@ -277,6 +212,7 @@ def write_card(weights_path: str | Path, result: dict) -> Path:
         "steps": result["steps"],
         "guidance": result["guidance"],
         "guidance_interval": result.get("guidance_interval"),
+        **({"guide": result["guide"]} if result.get("guide") else {}),
     }
     atomic_write_bytes(card_path, (json.dumps(card, indent=2) + "\n").encode())
     return card_path
@@ -321,6 +257,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SIGMA",
         help="guide only where SIGMA_LO < sigma_t <= SIGMA_HI; 'all': every step; default: the card's interval",
     )
+    p.add_argument(
+        "--guide",
+        nargs="+",
+        default=None,
+        help="autoguide with these weights (several: one run each); 'none': classifier-free; default: the card's",
+    )
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--precision", choices=list(DTYPES), default="float32", help="the network's autocast dtype")
     p.add_argument(
@@ -357,6 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     sampler = a.sampler or from_card.sampler
     steps = a.steps or from_card.steps
     guidances = a.guidance or [from_card.guidance]
+    try:
+        card_guide = card_guide_path(a.weights, card)
+    except WeightsError as err:
+        p.error(str(err))
+    guides: list[str | Path | None] = [card_guide] if a.guide is None else [None if g == "none" else g for g in a.guide]
     clip_spec = None
     if a.clip:
         from model.clip import DEFAULT_MODEL, DEFAULT_PRETRAINED, ClipSpec
@@ -375,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         except (WeightsError, TypeError, ValueError) as err:
             p.error(f"--student: {err}")
 
-    def run(weights: str, sampler: str, steps: int, guidance: float, interval) -> dict:
+    def run(weights: str, sampler: str, steps: int, guidance: float, interval, guide=None) -> dict:
         r = evaluate(
             weights,
             a.classifier,
@@ -391,23 +338,26 @@ def main(argv: list[str] | None = None) -> int:
             interval,
             a.reference,
             precision=a.precision,
+            guide=guide,
         )
         print(format_table(r), end="\n\n", flush=True)
         return r
 
-    results = [run(a.weights, sampler, steps, g, interval) for g in guidances]
+    results = [run(a.weights, sampler, steps, g, interval, guide) for guide in guides for g in guidances]
     rows = [(Path(a.weights).stem, r) for r in results]
+    teacher_runs = len(results)
     if student is not None:
         for n in a.student_steps or [student.steps]:
             r = run(a.student, student.sampler, n, student.guidance, student.guidance_interval)
             results.append(r | {"weights": a.student})
             rows.append((Path(a.student).stem, r))
+    if len(rows) > 1:
         print(format_comparison(rows), end="\n\n")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
     if a.write_card:
-        print(f"wrote quality figures to {write_card(a.weights, results[len(guidances) - 1])}")
-        mine = [r for r in results[len(guidances) :] if student is not None and r["steps"] == student.steps]
+        print(f"wrote quality figures to {write_card(a.weights, results[teacher_runs - 1])}")
+        mine = [r for r in results[teacher_runs:] if student is not None and r["steps"] == student.steps]
         if mine:
             print(f"wrote quality figures to {write_card(a.student, mine[0])}")
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -87,6 +87,7 @@ class CardSampling:
     steps: int = 20
     guidance: float = 1.0  # the plain conditional model
     guidance_interval: tuple[float, float] | None = None  # guide every step
+    guide: str | None = None  # autoguidance: the guide network's weights file, beside these (None: classifier-free)
 
 
 def card_sampling(card: dict) -> CardSampling:
@@ -99,7 +100,41 @@ def card_sampling(card: dict) -> CardSampling:
         steps=int(section.get("steps") or default.steps),
         guidance=float(section.get("guidance", default.guidance)),
         guidance_interval=card_guidance_interval(card),
+        guide=section.get("guide") or None,
     )
+
+
+def card_guide_path(weights_path: str | os.PathLike, card: dict) -> Path | None:
+    """Where the guide that the card's ``sampling.guide`` names lies (beside the weights), None when the
+    card names none."""
+    name = card_sampling(card).guide
+    if name is None:
+        return None
+    if Path(name).name != name:
+        raise WeightsError(
+            f"{Path(weights_path).with_suffix('.json')}: sampling.guide must be a file name, got {name!r}"
+        )
+    return Path(weights_path).with_name(name).with_suffix(".safetensors")
+
+
+GUIDE_MUST_MATCH = ("image_size", "in_channels", "num_classes")
+
+
+def with_guide(weights: LoadedWeights, guide: LoadedWeights) -> LoadedWeights:
+    """``weights`` autoguided by ``guide``'s network (Karras et al. 2024). The guide must be a model of the
+    same images, classes, schedule and target: its output is compared with the main network's."""
+    for key in GUIDE_MUST_MATCH:
+        if guide.card["unet"].get(key) != weights.card["unet"].get(key):
+            raise WeightsError(
+                f"{guide.path}: guide's unet.{key} is {guide.card['unet'].get(key)!r}, "
+                f"but {weights.path.name}'s is {weights.card['unet'].get(key)!r}"
+            )
+    if guide.card["diffusion"] != weights.card["diffusion"]:
+        raise WeightsError(
+            f"{guide.path}: guide's diffusion {guide.card['diffusion']} differs from "
+            f"{weights.path.name}'s {weights.card['diffusion']}"
+        )
+    return replace(weights, denoiser=replace(weights.denoiser, guide=guide.model))
 
 
 def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedWeights:

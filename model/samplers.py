@@ -1,5 +1,5 @@
 """Samplers: ancestral DDPM, DDIM, DPM-Solver++(2M) and multistep consistency sampling, with
-classifier-free guidance.
+classifier-free guidance or autoguidance.
 
 A sampler is an explicit per-trajectory state (``SamplerState``: x_t, the step index, the
 sampler's memory, the per-image generators) and a pure step function
@@ -45,6 +45,15 @@ class Step:
 StepCallback = Callable[[Step], bool | None]  # return True to stop the run
 
 
+def blend(out: torch.Tensor, rows: Sequence[int], ref: torch.Tensor, guidance: Sequence[float]) -> torch.Tensor:
+    """``out`` with each of ``rows`` guided away from its reference (``ref``, one row each, in order):
+    ref + w (out - ref), in place."""
+    idx = torch.tensor(list(rows), device=out.device)  # (G,)
+    w = torch.tensor([float(guidance[i]) for i in rows], device=out.device).reshape(-1, 1, 1, 1)  # (G, 1, 1, 1)
+    out[idx] = ref + w * (out[idx] - ref)
+    return out
+
+
 def check_guidance_interval(lo: float, hi: float) -> None:
     if not (np.isfinite(lo) and 0 <= lo < hi):
         raise ValueError(f"guidance_interval must be (sigma_lo, sigma_hi) with 0 <= lo < hi, got {(lo, hi)}")
@@ -66,6 +75,9 @@ class Denoiser:
     # (sigma_lo, sigma_hi): guide only at noise levels sigma_lo < sigma_t <= sigma_hi (Schedule.noise_level)
     # and use the plain conditional model elsewhere; None guides every step.
     guidance_interval: tuple[float, float] | None = None
+    # Autoguidance (Karras et al. 2024): a smaller, less-trained conditional network of the same schedule
+    # and target. Guided rows then take their reference from it instead of from the null class.
+    guide: torch.nn.Module | None = None
 
     def __post_init__(self):
         if self.guidance_interval is not None:
@@ -81,35 +93,58 @@ class Denoiser:
         return lo < float(self.schedule.noise_level()[t]) <= hi
 
     def needs_null_row(self, t: int, guidance: float) -> bool:
-        """Whether a row at timestep t with this guidance scale also needs an unconditional pass."""
+        """Whether a row at timestep t with this guidance scale also needs a reference pass: a null-class
+        row, or under autoguidance a row of the guide network."""
         return guidance != 1.0 and self.guides_at(t)
+
+    def autoguided(self, rows: int, autoguide: Sequence[bool] | None) -> list[bool]:
+        """Per row, whether its reference is the guide network: ``autoguide`` as given (None: every row,
+        when there is a guide), refused where there is none."""
+        if autoguide is None:
+            return [self.guide is not None] * rows
+        if len(autoguide) != rows:
+            raise ValueError(f"need one autoguide flag per row: {rows} rows, {len(autoguide)} flags")
+        if self.guide is None and any(autoguide):
+            raise ValueError("autoguidance needs a guide network; this denoiser has none")
+        return [bool(a) for a in autoguide]
 
     @torch.no_grad()
     def rows(
-        self, x_t: torch.Tensor, t: Sequence[int], y: torch.Tensor, guidance: Sequence[float]
+        self,
+        x_t: torch.Tensor,
+        t: Sequence[int],
+        y: torch.Tensor,
+        guidance: Sequence[float],
+        autoguide: Sequence[bool] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(eps, x0_pred) for rows that each bring their own timestep and guidance scale, from one
-        network evaluation: the conditional rows first, then a null-class row for each row that guides.
+        """(eps, x0_pred) for rows that each bring their own timestep, guidance scale and kind of guidance:
+        one evaluation of the network over the conditional rows and a null-class row for each row that
+        guides with classifier-free guidance, and one of the guide over the rows that it guides.
 
-        Ho & Salimans 2022, eq. 6: out = out_uncond + w (out_cond - out_uncond); w = 1 is the plain
-        conditional model, w = 0 the unconditional one. The output is linear in eps and v alike, so
-        guiding the raw output is the same as guiding eps. Outside ``guidance_interval`` w is 1.
+        Ho & Salimans 2022, eq. 6: out = out_ref + w (out_cond - out_ref) with out_ref the null-class
+        output; Karras et al. 2024, eq. 2: the same with out_ref the guide's conditional output. w = 1 is
+        the plain conditional model. The output is linear in eps and v alike, so guiding the raw output is
+        the same as guiding eps. Outside ``guidance_interval`` w is 1.
         """
         b = len(x_t)
         if not len(t) == len(guidance) == b:
             raise ValueError(f"need one timestep and one guidance per row: {b} rows, {len(t)} t, {len(guidance)} w")
+        auto = self.autoguided(b, autoguide)
         ts = torch.tensor(list(t), device=x_t.device, dtype=torch.long)  # (B,)
         tt = ts.float()
         guided = [i for i in range(b) if self.needs_null_row(int(t[i]), float(guidance[i]))]
-        if not guided:
+        nulls, autos = [i for i in guided if not auto[i]], [i for i in guided if auto[i]]
+        if not nulls:
             out = self.model(x_t, tt, y).float()  # (B, C, H, W)
         else:
-            g = torch.tensor(guided, device=x_t.device)  # (G,)
-            null = torch.full((len(guided),), self.null_class, device=y.device, dtype=y.dtype)
-            both = self.model(torch.cat([x_t, x_t[g]]), torch.cat([tt, tt[g]]), torch.cat([y, null])).float()
-            out, out_u = both[:b].clone(), both[b:]  # (B, C, H, W), (G, C, H, W)
-            w = torch.tensor([float(guidance[i]) for i in guided], device=x_t.device).reshape(-1, 1, 1, 1)
-            out[g] = out_u + w * (out[g] - out_u)
+            n = torch.tensor(nulls, device=x_t.device)  # (N,)
+            null = torch.full((len(nulls),), self.null_class, device=y.device, dtype=y.dtype)
+            both = self.model(torch.cat([x_t, x_t[n]]), torch.cat([tt, tt[n]]), torch.cat([y, null])).float()
+            out = blend(both[:b].clone(), nulls, both[b:], guidance)
+        if autos:
+            a = torch.tensor(autos, device=x_t.device)  # (A,)
+            assert self.guide is not None  # autoguided() refuses otherwise
+            out = blend(out.clone() if not nulls else out, autos, self.guide(x_t[a], tt[a], y[a]).float(), guidance)
         return split_prediction(self.prediction, self.schedule, x_t, ts, out)
 
     def __call__(

@@ -22,7 +22,7 @@ from model.clip.loading import (
     save_checkpoint,
     tiny_config,
 )
-from model.clip.scoring import Clip, ZeroShot, clip_score
+from model.clip.scoring import Clip, ZeroShot, clip_score, evaluate_clip
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -34,6 +34,7 @@ __all__ = [
     "ClipUnavailable",
     "ZeroShot",
     "clip_score",
+    "evaluate_clip",
     "import_open_clip",
     "load_clip",
     "register_model_config",

@@ -9,7 +9,7 @@ in embedding space, as in CLIP's zero-shot recipe (paper section 3.1.4).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -165,3 +165,42 @@ def _to_pil(image: np.ndarray | Image.Image, index: int) -> Image.Image:
     if image.ndim == 3 and image.shape[2] == 3:
         return Image.fromarray(image, mode="RGB")
     raise ValueError(f"image {index}: expected shape (H, W) or (H, W, 3), got {image.shape}")
+
+
+def evaluate_clip(
+    clip: Clip,
+    generated: Mapping[int, np.ndarray],
+    real_images: np.ndarray,
+    real_labels: np.ndarray,
+    batch_size: int = 256,
+) -> dict[str, Any]:
+    """Per class: mean cosine with the class prompt and zero-shot accuracy, for generated and real images.
+
+    ``generated`` maps a class index to its uint8 (n, 28, 28) samples; the real test images are the
+    reference point (CLIP has never been trained on 28x28 grayscale, so absolute values mean little).
+    Returns a JSON-ready dict: {"model", "templates", "per_class": {name: {...}}, "mean": {...}}.
+    """
+    real_labels = np.asarray(real_labels)
+    if len(real_images) != len(real_labels):
+        raise ValueError(f"{len(real_images)} real images but {len(real_labels)} labels")
+    names = clip.spec.class_names
+    per_class: dict[str, dict[str, float | int | None]] = {}
+    for c, name in enumerate(names):
+        row: dict[str, float | int | None] = {}
+        sources = {"generated": generated.get(c), "real": real_images[real_labels == c]}
+        for source, images in sources.items():
+            if images is None or len(images) == 0:
+                row.update({f"{source}_similarity": None, f"{source}_zero_shot_accuracy": None, f"n_{source}": 0})
+                continue
+            emb = clip.encode_images(images, batch_size)  # (n, D)
+            row[f"{source}_similarity"] = float(clip.class_cosine(emb, c).mean())
+            row[f"{source}_zero_shot_accuracy"] = float((clip.zero_shot_embedded(emb).labels == c).mean())
+            row[f"n_{source}"] = len(images)
+        if row["n_generated"] or row["n_real"]:
+            per_class[name] = row
+    keys = ("generated_similarity", "real_similarity", "generated_zero_shot_accuracy", "real_zero_shot_accuracy")
+    mean = {}
+    for k in keys:
+        values = [float(v) for row in per_class.values() if (v := row[k]) is not None]
+        mean[k] = float(np.mean(values)) if values else None  # macro average over classes
+    return {"model": clip.spec.describe(), "templates": list(clip.spec.templates), "per_class": per_class, "mean": mean}

@@ -20,6 +20,7 @@ from model.clip import (
     ClipSpec,
     ClipUnavailable,
     clip_score,
+    evaluate_clip,
     import_open_clip,
     load_clip,
     register_model_config,
@@ -28,7 +29,6 @@ from model.clip import (
 )
 from model.clip.loading import _cached_tag_file
 from model.data import CLASS_NAMES
-from model.evaluate import evaluate_clip
 
 try:
     import_open_clip()

@@ -250,6 +250,62 @@ def test_guided_sampler_output_matches_a_hand_computation():
     torch.testing.assert_close(x[0].double(), math.sqrt(ab) * x_T - math.sqrt(1 - ab) * v, atol=1e-6, rtol=0)
 
 
+# --- autoguidance (Karras et al. 2024) -------------------------------------------------------------
+
+
+GUIDE_VALUES = [0.05 * c for c in range(10)] + [9.0]  # the guide: label c -> 0.05 c (its null class unused)
+
+
+@pytest.mark.parametrize("w", [1.0, 2.0])
+def test_autoguidance_guides_from_the_guide_networks_conditional_output(w):
+    main, guide = ConstantPerLabel(VALUES), ConstantPerLabel(GUIDE_VALUES)
+    den = Denoiser(main, Schedule.named("cosine"), "eps", NULL, guide=guide)
+    x_t = torch.zeros(2, 1, 28, 28)
+    eps, _ = den(x_t, 500, torch.tensor([2, 7]), w)
+    for i, c in enumerate([2, 7]):
+        want = 0.05 * c + w * (0.1 * c - 0.05 * c)  # D_guide + w (D_main - D_guide)
+        torch.testing.assert_close(eps[i], torch.full((1, 28, 28), want), atol=1e-6, rtol=0)
+    # The main network sees the conditional rows alone (no null class); the guide its guided rows, if any.
+    assert main.calls == [(2, [2, 7])]
+    assert guide.calls == ([] if w == 1.0 else [(2, [2, 7])])
+
+
+def test_rows_mix_autoguidance_classifier_free_guidance_and_none_in_one_evaluation():
+    main, guide = ConstantPerLabel(VALUES), ConstantPerLabel(GUIDE_VALUES)
+    den = Denoiser(main, Schedule.named("cosine"), "eps", NULL, guide=guide)
+    y = torch.tensor([1, 2, 3, 4])
+    eps, _ = den.rows(
+        torch.zeros(4, 1, 28, 28), [500] * 4, y, [3.0, 3.0, 1.0, 2.0], autoguide=[True, False, True, True]
+    )
+    want = [
+        0.05 + 3.0 * (0.1 - 0.05),  # autoguided
+        -0.5 + 3.0 * (0.2 + 0.5),  # classifier-free: the null class is the reference
+        0.3,  # guidance 1: the conditional model alone
+        0.2 + 2.0 * (0.4 - 0.2),  # autoguided
+    ]
+    torch.testing.assert_close(eps[:, 0, 0, 0], torch.tensor(want), atol=1e-6, rtol=0)
+    assert main.calls == [(5, [1, 2, 3, 4, NULL])]  # one pass: four conditional rows and one null row
+    assert guide.calls == [(2, [1, 4])]  # one pass over the autoguided rows that guide
+
+
+def test_autoguidance_follows_the_guidance_interval():
+    sch = Schedule.named("cosine")
+    sigma = sch.noise_level()
+    guide = ConstantPerLabel(GUIDE_VALUES)
+    den = Denoiser(ConstantPerLabel(VALUES), sch, "eps", NULL, (float(sigma[200]), float(sigma[800])), guide)
+    eps, _ = den.rows(torch.zeros(2, 1, 28, 28), [100, 500], torch.tensor([4, 4]), [2.0, 2.0])
+    torch.testing.assert_close(eps[:, 0, 0, 0], torch.tensor([0.4, 0.2 + 2.0 * (0.4 - 0.2)]), atol=1e-6, rtol=0)
+    assert guide.calls == [(1, [4])]  # only the row inside the interval
+
+
+def test_autoguidance_without_a_guide_is_refused():
+    den = Denoiser(ConstantPerLabel(VALUES), Schedule.named("cosine"), "eps", NULL)
+    with pytest.raises(ValueError, match="autoguidance needs a guide network"):
+        den.rows(torch.zeros(1, 1, 28, 28), [500], torch.tensor([1]), [2.0], autoguide=[True])
+    with pytest.raises(ValueError, match="one autoguide flag per row"):
+        den.rows(torch.zeros(2, 1, 28, 28), [500] * 2, torch.tensor([1, 2]), [2.0] * 2, autoguide=[False])
+
+
 def test_guidance_applies_only_inside_the_interval():
     sch = Schedule.named("cosine")
     sigma = sch.noise_level()
