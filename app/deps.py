@@ -7,8 +7,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.clip_service import ClipService
-from app.serving import Serving, not_ready
+from app.clip.service import ClipService
+from app.errors import not_ready
+from app.generation.serving import Serving
 from app.settings import Settings
 
 

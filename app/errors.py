@@ -15,9 +15,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from app.schemas import ErrorResponse
 
 log = logging.getLogger("app")
 
@@ -33,6 +32,17 @@ TYPES = {
     500: "server_error",
     503: "unavailable_error",
 }
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
 
 
 class ApiError(Exception):
@@ -61,6 +71,10 @@ class ApiError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.payload(), status_code=self.status, headers=self.headers)
+
+
+def not_ready(message: str = "the server is shutting down") -> ApiError:
+    return ApiError(503, message, code="not_ready", headers={"Retry-After": "5"})
 
 
 def error_responses(descriptions: Mapping[int, str]) -> dict[int | str, dict[str, Any]]:

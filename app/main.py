@@ -1,14 +1,14 @@
 """The FastAPI application: ``create_app(settings)``, and ``app`` for ``uvicorn app.main:app``.
 
 Nothing heavy happens at import: the lifespan loads every listed model (safetensors + JSON
-card, no pickle; ``app.models``) onto the device, starts the engine, runs a warm-up batch
+card, no pickle; ``app.generation.models``) onto the device, starts the engine, runs a warm-up batch
 per model, and only then reports ready. Weights that are missing or corrupt, or two models
 with one name, stop startup with a message naming the file and the problem, and uvicorn
 exits non-zero.
 
 The rerank scorers come next: the classifier (small, loaded before ready; missing weights only
 disable rerank by classifier) and CLIP, which loads on a background thread after the service
-is ready (``app.clip_service``); /readyz reports both beside the main model.
+is ready (``app.clip.service``); /readyz reports both beside the main model.
 """
 
 from __future__ import annotations
@@ -23,19 +23,22 @@ import anyio
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from app.clip_service import ClipScorer, ClipService
-from app.device import on_fresh_thread, resolve_device
-from app.engine import Engine
+from app import health, metrics, page
+from app.clip import routes as clip_routes
+from app.clip.scorers import Scorer, load_classifier_scorer
+from app.clip.service import ClipScorer, ClipService
 from app.errors import install_handlers
-from app.jobs import JobSpec
+from app.generation import routes as generation_routes
+from app.generation.device import resolve_device
+from app.generation.engine import Engine
+from app.generation.jobs import JobSpec
+from app.generation.models import ServedModel, load_models
+from app.generation.schemas import Limits, allowed_values, request_models
+from app.generation.serving import Serving
 from app.metrics import EngineMetrics, Metrics
 from app.middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware, ReplicaMiddleware
-from app.models import ServedModel, load_models
-from app.routes import clip, generate, health, metrics, models, page, stream
-from app.schemas import Limits, allowed_values, request_models
-from app.scorers import Scorer, load_classifier_scorer
-from app.serving import Serving
 from app.settings import Settings
+from app.threads import on_fresh_thread
 from model.io import WeightsError
 
 log = logging.getLogger("app")
@@ -102,7 +105,7 @@ def create_app(
     settings: Settings | None = None, engine_metrics: Callable[[Metrics], EngineMetrics] = EngineMetrics
 ) -> FastAPI:
     """A new app with its own settings, metrics registry and (once started) engine. ``engine_metrics``
-    builds the engine's observer on the app's metrics (``app.ray_serve`` adds Ray's metrics export)."""
+    builds the engine's observer on the app's metrics (``app.ray.deployment`` adds Ray's metrics export)."""
     settings = settings or Settings()
     limits = Limits(settings.max_images, settings.max_steps, settings.max_guidance, settings.max_candidates)
     generate_model, stream_model = request_models(limits)
@@ -118,14 +121,12 @@ def create_app(
     app.state.serving = None
     app.state.clip = None
     install_handlers(app, allowed_values(stream_model))
-    routers = [
+    routers = [  # the HTTP shell's, then one per feature
         page.router,
         health.router,
         metrics.router,
-        models.router,
-        generate.build_router(generate_model),
-        stream.build_router(stream_model),
-        clip.build_router(settings),
+        generation_routes.build_router(generate_model, stream_model),
+        clip_routes.build_router(settings),
     ]
     for router in routers:
         app.include_router(router)

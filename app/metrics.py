@@ -7,7 +7,10 @@ Names follow the Prometheus conventions: a ``fashion_`` namespace, base units
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
+from fastapi import APIRouter, Request, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -19,8 +22,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from app.jobs import Job
-from app.output import Evaluation
+from app.generation.jobs import Job
 from model.samplers import SAMPLERS
 
 NAMESPACE = "fashion"
@@ -178,8 +180,39 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """One model's network evaluation within a tick."""
+
+    model: str
+    rows: int  # images, plus a null-class row per guided image
+    jobs: int  # jobs that shared it
+
+
+class Observer(Protocol):
+    """What the engine reports for metrics, called on its output thread only (``app.generation.output``);
+    ``EngineMetrics`` is the Prometheus one."""
+
+    def tick(self, evaluations: Sequence[Evaluation], seconds: float) -> None:
+        """A tick: one evaluation per model with active jobs, ``seconds`` of wall time for all of them."""
+
+    def depth(self, queued: int, active: int) -> None: ...
+
+    def admitted(self, waited_s: float) -> None: ...
+
+    def first_step(self, seconds: float) -> None: ...
+
+    def rejected(self, reason: str) -> None: ...
+
+    def done(self, job: Job) -> None: ...
+
+    def cancelled(self, stage: str) -> None: ...
+
+    def failed(self, error: BaseException) -> None: ...
+
+
 class EngineMetrics:
-    """The engine's observer (``app.output.Observer``), on Prometheus metrics; called on the output thread."""
+    """The engine's observer (``Observer``), on Prometheus metrics; called on the output thread."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.m = metrics
@@ -212,3 +245,13 @@ class EngineMetrics:
 
     def failed(self, error: BaseException) -> None:
         self.m.jobs_failed.labels(type(error).__name__).inc()
+
+
+router = APIRouter(tags=["metrics"])
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+async def metrics(request: Request) -> Response:
+    """Prometheus text format (scrape it; parse it with prometheus_client's parser)."""
+    body, content_type = request.app.state.metrics.render()
+    return Response(body, media_type=content_type)

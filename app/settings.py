@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.schemas import SamplerName
+from app.fields import SamplerName
 from model.clip import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEFAULT_TEMPLATES
 from model.samplers import check_guidance_interval
 

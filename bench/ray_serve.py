@@ -54,7 +54,7 @@ def ray_serve(weights: Path, replicas: int, work: Path) -> Iterator[str]:
     path.write_text(yaml.safe_dump(config))
     ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's sockets live under it
     env = {**os.environ, "FASHION_WEIGHTS": str(weights), "RAY_TMPDIR": str(ray_tmp), "PYTHONPATH": str(REPO)}
-    env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = "app.ray_proxy:middlewares"
+    env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = "app.ray.proxy:middlewares"
     log = (work / f"serve-{replicas}.log").open("w")
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "serve"), "run", str(path)], env=env, stdout=log, stderr=log

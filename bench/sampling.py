@@ -15,7 +15,7 @@ same run.
 Without the weights file it times a freshly initialised network of the default shape
 (UNetConfig defaults with base_channels=48) and says so: speed does not depend on the weights' values.
 Each row runs in float32 and in the precision that FASHION_PRECISION=auto picks on this machine
-(``app.device.autocast_dtype``: bfloat16 on a CPU with AVX512_BF16 or AMX, float16 on CUDA), with
+(``model.machine.autocast_dtype``: bfloat16 on a CPU with AVX512_BF16 or AMX, float16 on CUDA), with
 the speed-up against float32 measured in the same run.
 Prints a Markdown table, with the machine it ran on.
 """
@@ -31,10 +31,9 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from app.device import autocast_dtype
 from model.diffusion import Schedule
 from model.io import WeightsError, load_weights
-from model.machine import autocast, describe, serving_network
+from model.machine import autocast, autocast_dtype, describe, serving_network
 from model.samplers import SAMPLERS, Denoiser, generators_from_seeds, sample
 from model.unet import UNet, UNetConfig, count_parameters
 

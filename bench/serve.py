@@ -39,7 +39,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from app.device import CPU_ROWS, FixedRows
+from app.generation.device import CPU_ROWS, FixedRows
 from app.settings import default_weights_path
 from model.io import load_weights, save_weights
 from model.machine import describe
@@ -77,7 +77,7 @@ class InProcess:
 
     def __init__(self, weights: Path, device: str, sampler: str, steps: int, guidance: float) -> None:
         loaded = load_weights(weights, device)
-        rows = CPU_ROWS if device == "cpu" else 128  # what app.device.prepare picks by default
+        rows = CPU_ROWS if device == "cpu" else 128  # what app.generation.device.prepare picks by default
         self.denoisers = {
             "plain": loaded.denoiser,
             "fixed_rows": replace(loaded.denoiser, model=FixedRows(loaded.model, rows)),

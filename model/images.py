@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 from PIL import Image
@@ -30,3 +31,8 @@ def png_bytes(image: np.ndarray | Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG", optimize=False, compress_level=6)
     return buf.getvalue()
+
+
+def grid_png(images: np.ndarray) -> bytes:
+    """uint8 (N, H, W) -> one PNG of a near-square grid."""
+    return png_bytes(grid(images, ncol=math.ceil(math.sqrt(len(images)))))

@@ -45,6 +45,16 @@ def native_bfloat16(flags: frozenset[str] | None = None) -> bool:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # autocast by name
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype a precision setting names; ``auto``: float16 on CUDA, bfloat16 on a CPU that
+    computes it natively, float32 elsewhere."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if device.type == "cpu" and native_bfloat16() else torch.float32
+    return DTYPES[precision]
+
+
 def autocast(device_type: str, dtype: torch.dtype) -> contextlib.AbstractContextManager[Any]:
     """Autocast of the network to ``dtype`` on ``device_type``; float32 is no autocast at all."""
     if dtype == torch.float32:

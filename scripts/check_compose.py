@@ -126,8 +126,8 @@ def check_ray(check: Checks, ray: dict[str, Any], prom: dict[str, Any]) -> None:
     nvidia = [d for d in gpu_devices(app) if d.get("driver") == "nvidia" and "gpu" in (d.get("capabilities") or [])]
     check(any(str(d.get("count")) in ("all", "-1") for d in nvidia), "Ray: reserves every host GPU (count all)")
     check(
-        env(app).get("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH") == "app.ray_proxy:middlewares",
-        "Ray: the proxy loads app.ray_proxy",
+        env(app).get("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH") == "app.ray.proxy:middlewares",
+        "Ray: the proxy loads app.ray.proxy",
     )
     check(("8000", "8000") in published(app), "Ray: the proxy publishes port 8000")
     exposed = {target for _, target in published(app)} - {"8000"}

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from app.device import prepare
-from app.engine import Engine
-from app.jobs import JobSpec
+from app.generation.device import prepare
+from app.generation.engine import Engine
+from app.generation.jobs import JobSpec
 from app.metrics import EngineMetrics, Metrics
 from model.io import load_weights
 from model.machine import autocast

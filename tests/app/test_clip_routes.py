@@ -26,10 +26,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app import client as cli
-from app.clip_service import ClipService, Overloaded
+from app.clip.scorers import ScorerUnavailable
+from app.clip.service import ClipService, Overloaded
 from app.main import create_app
 from app.metrics import Metrics
-from app.scorers import ScorerUnavailable
 from app.settings import Settings
 from model.clip import TINY_MODEL, Clip, ClipSpec, load_clip
 from model.images import png_bytes
@@ -307,16 +307,16 @@ def test_while_loading_routes_answer_503_with_retry_after(
     monkeypatch: pytest.MonkeyPatch,
     encoded: list,
 ) -> None:
-    import app.clip_service
+    import app.clip.service
 
     gate = threading.Event()
-    real = app.clip_service.load_clip
+    real = app.clip.service.load_clip
 
     def held(spec: ClipSpec) -> Clip:  # the real loader, started only when the test says so
         assert gate.wait(60)
         return real(spec)
 
-    monkeypatch.setattr(app.clip_service, "load_clip", held)
+    monkeypatch.setattr(app.clip.service, "load_clip", held)
     body = {"images": [b64(encoded[0])], "class": 1}
     with TestClient(create_app(clip_settings())) as c:
         try:

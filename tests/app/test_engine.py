@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from app.device import FixedRows, Runtime, prepare
-from app.engine import Engine, admission_ticks
-from app.jobs import EngineClosed, JobCancelled, JobResult, JobSpec, JobTooLarge, Progress, Queued, QueueFull
-from app.metrics import EngineMetrics, Metrics
-from app.output import Evaluation
+from app.generation.device import FixedRows, Runtime, prepare
+from app.generation.engine import Engine, admission_ticks
+from app.generation.jobs import EngineClosed, JobCancelled, JobResult, JobSpec, JobTooLarge, Progress, Queued, QueueFull
+from app.metrics import EngineMetrics, Evaluation, Metrics
 from model.io import load_weights
 
 pytestmark = pytest.mark.timeout(120)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from app.fields import SamplerName
 from app.main import create_app
-from app.schemas import SamplerName
 from app.settings import Settings
 from model.samplers import SAMPLERS
 

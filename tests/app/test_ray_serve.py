@@ -44,7 +44,7 @@ def test_the_configs_are_serve_configs_and_the_single_process_service_never_impo
         for name in ("serve.yaml", "serve-cpu.yaml")
     )
     (gpu_app,), (cpu_app,) = gpu.applications, cpu.applications
-    assert gpu_app.import_path == cpu_app.import_path == "app.ray_serve:deployment"
+    assert gpu_app.import_path == cpu_app.import_path == "app.ray.deployment:deployment"
     gpu_dep, cpu_dep = gpu_app.deployments[0], cpu_app.deployments[0]
     assert gpu_dep.ray_actor_options.num_gpus == 1  # one GPU per replica
     assert 1 <= gpu_dep.autoscaling_config["min_replicas"] < gpu_dep.autoscaling_config["max_replicas"]
@@ -97,7 +97,7 @@ def ray_service(
         FASHION_WEIGHTS=str(app_weights),
         FASHION_CLASSIFIER_WEIGHTS=str(tiny_classifier),
         RAY_TMPDIR=str(ray_tmp),
-        RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH="app.ray_proxy:middlewares",
+        RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH="app.ray.proxy:middlewares",
         PYTHONPATH=str(REPO),
     )
     serve = Path(sys.executable).parent / "serve"

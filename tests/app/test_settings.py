@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 import app
-from app.models import Defaults, sampling_defaults
+from app.generation.models import Defaults, sampling_defaults
 from app.settings import Settings, default_weights_path
 from model.io import WeightsError
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.uploads import (
+from app.clip.uploads import (
     UploadError,
     UploadLimits,
     check_count,

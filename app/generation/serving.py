@@ -22,10 +22,13 @@ from typing import Any
 from fastapi import Request
 from fastapi.sse import ServerSentEvent
 
-from app import rerank
-from app.engine import Engine
-from app.errors import TYPES, ApiError, error_payload
-from app.jobs import (
+from app.clip import rerank
+from app.clip.schemas import RerankOut
+from app.clip.scorers import Scorer
+from app.errors import TYPES, ApiError, error_payload, not_ready
+from app.fields import SEED_MAX
+from app.generation.engine import Engine
+from app.generation.jobs import (
     EngineClosed,
     Event,
     Job,
@@ -37,22 +40,19 @@ from app.jobs import (
     Queued,
     QueueFull,
 )
-from app.metrics import Metrics
-from app.models import ServedModel
-from app.schemas import (
-    SEED_MAX,
+from app.generation.models import ServedModel
+from app.generation.schemas import (
     GenerateRequestBase,
     GenerateResponse,
     ImageOut,
     Params,
     QueuedEvent,
-    RerankOut,
     StartEvent,
     StepEvent,
     StreamRequestBase,
     Timings,
 )
-from app.scorers import Scorer
+from app.metrics import Metrics
 from app.settings import Settings
 from model.data import CLASS_NAMES
 
@@ -113,10 +113,6 @@ class Generated:
 
 
 # --- errors: the one mapping -----------------------------------------------------------------
-
-
-def not_ready(message: str = "the server is shutting down") -> ApiError:
-    return ApiError(503, message, code="not_ready", headers={"Retry-After": "5"})
 
 
 def api_error(err: BaseException) -> ApiError:
@@ -249,7 +245,7 @@ async def _rank(
 async def generate(body: GenerateRequestBase, request: Request, serving: Serving, settings: Settings) -> Generated:
     """``POST /generate`` up to the choice of representation."""
     accepted = time.monotonic()
-    plan = rerank.plan(body, serving.scorers, settings)
+    plan = rerank.plan(body.rerank, body.n, serving.scorers, settings)
     spec, params = resolve(body, serving, settings, candidates=plan.candidates if plan else None)
     job = submit(serving, spec)
     result = await wait(job, request, serving)
@@ -330,7 +326,7 @@ async def open_stream(
 ) -> AsyncIterator[Stream]:
     """Queue the job and watch for the client leaving; the job is cancelled whenever the stream ends early."""
     accepted = time.monotonic()
-    plan = rerank.plan(body, serving.scorers, settings)
+    plan = rerank.plan(body.rerank, body.n, serving.scorers, settings)
     spec, params = resolve(body, serving, settings, candidates=plan.candidates if plan else None)
     every = body.preview_every or max(1, math.ceil(spec.steps / PREVIEWS_PER_RUN))
     events: asyncio.Queue[Any] = asyncio.Queue()

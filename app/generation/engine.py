@@ -27,12 +27,12 @@ jobs flow past a large *running* job because the budget is shared, not held for 
 batch. A job larger than the whole budget is refused at submission (``JobTooLarge``).
 
 Each image keeps its own ``torch.Generator`` and each network runs on fixed-size chunks of rows
-(``app.device.FixedRows``), so an image's bytes depend only on its model, seed and parameters,
+(``app.generation.device.FixedRows``), so an image's bytes depend only on its model, seed and parameters,
 never on which jobs (of its own model or another) shared its ticks or when it joined.
 
 Threading: ``submit``, ``cancel`` and ``drain`` are called on the event loop and only take a
 lock; ticks run on the worker thread; encoding, metrics and delivery to the loop run on the
-output thread (``app.output``).
+output thread (``app.generation.output``).
 """
 
 from __future__ import annotations
@@ -51,9 +51,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.device import Runtime
-from app.jobs import EngineClosed, EventCallback, Job, JobCancelled, JobResult, JobSpec, JobTooLarge, Queued, QueueFull
-from app.output import Evaluation, Observer, Output
+from app.generation.device import Runtime
+from app.generation.jobs import (
+    EngineClosed,
+    EventCallback,
+    Job,
+    JobCancelled,
+    JobResult,
+    JobSpec,
+    JobTooLarge,
+    Queued,
+    QueueFull,
+)
+from app.generation.output import Output
+from app.metrics import Evaluation, Observer
 from model.samplers import SamplerState, generators_from_seeds, start, step, to_uint8
 
 log = logging.getLogger("app")

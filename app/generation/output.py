@@ -8,51 +8,14 @@ job's events always arrive before its result and a slow PNG encoder never delays
 from __future__ import annotations
 
 import contextlib
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
-from app.jobs import Job, JobResult, Progress, Queued
-from model.images import grid, png_bytes
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """One model's network evaluation within a tick."""
-
-    model: str
-    rows: int  # images, plus a null-class row per guided image
-    jobs: int  # jobs that shared it
-
-
-class Observer(Protocol):
-    """What the engine reports for metrics; ``app.metrics.EngineMetrics`` is the Prometheus one."""
-
-    def tick(self, evaluations: Sequence[Evaluation], seconds: float) -> None:
-        """A tick: one evaluation per model with active jobs, ``seconds`` of wall time for all of them."""
-
-    def depth(self, queued: int, active: int) -> None: ...
-
-    def admitted(self, waited_s: float) -> None: ...
-
-    def first_step(self, seconds: float) -> None: ...
-
-    def rejected(self, reason: str) -> None: ...
-
-    def done(self, job: Job) -> None: ...
-
-    def cancelled(self, stage: str) -> None: ...
-
-    def failed(self, error: BaseException) -> None: ...
-
-
-def grid_png(images: np.ndarray) -> bytes:
-    """uint8 (n, H, W) -> one PNG of a near-square grid."""
-    return png_bytes(grid(images, ncol=math.ceil(math.sqrt(len(images)))))
+from app.generation.jobs import Job, JobResult, Progress, Queued
+from app.metrics import Observer
+from model.images import grid_png, png_bytes
 
 
 class Output:

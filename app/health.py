@@ -5,10 +5,43 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
 
+from app.clip.scorers import ClassifierScorer, ScorerUnavailable
+from app.clip.service import ClipStatus
 from app.deps import get_serving
-from app.schemas import ComponentHealth, ErrorResponse, Health, ModelHealth
-from app.scorers import ClassifierScorer, ScorerUnavailable
+from app.errors import ErrorResponse
+from app.generation.schemas import ModelKind
+
+ComponentStatus = ClipStatus  # the classifier is "ready" or "unavailable"
+
+
+class ComponentHealth(BaseModel):
+    status: ComponentStatus
+    model: str | None = Field(default=None, description="what is (or was to be) loaded")
+    message: str | None = Field(default=None, description="why it is unavailable, and how to provide it")
+
+
+class ModelHealth(BaseModel):
+    name: str
+    kind: ModelKind
+    precision: str = Field(description="the network's autocast dtype (FASHION_PRECISION)")
+    parameters: int
+
+
+class Health(BaseModel):
+    status: str
+    model: str | None = Field(default=None, description="the default model")
+    device: str | None = None
+    precision: str | None = Field(
+        default=None, description="the default model's autocast dtype (FASHION_PRECISION); each model's in models"
+    )
+    models: list[ModelHealth] | None = Field(default=None, description="every served model, the default first")
+    clip: ComponentHealth | None = Field(
+        default=None, description="CLIP (POST /clip/score, rerank by clip); the service is ready without it"
+    )
+    classifier: ComponentHealth | None = Field(default=None, description="the classifier behind rerank by classifier")
+
 
 router = APIRouter(tags=["health"])
 

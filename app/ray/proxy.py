@@ -6,7 +6,7 @@ those that have (a stream) without ending the chunked body: the client sees a br
 Ray's own refusals (503 while no replica is up, or past ``max_queued_requests``) are plain text too.
 This middleware, loaded into the proxy by Ray's hook for proxy middlewares
 
-    export RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=app.ray_proxy:middlewares
+    export RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=app.ray.proxy:middlewares
     serve run deploy/ray/serve-cpu.yaml
 
 gives the first the service's error shape (``replica_failed``, with Retry-After: the same seed gives

@@ -2,7 +2,7 @@
 
 The lifespan puts one scorer per method in ``Serving.scorers``: ``"classifier"`` (the project's
 Fashion-MNIST classifier, its probability of the requested class) and ``"clip"`` (cosine
-similarity to the class prompt, ``app.clip_service.ClipScorer``). A method whose model could
+similarity to the class prompt, ``app.clip.service.ClipScorer``). A method whose model could
 not be loaded is still there, as an ``UnavailableScorer`` whose ``check`` says why, so a
 request for it is refused with 503 before anything is sampled.
 """

@@ -12,13 +12,10 @@ cannot change real ones. A single shape is also what CUDA graphs and torch.compi
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,7 +27,6 @@ from model.unet import count_parameters
 
 log = logging.getLogger("app")
 
-T = TypeVar("T")
 # The CPU chunk. Measured with the shipped network on 2 cores (ms per row): 3.30 at 8 rows, 2.76 at
 # 16, 2.30 at 32. 16 serves a default request (n=16, guided: 32 rows) at the speed of unchunked
 # sampling and fills up under load, at the cost of padding a lone 1-image request from 2 rows to 16.
@@ -41,36 +37,6 @@ def resolve_device(name: str) -> torch.device:
     """The device FASHION_DEVICE names, by model.machine's rules (``auto``: CUDA when present, else CPU;
     an explicit device that is absent is a RuntimeError)."""
     return machine.resolve_device(name, setting="FASHION_DEVICE")
-
-
-async def on_fresh_thread(fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` on a new thread that ends with it, awaited on the event loop.
-
-    With torch's OpenMP build, every thread that runs a parallel region keeps its own team of
-    OpenMP workers for as long as it lives, and once the process holds more such workers than CPUs,
-    libgomp stops spinning and wakes them through the kernel at every parallel region: the engine's
-    ticks then ran 2x slower on 2 cores, measured, because the weights had been loaded on a worker
-    thread that stayed alive in a pool. A thread that ends takes its team with it, so torch work at
-    startup runs here, and the engine's device thread keeps the only team."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[T] = loop.create_future()
-
-    def settle(result: Any, error: BaseException | None) -> None:
-        if done.done():  # the awaiting task was cancelled meanwhile
-            return
-        if error is not None:
-            done.set_exception(error)
-        else:
-            done.set_result(result)
-
-    def run() -> None:
-        try:
-            loop.call_soon_threadsafe(settle, fn(*args), None)
-        except BaseException as error:  # handed to the awaiting task
-            loop.call_soon_threadsafe(settle, None, error)
-
-    threading.Thread(target=run, name="fashion-load", daemon=True).start()
-    return await done
 
 
 class FixedRows(nn.Module):
@@ -125,15 +91,6 @@ class Runtime:
         }
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """``auto``: float16 on CUDA, bfloat16 on a CPU that computes it natively, float32 elsewhere."""
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.float16
-        return torch.bfloat16 if device.type == "cpu" and machine.native_bfloat16() else torch.float32
-    return machine.DTYPES[precision]
-
-
 def prepare(
     loaded: LoadedWeights,
     device: torch.device,
@@ -145,7 +102,7 @@ def prepare(
     max_batch: int = 64,
 ) -> Runtime:
     """Wrap loaded weights (already on ``device``) for serving; ``loaded`` itself is left as it is."""
-    dtype = autocast_dtype(precision, device)
+    dtype = machine.autocast_dtype(precision, device)
     net = machine.serving_network(loaded.model, dtype, channels_last, compile)
     cudagraphs = compile and device.type == "cuda"  # a replayed graph reuses its output buffer
     rows = fixed_rows if fixed_rows is not None else (max_batch if device.type == "cuda" else CPU_ROWS)

@@ -15,7 +15,7 @@ import python_multipart
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import parse_options_header
 
-from app.uploads import UploadError, UploadLimits
+from app.clip.uploads import UploadError, UploadLimits
 
 MAX_FIELDS = 1100  # text parts (texts, class): more than any valid request has
 MAX_FIELD_BYTES = 64 * 1024  # one text part

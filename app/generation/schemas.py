@@ -1,4 +1,5 @@
-"""Request and response bodies.
+"""Bodies of the generation routes: ``POST /generate``, the stream and its events, ``GET /models`` and
+``GET /schedule``.
 
 Limits depend on the settings, so the request models are built per app by
 ``request_models(limits)``; their ``Field`` bounds then show up in the OpenAPI page.
@@ -11,75 +12,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, create_model
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
-from model.data import CLASS_NAMES, NUM_CLASSES, class_allowed, parse_class
+from app.clip.schemas import RERANK_ALLOWED, RERANK_DESCRIPTION, RerankBase, RerankOut, rerank_field, rerank_shorthand
+from app.fields import (
+    CLASS_ALLOWED,
+    ClassField,
+    NonNegativeFloat,
+    PositiveInt,
+    SamplerName,
+    Seed,
+    bounded_float,
+    bounded_int,
+)
 
-SEED_MAX = 2**32 - 1
-# model.samplers.SAMPLERS as a type, so mypy and the OpenAPI page know the names (a test keeps them equal).
-SamplerName = Literal["ddpm", "ddim", "dpm++", "consistency"]
-RerankMethod = Literal["clip", "classifier"]
 ModelKind = Literal["teacher", "student"]
-ComponentStatus = Literal["loading", "ready", "unavailable"]
-MAX_TEXT_CHARS = 1000  # a prompt longer than this cannot fit CLIP's 77 tokens anyway
-
-
-# --- class: an index or a name ---------------------------------------------------------------
-
-
-CLASS_ALLOWED = class_allowed()
-
-
-def _class_field(value: Any) -> int:
-    try:
-        return parse_class(value)
-    except ValueError:
-        raise PydanticCustomError(
-            "class_value", "must be {allowed}; got {got}", {"allowed": CLASS_ALLOWED, "got": repr(value)}
-        ) from None
-
-
-ClassField = Annotated[
-    int,
-    BeforeValidator(_class_field),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "integer", "minimum": 0, "maximum": NUM_CLASSES - 1},
-                {"type": "string", "enum": list(CLASS_NAMES)},
-            ],
-            "description": f"the clothing class: {CLASS_ALLOWED}; names are case-insensitive",
-            "examples": [3, "dress"],
-        }
-    ),
-]
-
-
-def _no_bool(value: Any) -> Any:
-    # pydantic's lax mode reads true as 1; a boolean is never a sensible count, seed or scale.
-    if isinstance(value, bool):
-        raise PydanticCustomError("bool_not_allowed", "must be a number, not a boolean")
-    return value
-
-
-def bounded_int(lo: int | None = None, hi: int | None = None) -> Any:
-    """An int type with bounds inside the annotation, so ``X | None`` documents them as minimum/maximum
-    (bounds before the validator: after it, pydantic can only show them as unknown "ge"/"le" keys)."""
-    return Annotated[int, Field(ge=lo, le=hi), BeforeValidator(_no_bool)]
-
-
-def bounded_float(lo: float | None = None, hi: float | None = None) -> Any:
-    return Annotated[float, Field(ge=lo, le=hi, allow_inf_nan=False), BeforeValidator(_no_bool)]
-
-
 ModelId = Annotated[str, Field(min_length=1, max_length=200)]
 MODEL_ALLOWED = "a model id of GET /models"
-
-# The same, spelled out statically for type checkers.
-PositiveInt = Annotated[int, Field(ge=1), BeforeValidator(_no_bool)]
-NonNegativeFloat = Annotated[float, Field(ge=0.0, allow_inf_nan=False), BeforeValidator(_no_bool)]
-Seed = Annotated[int, Field(ge=0, le=SEED_MAX), BeforeValidator(_no_bool)]
 
 
 # --- requests --------------------------------------------------------------------------------
@@ -97,52 +46,10 @@ class Limits:
         return min(16, self.max_images)
 
 
-class RerankBase(BaseModel):
-    """Sample ``candidates`` images, score each against the requested class, return the best ``n``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    by: RerankMethod = Field(
-        description="clip: cosine similarity to the class prompt under CLIP; classifier: the project's "
-        "Fashion-MNIST classifier's probability of the class (works without CLIP)"
-    )
-    candidates: PositiveInt | None = Field(
-        default=None, description="images to sample and score, at least n; default: 4 n, capped at the server's limit"
-    )
-
-
-def _rerank_shorthand(value: Any) -> Any:
-    # "rerank": "clip" is {"by": "clip"} with the default number of candidates (also ?rerank=clip).
-    return {"by": value} if isinstance(value, str) else value
-
-
-RERANK_DESCRIPTION = (
-    'keep the best n of more candidates: {"by": "clip" | "classifier", "candidates": K} with n <= K, or just '
-    '"clip" / "classifier" for K = 4 n; candidate i is drawn with seed + i, and each returned image carries its '
-    "seed and score"
-)
-RERANK_ALLOWED = '"clip", "classifier", or {"by": "clip" | "classifier", "candidates": K} with n <= K'
-
-
 def _limited_fields(limits: Limits) -> dict[str, Any]:
     """The fields whose bounds come from the settings, as ``create_model`` takes them."""
-    rerank = create_model(
-        "Rerank",
-        __base__=RerankBase,
-        __doc__=RerankBase.__doc__,
-        candidates=(
-            bounded_int(1, limits.max_candidates) | None,
-            Field(
-                default=None,
-                description="images to sample and score, at least n; default: 4 n, capped at the server's limit",
-            ),
-        ),
-    )
     return {
-        "rerank": (
-            Annotated[rerank, BeforeValidator(_rerank_shorthand)] | None,
-            Field(default=None, description=RERANK_DESCRIPTION),
-        ),
+        "rerank": rerank_field(limits.max_candidates),
         "n": (bounded_int(1, limits.max_images), Field(default=limits.default_n, description="how many images")),
         "steps": (
             bounded_int(1, limits.max_steps) | None,
@@ -182,7 +89,7 @@ class GenerateRequestBase(BaseModel):
     seed: Seed | None = Field(
         default=None, description="image i is drawn with seed + i; omitted: a random seed, reported back"
     )
-    rerank: Annotated[RerankBase, BeforeValidator(_rerank_shorthand)] | None = Field(
+    rerank: Annotated[RerankBase, BeforeValidator(rerank_shorthand)] | None = Field(
         default=None, description=RERANK_DESCRIPTION
     )
 
@@ -274,14 +181,6 @@ class Timings(BaseModel):
     replica: str = Field(description="the replica (process) that sampled it, as in the X-Replica header")
 
 
-class RerankOut(BaseModel):
-    by: RerankMethod
-    candidates: int = Field(description="images sampled and scored; candidate i was drawn with seed + i")
-    measure: str = Field(description="what the score is")
-    scores: list[float] = Field(description="every candidate's score, in seed order (candidate i: seed + i)")
-    scoring_ms: float = Field(description="scoring the candidates, on a worker thread")
-
-
 class GenerateResponse(BaseModel):
     model: str = Field(description="name of the weights that drew the images")
     params: Params
@@ -348,87 +247,3 @@ class StepEvent(BaseModel):
     t: int = Field(description="timestep the network was evaluated at")
     x0_png: str | None = Field(default=None, description="base64 PNG grid of the current clean-image prediction")
     xt_png: str | None = Field(default=None, description="base64 PNG grid of the noisy sample x_t")
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
-
-
-class ComponentHealth(BaseModel):
-    status: ComponentStatus
-    model: str | None = Field(default=None, description="what is (or was to be) loaded")
-    message: str | None = Field(default=None, description="why it is unavailable, and how to provide it")
-
-
-class ModelHealth(BaseModel):
-    name: str
-    kind: ModelKind
-    precision: str = Field(description="the network's autocast dtype (FASHION_PRECISION)")
-    parameters: int
-
-
-class Health(BaseModel):
-    status: str
-    model: str | None = Field(default=None, description="the default model")
-    device: str | None = None
-    precision: str | None = Field(
-        default=None, description="the default model's autocast dtype (FASHION_PRECISION); each model's in models"
-    )
-    models: list[ModelHealth] | None = Field(default=None, description="every served model, the default first")
-    clip: ComponentHealth | None = Field(
-        default=None, description="CLIP (POST /clip/score, rerank by clip); the service is ready without it"
-    )
-    classifier: ComponentHealth | None = Field(default=None, description="the classifier behind rerank by classifier")
-
-
-# --- CLIP scoring ------------------------------------------------------------------------------
-
-Prompt = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
-
-
-class ClipTargets(BaseModel):
-    """What to score the images against: ``texts``, or ``class`` (prompts from the class name)."""
-
-    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True)
-
-    texts: list[Prompt] | None = Field(default=None, description="prompts; each image is scored with each one")
-    class_: ClassField | None = Field(
-        default=None, alias="class", description="a class whose name fills the server's prompt templates"
-    )
-
-
-class ClipScoreRequest(ClipTargets):
-    """Body of ``POST /clip/score`` as JSON; multipart/form-data sends the images as ``files`` instead."""
-
-    images: list[str] = Field(
-        description="base64-encoded images (PNG, JPEG, WebP, GIF or BMP; data: URLs too), any size up to the "
-        "server's pixel limit; 28x28 grayscale is what the generator makes"
-    )
-
-
-class ClipTimings(BaseModel):
-    queue_ms: float = Field(description="waiting for a free scoring thread")
-    scoring_ms: float = Field(description="decoding, embedding and comparing, on the worker thread")
-    total_ms: float = Field(description="from accepting the request to the response")
-
-
-class ClipScoreResponse(BaseModel):
-    model_config = ConfigDict(serialize_by_alias=True, validate_by_name=True, validate_by_alias=True)
-
-    model: str = Field(description="the CLIP model (architecture and weights)")
-    texts: list[str] = Field(description="the prompts scored, in column order (the class's prompts with class)")
-    class_: int | None = Field(default=None, alias="class")
-    class_name: str | None = None
-    similarity: list[list[float]] = Field(description="cosine similarity, [image][text], in [-1, 1]")
-    clip_score: list[list[float]] = Field(description="CLIPScore, 100 * max(cos, 0), [image][text]")
-    class_similarity: list[float] | None = Field(
-        default=None, description="with class: cosine with the class embedding (its prompts averaged), per image"
-    )
-    timings: ClipTimings

@@ -22,10 +22,10 @@ from typing import Literal, TypeVar
 import anyio
 import numpy as np
 
-from app.device import on_fresh_thread
+from app.clip.scorers import ScorerUnavailable
 from app.metrics import Metrics
-from app.scorers import ScorerUnavailable
 from app.settings import Settings
+from app.threads import on_fresh_thread
 from model.clip import Clip, ClipSpec, ClipUnavailable, clip_score, load_clip
 
 HOWTO = (
@@ -178,7 +178,7 @@ class ClipService:
 
     async def run(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on its own thread within the limiter (waiting for a free slot if need be); a fresh
-        thread, so that no OpenMP team outlives it beside the engine's (``app.device.on_fresh_thread``)."""
+        thread, so that no OpenMP team outlives it beside the engine's (``app.threads.on_fresh_thread``)."""
         async with self.limiter:
             return await on_fresh_thread(fn)
 

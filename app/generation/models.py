@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from app.device import Runtime, prepare
-from app.schemas import ModelKind
+from app.generation.device import Runtime, prepare
+from app.generation.schemas import ModelKind
 from app.settings import Settings
 from model.io import WeightsError, card_sampling, load_weights, read_card
 from model.samplers import SAMPLERS

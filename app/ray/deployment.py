@@ -12,8 +12,8 @@ with the deployment and replica (``ray.serve.metrics``), so Prometheus, pointed 
 discovery file, sees every replica; ``GET /metrics`` through the proxy shows only the replica it
 lands on. Ray replaces a replica whose health check fails or whose process dies.
 
-Set ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=app.ray_proxy:middlewares`` where Ray starts, so the
-proxy ends a dead replica's requests in the service's error shape (``app.ray_proxy``). Only this module
+Set ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=app.ray.proxy:middlewares`` where Ray starts, so the
+proxy ends a dead replica's requests in the service's error shape (``app.ray.proxy``). Only this module
 and that one import Ray or run in it (the ``ray`` extra); ``python -m app`` never does.
 """
 
@@ -26,10 +26,9 @@ from fastapi import FastAPI
 from ray import serve
 from ray.serve.metrics import Counter, Gauge, Histogram
 
-from app.jobs import Job
+from app.generation.jobs import Job
 from app.main import create_app
-from app.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, STEP_BUCKETS, EngineMetrics, Metrics
-from app.output import Evaluation
+from app.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, STEP_BUCKETS, EngineMetrics, Evaluation, Metrics
 from app.settings import Settings
 
 

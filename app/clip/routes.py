@@ -1,7 +1,7 @@
 """``POST /clip/score``: CLIP similarity of every image with every text (or with a class's prompts).
 
 Images come as base64 strings in a JSON body, or as ``files`` parts of a multipart/form-data body
-(read into memory by ``app.multipart``: nothing is written to disk). The body's size is refused
+(read into memory by ``app.clip.multipart``: nothing is written to disk). The body's size is refused
 from its Content-Length before it is read (``BodyLimitMiddleware``), the count of images before
 any is decoded, each image's bytes before decoding and its pixel count from its header (bombs).
 Decoding and scoring run on a worker thread; at most ``clip_concurrency`` at once, with at most
@@ -18,20 +18,15 @@ import numpy as np
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
 
-from app.clip_service import ClipService, Overloaded, similarities
+from app.clip.multipart import read_form
+from app.clip.schemas import ClipScoreRequest, ClipScoreResponse, ClipTargets, ClipTimings
+from app.clip.scorers import ScorerUnavailable
+from app.clip.service import ClipService, Overloaded, similarities
+from app.clip.uploads import UploadError, UploadLimits, check_count, decode_base64_images, decode_files
 from app.deps import ClipDep
 from app.errors import ApiError, error_responses, validation_message
-from app.multipart import read_form
-from app.schemas import (
-    CLASS_ALLOWED,
-    ClipScoreRequest,
-    ClipScoreResponse,
-    ClipTargets,
-    ClipTimings,
-)
-from app.scorers import ScorerUnavailable
+from app.fields import CLASS_ALLOWED
 from app.settings import Settings
-from app.uploads import UploadError, UploadLimits, check_count, decode_base64_images, decode_files
 from model.clip import Clip
 from model.data import CLASS_NAMES
 

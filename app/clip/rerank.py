@@ -15,13 +15,13 @@ from dataclasses import dataclass
 import anyio
 import numpy as np
 
-from app.device import on_fresh_thread
+from app.clip.schemas import RerankBase, RerankMethod
+from app.clip.scorers import Scorer, ScorerUnavailable
 from app.errors import ApiError
-from app.jobs import JobResult
+from app.generation.jobs import JobResult
 from app.metrics import Metrics
-from app.schemas import GenerateRequestBase, RerankMethod
-from app.scorers import Scorer, ScorerUnavailable
 from app.settings import Settings
+from app.threads import on_fresh_thread
 
 DEFAULT_FACTOR = 4  # candidates per kept image when the request does not say
 
@@ -48,28 +48,27 @@ def unavailable(err: ScorerUnavailable) -> ApiError:
     return ApiError(503, err.message, code=err.code, param="rerank", headers=headers)
 
 
-def plan(body: GenerateRequestBase, scorers: Mapping[str, Scorer], settings: Settings) -> RerankPlan | None:
-    """The rerank a request asks for, checked; None without one. Raises ApiError 422 / 503."""
-    spec = body.rerank
+def plan(spec: RerankBase | None, n: int, scorers: Mapping[str, Scorer], settings: Settings) -> RerankPlan | None:
+    """The rerank a request for ``n`` images asks for, checked; None without one. Raises ApiError 422 / 503."""
     if spec is None:
         return None
     limit = settings.max_candidates
     if spec.candidates is None:
-        candidates = min(DEFAULT_FACTOR * body.n, limit)
-        if candidates < body.n:
+        candidates = min(DEFAULT_FACTOR * n, limit)
+        if candidates < n:
             raise ApiError(
                 422,
-                f"rerank: n ({body.n}) is more than the {limit} candidates this server samples at most; "
+                f"rerank: n ({n}) is more than the {limit} candidates this server samples at most; "
                 f"allowed: n <= {limit} with rerank",
                 code="too_many_for_rerank",
                 param="n",
             )
     else:
         candidates = spec.candidates
-        if candidates < body.n:
+        if candidates < n:
             raise ApiError(
                 422,
-                f"rerank.candidates: must be at least n ({body.n}); allowed: {body.n}..{limit}; got {candidates}",
+                f"rerank.candidates: must be at least n ({n}); allowed: {n}..{limit}; got {candidates}",
                 code="candidates_below_n",
                 param="rerank.candidates",
             )
@@ -80,7 +79,7 @@ def plan(body: GenerateRequestBase, scorers: Mapping[str, Scorer], settings: Set
         scorer.check()
     except ScorerUnavailable as err:
         raise unavailable(err) from err
-    return RerankPlan(spec.by, scorer, body.n, candidates)
+    return RerankPlan(spec.by, scorer, n, candidates)
 
 
 async def rank(plan: RerankPlan, result: JobResult, label: int, metrics: Metrics) -> Ranked:
@@ -89,7 +88,7 @@ async def rank(plan: RerankPlan, result: JobResult, label: int, metrics: Metrics
     start = time.perf_counter()
     try:
         limiter = plan.scorer.limiter or anyio.to_thread.current_default_thread_limiter()
-        async with limiter:  # on a fresh thread: see app.device.on_fresh_thread
+        async with limiter:  # on a fresh thread: see app.threads.on_fresh_thread
             scores = await on_fresh_thread(plan.scorer.score, result.images, labels)
     except ScorerUnavailable as err:
         raise unavailable(err) from err

@@ -1,0 +1,69 @@
+"""Field types that several features' request bodies share: the clothing class (an index or a name),
+bounded numbers that refuse booleans, and the sampler names.
+
+Each feature's bodies are in its own ``schemas.py`` (``app.generation.schemas``, ``app.clip.schemas``);
+what is here is only what more than one of them uses.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, WithJsonSchema
+from pydantic_core import PydanticCustomError
+
+from model.data import CLASS_NAMES, NUM_CLASSES, class_allowed, parse_class
+
+SEED_MAX = 2**32 - 1
+# model.samplers.SAMPLERS as a type, so mypy and the OpenAPI page know the names (a test keeps them equal).
+SamplerName = Literal["ddpm", "ddim", "dpm++", "consistency"]
+
+CLASS_ALLOWED = class_allowed()
+
+
+def _class_field(value: Any) -> int:
+    try:
+        return parse_class(value)
+    except ValueError:
+        raise PydanticCustomError(
+            "class_value", "must be {allowed}; got {got}", {"allowed": CLASS_ALLOWED, "got": repr(value)}
+        ) from None
+
+
+ClassField = Annotated[
+    int,
+    BeforeValidator(_class_field),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": 0, "maximum": NUM_CLASSES - 1},
+                {"type": "string", "enum": list(CLASS_NAMES)},
+            ],
+            "description": f"the clothing class: {CLASS_ALLOWED}; names are case-insensitive",
+            "examples": [3, "dress"],
+        }
+    ),
+]
+
+
+def _no_bool(value: Any) -> Any:
+    # pydantic's lax mode reads true as 1; a boolean is never a sensible count, seed or scale.
+    if isinstance(value, bool):
+        raise PydanticCustomError("bool_not_allowed", "must be a number, not a boolean")
+    return value
+
+
+def bounded_int(lo: int | None = None, hi: int | None = None) -> Any:
+    """An int type with bounds inside the annotation, so ``X | None`` documents them as minimum/maximum
+    (bounds before the validator: after it, pydantic can only show them as unknown "ge"/"le" keys)."""
+    return Annotated[int, Field(ge=lo, le=hi), BeforeValidator(_no_bool)]
+
+
+def bounded_float(lo: float | None = None, hi: float | None = None) -> Any:
+    return Annotated[float, Field(ge=lo, le=hi, allow_inf_nan=False), BeforeValidator(_no_bool)]
+
+
+# The same, spelled out statically for type checkers.
+PositiveInt = Annotated[int, Field(ge=1), BeforeValidator(_no_bool)]
+NonNegativeFloat = Annotated[float, Field(ge=0.0, allow_inf_nan=False), BeforeValidator(_no_bool)]
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX), BeforeValidator(_no_bool)]
