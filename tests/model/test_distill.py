@@ -1,4 +1,5 @@
-"""model/distill.py with a tiny teacher: trajectories, the student's training and its card."""
+"""model/distill.py and model/trajectories.py with a tiny teacher: trajectories, the student's
+training, its card and the command line."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model import distill
+from model import distill, trajectories
 from model.io import load_weights, save_weights
 from model.samplers import generators_from_seeds, initial_noise, sample
+from model.training import config_from_args
 
 
 @pytest.fixture
@@ -24,17 +26,18 @@ def teacher(tmp_path, tiny_unet, tiny_card):
 
 
 def make(teacher, run_dir, count=8, shard=4):
-    distill.make_trajectories(teacher, run_dir, count, shard, "float32", 1, progress=False)
+    cfg = trajectories.TrajectoryConfig(str(teacher), str(run_dir), count, shard, precision="float32", threads=1)
+    trajectories.make_trajectories(cfg, progress=False)
 
 
 def test_a_shard_holds_the_teachers_own_trajectories(teacher, tmp_path):
     make(teacher, tmp_path / "run")
-    shard = load_file(str(distill.shard_path(tmp_path / "run", 1)))
+    shard = load_file(str(trajectories.shard_path(tmp_path / "run", 1)))
     assert shard["x_t"].shape == (20, 4, 1, 28, 28) and shard["x_t"].dtype == torch.float16
     assert shard["timesteps"].tolist() == [999 - 50 * i for i in range(20)]
     # Shard 1 holds images 4..7: their seeds and classes, and they end where the teacher's sampler ends.
     assert shard["labels"].tolist() == [4, 5, 6, 7]
-    seeds = range(distill.SEED_BASE + 4, distill.SEED_BASE + 8)
+    seeds = range(trajectories.SEED_BASE + 4, trajectories.SEED_BASE + 8)
     torch.testing.assert_close(
         shard["x_t"][0].float(), initial_noise(generators_from_seeds(seeds), (1, 28, 28), "cpu"), atol=2e-3, rtol=1e-3
     )
@@ -46,11 +49,11 @@ def test_a_shard_holds_the_teachers_own_trajectories(teacher, tmp_path):
 def test_trajectories_resume_and_refuse_another_teacher(teacher, tmp_path, tiny_unet, tiny_card):
     run = tmp_path / "run"
     make(teacher, run, count=4)
-    first = distill.shard_path(run, 0)
+    first = trajectories.shard_path(run, 0)
     stamp = first.stat().st_mtime_ns
     make(teacher, run, count=8)
     assert first.stat().st_mtime_ns == stamp  # kept, not sampled again
-    assert distill.shard_path(run, 1).exists()
+    assert trajectories.shard_path(run, 1).exists()
     assert not list((run / "trajectories").glob("*.part"))
     other = tmp_path / "other" / "tiny-teacher.safetensors"
     save_weights(tiny_unet, tiny_card, other)
@@ -62,8 +65,8 @@ def test_trajectories_resume_and_refuse_another_teacher(teacher, tmp_path, tiny_
 
 def test_pairs_take_the_students_timesteps_and_refuse_ones_the_teacher_never_passed(teacher, tmp_path):
     make(teacher, tmp_path / "run")
-    paths = [distill.shard_path(tmp_path / "run", k) for k in (0, 1)]
-    pairs = distill.Pairs.load(paths, [999, 499])
+    paths = [trajectories.shard_path(tmp_path / "run", k) for k in (0, 1)]
+    pairs = trajectories.Pairs.load(paths, [999, 499])
     assert len(pairs.t) == 16 and sorted(set(pairs.t.tolist())) == [499, 999]
     shard = load_file(str(paths[0]))
     at_499 = (pairs.t == 499).nonzero().flatten()[:4]
@@ -71,7 +74,7 @@ def test_pairs_take_the_students_timesteps_and_refuse_ones_the_teacher_never_pas
     torch.testing.assert_close(pairs.x0[at_499], shard["x0"])
     assert pairs.cpu_seconds > 0
     with pytest.raises(ValueError, match=r"never pass timesteps \[500\]"):
-        distill.Pairs.load(paths, [999, 500])
+        trajectories.Pairs.load(paths, [999, 500])
 
 
 def test_the_loss_is_the_pseudo_huber_distance_of_the_x0_prediction(teacher):
@@ -112,7 +115,7 @@ def test_the_student_learns_the_trajectories_and_a_resumed_run_is_the_same_run(t
     make(teacher, run, count=12)
     whole = torch.load(distill.distill(config(teacher, run, steps=30)), weights_only=True)
     t_weights = load_weights(teacher)
-    val = distill.Pairs.load([distill.shard_path(run, 2)], [999, 499])
+    val = trajectories.Pairs.load([trajectories.shard_path(run, 2)], [999, 499])
     before = distill.validation_loss(t_weights.model, t_weights, val, config(teacher, run))
     assert whole["step"] == 30 and whole["val_loss"] < 0.9 * before  # held-out trajectories: closer than the teacher
 
@@ -146,5 +149,28 @@ def test_the_exported_student_names_its_teacher_and_samples_in_its_steps(teacher
     student.model.register_forward_hook(lambda *_: calls.append(1))
     x = sample(student.denoiser, torch.tensor([3, 4]), generators_from_seeds([0, 1]), "consistency", 2, 1.0)
     assert x.shape == (2, 1, 28, 28) and len(calls) == 2  # one evaluation per step: no unconditional pass
-    with pytest.raises(ValueError, match="not 0.5"):
+    with pytest.raises(ValueError, match=r"keeps no EMA with decay 0.5; allowed: 0.9, 0 \(the raw weights\)"):
         distill.export(run, out, ema_decay=0.5)
+
+
+def test_each_stage_takes_one_option_per_field_of_its_config(teacher, tmp_path):
+    args = distill.parse_args(["train", "--teacher", "t.safetensors", "--run-dir", "r", "--ema-decays", "0.9", "0.99"])
+    cfg = config_from_args(distill.DistillConfig, args)
+    assert cfg == distill.DistillConfig(teacher="t.safetensors", run_dir="r", ema_decays=(0.9, 0.99))
+    assert not args.resume
+    # Every field has its option, those that had none before too.
+    args = distill.parse_args(["train", "--teacher", "t", "--run-dir", "r", "--huber-c", "0.5", "--timesteps", "999"])
+    assert config_from_args(distill.DistillConfig, args).huber_c == 0.5
+    assert config_from_args(distill.DistillConfig, args).timesteps == (999,)
+    with pytest.raises(SystemExit):  # --teacher has no default: it is required
+        distill.parse_args(["train", "--run-dir", "r"])
+    with pytest.raises(ValueError, match="at least one decay"):
+        config_from_args(
+            distill.DistillConfig, distill.parse_args(["train", "--teacher", "t", "--run-dir", "r", "--ema-decays"])
+        )
+
+    run = tmp_path / "run"
+    argv = ["trajectories", "--teacher", str(teacher), "--run-dir", str(run), "--count", "4", "--shard-size", "2"]
+    distill.main([*argv, "--threads", "1", "--no-progress"])
+    assert [trajectories.shard_path(run, k).exists() for k in (0, 1, 2)] == [True, True, False]
+    assert load_file(str(trajectories.shard_path(run, 0)))["x_t"].shape == (20, 2, 1, 28, 28)
