@@ -1,0 +1,409 @@
+"""Open-loop load: latency, slowdown, SLO attainment and goodput of the service under Poisson traffic.
+
+    taskset -c 1 python -m bench.load                                # this checkout, FCFS and the default policy
+    taskset -c 1 python -m bench.load --engine fcfs --engine deadline --engine old=/tmp/engine-390f4af
+    python -m bench.load --tiny --duration 5 --fractions 0.5 1.0     # a tiny random network: checks the script
+
+For each engine it starts the real service (``python -m app`` of this checkout, or of another
+checkout for ``old=DIR``) on a free loopback port, then
+
+1. measures each kind of request of the mix alone on the idle server (its *idle latency*, the
+   median of ``--idle-repeats``);
+2. once, on the first engine, measures the *capacity*: requests of the mix per second (and images
+   per second) that ``--capacity-clients`` closed-loop clients get through at saturation;
+3. drives it open-loop: Poisson arrivals at each fraction of that capacity, for ``--duration``
+   seconds each, from the mix (``bench.workload.DEFAULT_MIX``), and waits for every answer.
+
+The arrivals are seeded, so every engine sees the same requests at the same times; a one-model
+server (the previous engine, batch to completion) gets the teacher's kinds of them only. It prints
+per engine and rate: P50/P90/P99 latency, slowdown against idle, SLO attainment at 1.5x/2x/3x/5x,
+goodput (requests per second within 3x), the time to a stream's first step, refusals (429) with
+their Retry-After against the real wait, and a picture of attainment and P99 slowdown against the
+offered load, one line per engine. Never part of the test suite; run it pinned to one core
+(``taskset``) on a shared machine, and say so beside its numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+from bench.workload import (
+    DEFAULT_MIX,
+    GOODPUT_SLO,
+    SLO_SCALES,
+    Kind,
+    Outcome,
+    Summary,
+    arrivals,
+    describe_mix,
+    refusal_waits,
+    summarize,
+    teacher_only,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_FRACTIONS = (0.2, 0.4, 0.7, 0.85, 1.0, 1.2)
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A server to measure: a label, the checkout it runs from, and the FASHION_* settings it gets."""
+
+    label: str
+    repo: Path
+    env: dict[str, str]
+    multi_model: bool  # serves the student beside the teacher (this checkout); the previous engine does not
+
+
+def parse_engine(text: str) -> Engine:
+    """``fcfs`` / ``deadline`` (this checkout with that FASHION_SCHEDULER) or ``old=DIR`` (another
+    checkout, one model, its own scheduling)."""
+    if text.startswith("old="):
+        return Engine("previous engine (390f4af)", Path(text[4:]).resolve(), {}, multi_model=False)
+    return Engine(f"{text}", REPO, {"FASHION_SCHEDULER": text}, multi_model=True)
+
+
+@dataclass
+class Point:
+    """One engine at one offered load."""
+
+    engine: str
+    fraction: float
+    rate: float  # requests per second offered (of the whole mix; a one-model server gets its share)
+    duration: float
+    outcomes: list[Outcome] = field(default_factory=list)
+
+
+# --- talking to the server --------------------------------------------------------------------------
+
+
+async def send(http: httpx.AsyncClient, kind: Kind, seed: int, t0: float) -> Outcome:
+    """One request of ``kind``; its outcome, times from ``t0``."""
+    sent = time.perf_counter()
+    out = Outcome(kind.name, sent - t0, 0)
+    try:
+        if kind.stream:
+            await _stream(http, kind, seed, sent, out)
+        else:
+            r = await http.post("/generate", json=kind.body(seed))
+            out.status = r.status_code
+            if r.status_code == 200:
+                out.latency = time.perf_counter() - sent
+                out.queue_s = r.json()["timings"]["queue_ms"] / 1000
+            elif r.status_code == 429:
+                out.retry_after = float(r.headers.get("retry-after", "nan"))
+    except httpx.HTTPError:
+        out.status = 0
+    return out
+
+
+async def _stream(http: httpx.AsyncClient, kind: Kind, seed: int, sent: float, out: Outcome) -> None:
+    from httpx_sse import aconnect_sse
+
+    queued_at = math.nan
+    async with aconnect_sse(http, "POST", "/generate/stream", json=kind.body(seed)) as source:
+        out.status = source.response.status_code
+        if out.status != 200:
+            out.retry_after = float(source.response.headers.get("retry-after", "nan"))
+            return
+        async for event in source.aiter_sse():
+            now = time.perf_counter()
+            if event.event == "queued" and math.isnan(queued_at):
+                queued_at = now
+                out.estimated_start = float(json.loads(event.data)["estimated_start_s"])
+            elif event.event == "step" and math.isnan(out.first_step):
+                out.first_step = now - sent
+                if not math.isnan(queued_at):
+                    out.waited = now - queued_at
+            elif event.event == "done":
+                out.latency = now - sent
+                return
+            elif event.event == "error":
+                out.status = 500
+                return
+
+
+async def warm_up(url: str, mix: Sequence[Kind]) -> None:
+    """One request of each kind, so that first-call costs stay out of what is measured next."""
+    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+        for kind in mix:
+            await send(http, kind, 0, 0.0)
+
+
+async def idle_latencies(url: str, mix: Sequence[Kind], repeats: int) -> dict[str, float]:
+    """Each kind alone on the idle server, after one warm-up each: the median latency of ``repeats``."""
+    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+        out = {}
+        for kind in mix:
+            await send(http, kind, 0, 0.0)
+            runs = []
+            for r in range(repeats):
+                o = await send(http, kind, 1 + r, 0.0)
+                if not o.ok:
+                    raise SystemExit(f"{kind.name} failed on the idle server with status {o.status}")
+                runs.append(o.latency)
+            out[kind.name] = statistics.median(runs)
+        return out
+
+
+async def capacity(url: str, mix: Sequence[Kind], clients: int, seconds: float, seed: int) -> tuple[float, float]:
+    """(requests/s, images/s) of the mix at saturation: ``clients`` closed-loop clients, each sending a
+    kind drawn from the mix as soon as its last answer came; counted over the last 3/4 of ``seconds``."""
+    import random
+
+    rng = random.Random(seed)
+    weights = [k.weight for k in mix]
+    start = time.perf_counter()
+    warm = start + seconds / 4
+    stop = start + seconds
+    done: list[tuple[float, int]] = []  # (finish time, images)
+
+    async def client(http: httpx.AsyncClient) -> None:
+        while time.perf_counter() < stop:
+            kind = mix[rng.choices(range(len(mix)), weights)[0]]
+            o = await send(http, kind, rng.randrange(2**31), start)
+            if o.ok:
+                done.append((time.perf_counter(), kind.n))
+
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=None)) as http:
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+    counted = [(t, n) for t, n in done if warm <= t <= stop]
+    span = stop - warm
+    return len(counted) / span, sum(n for _, n in counted) / span
+
+
+async def open_loop(url: str, mix: Sequence[Kind], rate: float, duration: float, seed: int, serves: set[str]) -> list:
+    """Send the seeded Poisson arrivals of the mix at ``rate`` (those of kinds in ``serves``) at their
+    times, whether or not earlier ones have answered; wait for every answer."""
+    schedule = [a for a in arrivals(mix, rate, duration, seed) if mix[a.kind].name in serves]
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+        t0 = time.perf_counter()
+        tasks = []
+        for a in schedule:
+            delay = t0 + a.at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(send(http, mix[a.kind], a.seed, t0)))
+        return list(await asyncio.gather(*tasks))
+
+
+# --- reporting --------------------------------------------------------------------------------------
+
+
+def fmt(x: float, digits: int = 2) -> str:
+    return "-" if math.isnan(x) else f"{x:.{digits}f}"
+
+
+def summary_table(points: Sequence[Point], idle: dict[str, dict[str, float]], mix: Sequence[Kind]) -> list[str]:
+    """One row per engine and rate: every kind together, and the small (n<=4) and large ones apart."""
+    scales = "/".join(f"{s:g}x" for s in SLO_SCALES)
+    lines = [
+        f"| engine | load | req/s | SLO attainment {scales} | goodput req/s | P99 slowdown n<=4 | "
+        "P99 slowdown n=16 | max slowdown | P99 first step s | refused |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    small = {k.name for k in mix if k.small}
+    for p in points:
+        every = summarize(p.outcomes, idle[p.engine], p.duration)
+        few = summarize([o for o in p.outcomes if o.kind in small], idle[p.engine], p.duration)
+        many = summarize([o for o in p.outcomes if o.kind not in small], idle[p.engine], p.duration)
+        att = "/".join(f"{every.attainment[s]:.2f}" for s in SLO_SCALES)
+        lines.append(
+            f"| {p.engine} | {p.fraction:.0%} | {p.rate:.2f} | {att} | {every.goodput:.2f} | "
+            f"{fmt(few.slowdown_p99, 1)} | {fmt(many.slowdown_p99, 1)} | {fmt(every.slowdown_max, 1)} | "
+            f"{fmt(every.first_step_p99)} | {every.refused} |"
+        )
+    return lines
+
+
+def kind_table(points: Sequence[Point], idle: dict[str, dict[str, float]], mix: Sequence[Kind]) -> list[str]:
+    """One row per engine, rate and kind."""
+    lines = [
+        "| engine | load | kind | requests | idle s | P50 s | P90 s | P99 s | slowdown P50 | slowdown P99 | "
+        f"within {GOODPUT_SLO:g}x | first step P50 s | refused |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in points:
+        for kind in mix:
+            mine = [o for o in p.outcomes if o.kind == kind.name]
+            if not mine:
+                continue
+            s: Summary = summarize(mine, idle[p.engine], p.duration)
+            lines.append(
+                f"| {p.engine} | {p.fraction:.0%} | {kind.name} | {s.requests} | {idle[p.engine][kind.name]:.3f} | "
+                f"{fmt(s.p50)} | {fmt(s.p90)} | {fmt(s.p99)} | {fmt(s.slowdown_p50, 1)} | {fmt(s.slowdown_p99, 1)} | "
+                f"{s.attainment[GOODPUT_SLO]:.2f} | {fmt(s.first_step_p50)} | {s.refused} |"
+            )
+    return lines
+
+
+def estimate_lines(points: Sequence[Point], mix: Sequence[Kind]) -> list[str]:
+    """How honest the waiting estimates were: Retry-After against the real wait, and a stream's first
+    queued event's estimated start against the real one."""
+    lane_of = {k.name: k.model or "default" for k in mix}
+    lines = []
+    for p in points:
+        refused = refusal_waits(p.outcomes, lane_of)
+        queued = [(o.estimated_start, o.waited) for o in p.outcomes if not math.isnan(o.waited)]
+        parts = []
+        if refused:
+            ra = statistics.median(r for r, _ in refused)
+            real = [w for _, w in refused if not math.isnan(w)]
+            parts.append(f"{len(refused)} refused, median Retry-After {ra:.0f} s, real wait {fmt(_median(real))} s")
+        if queued:
+            estimated = statistics.median(e for e, _ in queued)
+            waited = statistics.median(w for _, w in queued)
+            parts.append(f"{len(queued)} streams queued, median estimated start {estimated:.2f} s, real {waited:.2f} s")
+        if parts:
+            lines.append(f"- {p.engine} at {p.fraction:.0%}: " + "; ".join(parts))
+    return lines
+
+
+def _median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def plot(points: Sequence[Point], idle: dict[str, dict[str, float]], mix: Sequence[Kind], path: Path) -> None:
+    """SLO attainment (3x) and the P99 slowdown of small requests against offered load, one line per engine."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    small = {k.name for k in mix if k.small}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for engine in dict.fromkeys(p.engine for p in points):
+        mine = [p for p in points if p.engine == engine]
+        x = [100 * p.fraction for p in mine]
+        every = [summarize(p.outcomes, idle[engine], p.duration) for p in mine]
+        few = [summarize([o for o in p.outcomes if o.kind in small], idle[engine], p.duration) for p in mine]
+        left.plot(x, [s.attainment[GOODPUT_SLO] for s in every], marker="o", label=engine)
+        right.plot(x, [s.slowdown_p99 for s in few], marker="o", label=engine)
+    left.set(xlabel="offered load, % of capacity", ylabel=f"share within {GOODPUT_SLO:g}x idle latency", ylim=(0, 1.02))
+    left.set_title("SLO attainment (all requests)")
+    right.set(xlabel="offered load, % of capacity", ylabel="P99 latency / idle latency", yscale="log")
+    right.set_title("P99 slowdown of n<=4 requests")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# --- the run ----------------------------------------------------------------------------------------
+
+
+async def measure_engine(
+    url: str, engine: Engine, mix: Sequence[Kind], args: argparse.Namespace, rate_of: dict[float, float]
+) -> tuple[dict[str, float], list[Point]]:
+    """Idle latencies, then the open-loop sweep at the rates already fixed."""
+    serves = {k.name for k in (mix if engine.multi_model else teacher_only(mix))}
+    mine = [k for k in mix if k.name in serves]
+    idle = await idle_latencies(url, mine, args.idle_repeats)
+    points = []
+    for i, fraction in enumerate(args.fractions):
+        rate = rate_of[fraction]
+        outcomes = await open_loop(url, mix, rate, args.duration, args.seed + i, serves)
+        point = Point(engine.label, fraction, rate, args.duration, outcomes)
+        points.append(point)
+        s = summarize(outcomes, idle, args.duration)
+        print(
+            f"#   {engine.label} {fraction:.0%} ({rate:.2f} req/s): {s.requests} requests, "
+            f"{s.attainment[GOODPUT_SLO]:.2f} within {GOODPUT_SLO:g}x, P99 slowdown {fmt(s.slowdown_p99, 1)}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return idle, points
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--engine",
+        action="append",
+        dest="engines",
+        help="fcfs, deadline (this checkout's FASHION_SCHEDULER) or old=DIR (another checkout); repeatable",
+    )
+    p.add_argument("--fractions", type=float, nargs="+", default=list(DEFAULT_FRACTIONS), help="of the capacity")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per rate")
+    p.add_argument("--idle-repeats", type=int, default=3)
+    p.add_argument("--capacity-clients", type=int, default=12)
+    p.add_argument("--capacity-seconds", type=float, default=24.0)
+    p.add_argument("--capacity", type=float, default=None, help="requests/s of the mix at saturation (skip measuring)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the server (FASHION_THREADS)")
+    p.add_argument("--tiny", action="store_true", help="a tiny random teacher and student (checks the script)")
+    p.add_argument("--out", type=Path, default=None, help="also write the tables here (e.g. docs/bench_load.txt)")
+    p.add_argument("--plot", type=Path, default=None, help="write the picture here (e.g. docs/load.png)")
+    p.add_argument("--json", type=Path, default=None, help="write every outcome here")
+    args = p.parse_args(argv)
+    engines = [parse_engine(e) for e in (args.engines or ["fcfs", "deadline"])]
+    mix = DEFAULT_MIX
+
+    from bench.servers import machine_line, serve
+
+    with tempfile.TemporaryDirectory() as tmp:
+        points: list[Point] = []
+        idle: dict[str, dict[str, float]] = {}
+        rate_of: dict[float, float] = {}
+        images_per_s = math.nan
+        for engine in engines:
+            with serve(engine, Path(tmp), args.threads, tiny=args.tiny) as url:
+                if not rate_of:
+                    if args.capacity is None:
+                        asyncio.run(warm_up(url, mix))
+                        cap, images_per_s = asyncio.run(
+                            capacity(url, mix, args.capacity_clients, args.capacity_seconds, args.seed)
+                        )
+                    else:
+                        cap = args.capacity
+                    rate_of = {f: f * cap for f in args.fractions}
+                    print(f"# capacity: {cap:.2f} requests/s of the mix ({images_per_s:.1f} images/s)", file=sys.stderr)
+                engine_idle, engine_points = asyncio.run(measure_engine(url, engine, mix, args, rate_of))
+                idle[engine.label] = engine_idle
+                points.extend(engine_points)
+
+    cap = rate_of[args.fractions[0]] / args.fractions[0]
+    lines = [
+        "# python -m bench.load: open-loop Poisson arrivals, "
+        f"{args.duration:g} s per rate, seed {args.seed}, server threads {args.threads}",
+        f"# machine: {machine_line()}",
+        f"# mix: {describe_mix(mix)}; the previous engine gets the teacher's kinds only",
+        f"# capacity (100%): {cap:.2f} requests/s of the mix at saturation ({images_per_s:.1f} images/s), "
+        f"measured on {engines[0].label}",
+        "# slowdown = latency / the kind's idle latency on the same server in the same run",
+        "",
+        *summary_table(points, idle, mix),
+        "",
+        *kind_table(points, idle, mix),
+        "",
+        "Estimates:",
+        *(estimate_lines(points, mix) or ["- no request was refused or queued"]),
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    if args.plot:
+        plot(points, idle, mix, args.plot)
+    if args.json:
+        args.json.write_text(json.dumps({"idle": idle, "points": [asdict(pt) for pt in points]}, indent=1))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
