@@ -132,6 +132,7 @@ def evaluate(
     per_class_floor = [predict(classifier, to_model_range(pool[idx]).to(device))[1] for idx in balanced]
 
     result = {
+        "weights": Path(weights_path).stem,
         "sampler": sampler,
         "steps": steps,
         "guidance": guidance,
@@ -349,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     if student is not None:
         for n in a.student_steps or [student.steps]:
             r = run(a.student, student.sampler, n, student.guidance, student.guidance_interval)
-            results.append(r | {"weights": a.student})
+            results.append(r)
             rows.append((Path(a.student).stem, r))
     if len(rows) > 1:
         print(format_comparison(rows), end="\n\n")

@@ -1,6 +1,18 @@
-"""The tables that ``python -m model.evaluate`` prints: one run's figures, and runs side by side."""
+"""The tables that ``python -m model.evaluate`` prints (one run's figures, and runs side by side), and
+the frontier of several runs as a picture:
+
+    python -m model.report screens/*.json --plot docs/frontier.png
+
+reads the ``--json`` files of ``model.evaluate`` runs, prints them side by side, and draws accuracy
+against Frechet distance and precision against recall, one line per kind of guidance (classifier-free,
+classifier-free inside an interval, autoguidance by each guide), one point per guidance scale.
+"""
 
 from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
 
 
 def describe_interval(interval) -> str:
@@ -76,3 +88,81 @@ def format_comparison(rows: list[tuple[str, dict]]) -> str:
             f"{r['precision_recall']['recall']:.3f} |"
         )
     return "\n".join(lines)
+
+
+def guidance_kind(r: dict) -> str:
+    """The line a run belongs to in the frontier: its kind of guidance, without the scale."""
+    if r.get("guide"):
+        kind = f"autoguidance ({r['guide']})"
+    elif r["guidance"] == 1.0:
+        kind = "no guidance"
+    else:
+        kind = "classifier-free"
+    return kind + describe_interval(r.get("guidance_interval"))
+
+
+def frontier_lines(results: list[dict]) -> dict[str, list[dict]]:
+    """The runs grouped by kind of guidance (``guidance_kind``), each group ordered by guidance scale.
+    Unguided runs join every group as its w = 1 end, where the curves meet."""
+    lines: dict[str, list[dict]] = {}
+    for r in results:
+        lines.setdefault(guidance_kind(r), []).append(r)
+    plain = lines.pop("no guidance", [])
+    return {kind: sorted(runs + plain, key=lambda r: r["guidance"]) for kind, runs in lines.items()} or (
+        {"no guidance": plain} if plain else {}
+    )
+
+
+def plot_frontier(results: list[dict], out: Path, title: str = "") -> None:
+    """Accuracy against Frechet distance (over the floor) and precision against recall, a line per kind
+    of guidance, each point labelled with its scale; the real training images' precision and recall
+    are the star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for kind, runs in frontier_lines(results).items():
+        ratio = [r["frechet_ratio"] for r in runs]
+        acc = [r["accuracy"] for r in runs]
+        prec = [r["precision_recall"]["precision"] for r in runs]
+        rec = [r["precision_recall"]["recall"] for r in runs]
+        (line,) = left.plot(ratio, acc, "o-", label=kind)
+        right.plot(rec, prec, "o-", color=line.get_color(), label=kind)
+        for r, x, y, u, v in zip(runs, ratio, acc, rec, prec, strict=True):
+            left.annotate(f"{r['guidance']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            right.annotate(f"{r['guidance']:g}", (u, v), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    real = results[0]["precision_recall"]
+    right.plot([real["recall_real_train"]], [real["precision_real_train"]], "k*", ms=12, label="real training images")
+    left.set(xlabel="Frechet distance / real-vs-real floor (lower is better)", ylabel="class accuracy (judge)")
+    right.set(xlabel="recall (coverage of the real images)", ylabel="precision (samples on the real manifold)")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    right.legend(fontsize=8, loc="lower left")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m model.report", description=__doc__.splitlines()[0])
+    p.add_argument("results", nargs="+", help="JSON files written by python -m model.evaluate --json")
+    p.add_argument("--plot", default=None, help="draw the frontier into this PNG")
+    p.add_argument("--title", default="", help="the picture's title (say the reference, N and machine)")
+    a = p.parse_args(argv)
+    results = [r for path in a.results for r in json.loads(Path(path).read_text())]
+    if not results:
+        p.error("the files hold no results")
+    names = [Path(r.get("weights") or "teacher").stem for r in results]
+    print(format_comparison(list(zip(names, results, strict=True))))
+    if a.plot:  # the first run's network: a student's runs are points of another model
+        plot_frontier([r for r, n in zip(results, names, strict=True) if n == names[0]], Path(a.plot), a.title)
+        print(f"wrote {a.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
