@@ -1,51 +1,30 @@
 """The step-level engine: every active job shares every network evaluation, whatever its parameters.
 
-One worker thread owns the device and serves one or more models (a teacher and its distilled
-student, say). Each *tick* is one network evaluation per model that has active jobs, over the rows
-of all of that model's jobs, whatever their sampler, step count, guidance, class or progress: each
-row brings its own timestep, a job that guides at that step also brings a null-class row per image,
-guidance is combined per job (``model.samplers.Denoiser.rows``), and then every job advances one
-step of its own sampler (``model.samplers.step``). So every model with work advances at every tick,
-none waits for another's jobs, and a model's rows are never batched with another's. This is the
-iteration-level scheduling of LLM servers (Orca, OSDI 2022; vLLM's continuous batching) applied to
-diffusion: a job that arrives joins at the next tick, a finished job leaves at once, a cancelled one
-at the next tick, and no job waits for another to end.
-
-Each model has its own *lane*: a queue, its running jobs and a row budget of ``max_rows`` rows per
-evaluation (a job counts its peak rows, 2 per image when it guides). The budget is per model because
-it bounds one network evaluation, and each model's evaluation is its own (its own memory peak, its
-own fixed-row chunks); a shared budget would let one model's long jobs hold rows that the other
-model's evaluation never uses, and a student's 4-step job would wait for teacher jobs to end. The
-price is that a tick runs up to ``max_rows`` rows per model, so with both models busy it takes the
-sum of their evaluations. The queue limit (``queue_size``) is per lane too, so a flood of requests
-for one model never refuses another's.
-
-Admission is first come, first served within a lane: the oldest waiting job of a model is always
-the next of that model to enter, and a later job never overtakes it, even when it would fit, so a
-large job gets in as soon as enough rows free up however many small jobs keep arriving, and small
-jobs flow past a large *running* job because the budget is shared, not held for the length of a
-batch. A job larger than the whole budget is refused at submission (``JobTooLarge``).
+One worker thread owns the device and serves one or more models. Each *tick* is one network
+evaluation per model that has active jobs, over the rows of all of that model's jobs, whatever their
+sampler, step count, guidance, class or progress (``model.samplers.Denoiser.rows``), and then every
+job advances one step of its own sampler (``model.samplers.step``). A job that arrives joins at the
+next tick, a finished job leaves at once, a cancelled one at the next tick. Each model has its own
+*lane* (``app.generation.lane``): its queue, its running jobs, its row budget, and the admission rule
+with its forecast. docs/architecture.md explains the policy and why it is what it is.
 
 Each image keeps its own ``torch.Generator`` and each network runs on fixed-size chunks of rows
-(``app.generation.device.FixedRows``), so an image's bytes depend only on its model, seed and parameters,
-never on which jobs (of its own model or another) shared its ticks or when it joined.
+(``app.generation.device.FixedRows``), so an image's bytes depend only on its model, seed and
+parameters, never on which jobs shared its ticks or when it joined.
 
 Threading: ``submit``, ``cancel`` and ``drain`` are called on the event loop and only take a
-lock; ticks run on the worker thread; encoding, metrics and delivery to the loop run on the
-output thread (``app.generation.output``).
+lock; ticks run on the worker thread; whatever a tick produces, and every report for the metrics, is
+handed to the output thread (``app.generation.output``), the one caller of the ``Observer``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
 import logging
-import math
 import threading
 import time
-from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -63,52 +42,12 @@ from app.generation.jobs import (
     Queued,
     QueueFull,
 )
+from app.generation.lane import Lane, Running
 from app.generation.output import Output
 from app.metrics import Evaluation, Observer
-from model.samplers import SamplerState, generators_from_seeds, start, step, to_uint8
+from model.samplers import generators_from_seeds, start, step, to_uint8
 
 log = logging.getLogger("app")
-
-DEFAULT_TICK_S = 0.1  # the tick time assumed for estimates before the first tick is measured
-
-
-@dataclass
-class _Running:
-    """An admitted job and its trajectories."""
-
-    job: Job
-    state: SamplerState
-    labels: torch.Tensor  # (n,)
-
-
-@dataclass
-class _Lane:
-    """One model's share of the engine: its network, its queue and its running jobs."""
-
-    name: str
-    runtime: Runtime
-    pending: deque[Job] = field(default_factory=deque)
-    running: list[_Running] = field(default_factory=list)
-
-
-def admission_ticks(active: list[tuple[int, int]], queued: list[tuple[int, int]], budget: int) -> list[int]:
-    """Ticks from now until each queued job is admitted, first come first served.
-
-    ``active``: (rows, steps left) of each running job; ``queued``: (rows, steps) of each waiting
-    job in order. A job enters once the rows in use plus its own fit the budget; it cannot enter
-    before the job ahead of it."""
-    finishing = [(left, rows) for rows, left in active]
-    heapq.heapify(finishing)
-    used = sum(rows for rows, _ in active)
-    now, out = 0, []
-    for rows, steps in queued:
-        while used + rows > budget and finishing:
-            end, freed = heapq.heappop(finishing)
-            now, used = max(now, end), used - freed
-        out.append(now)
-        heapq.heappush(finishing, (now + steps, rows))
-        used += rows
-    return out
 
 
 class Engine:
@@ -123,10 +62,9 @@ class Engine:
         if not runtimes:
             raise ValueError("the engine needs at least one model")
         self.runtimes = dict(runtimes)
-        self.observer = observer
         self.queue_size = queue_size  # per model
         self.max_rows = max_rows  # per model and evaluation
-        self._lanes = {name: _Lane(name, runtime) for name, runtime in self.runtimes.items()}
+        self._lanes = {name: Lane(name, runtime, max_rows, queue_size) for name, runtime in self.runtimes.items()}
         self._cond = threading.Condition()
         self._closing = False
         self._drain_deadline: float | None = None
@@ -176,9 +114,9 @@ class Engine:
         with self._cond:
             if self._closing or self._thread is None or self._drain_deadline is not None:
                 raise EngineClosed("the server is shutting down" if self._thread else "the engine is not running")
-            if record and len(lane.pending) >= self.queue_size:
-                self._output.call(self.observer.rejected, "queue_full")
-                raise QueueFull(len(lane.pending), self._retry_after_locked(lane))
+            if record and lane.full:
+                self._output.rejected("queue_full")
+                raise QueueFull(len(lane.pending), lane.retry_after(self._tick_s))
             job = Job(spec, loop, on_event, preview_every, record)
             lane.pending.append(job)
             self._report_depth_locked()
@@ -201,6 +139,11 @@ class Engine:
                 job.request_cancel()  # the worker lets it go at the next tick
                 return True
             return False
+
+    async def reported(self) -> None:
+        """Wait until the output thread has handled everything handed to it so far: a refusal's count,
+        say, which a client that has its 429 may read from /metrics right away."""
+        await self._output.barrier()
 
     async def run(self, spec: JobSpec, **kwargs: Any) -> JobResult:
         """Submit and wait; cancels the job if the waiting task is cancelled."""
@@ -233,7 +176,7 @@ class Engine:
             self._fail_all_locked(EngineClosed("the server is shutting down"))
         self._output.close()
 
-    def _lane(self, model: str | None) -> _Lane:
+    def _lane(self, model: str | None) -> Lane:
         if model is None:
             return next(iter(self._lanes.values()))
         try:
@@ -241,21 +184,9 @@ class Engine:
         except KeyError:
             raise ValueError(f"unknown model {model!r}; this engine serves {', '.join(self._lanes)}") from None
 
-    def _estimates_locked(self, lane: _Lane) -> list[float]:
-        """Seconds from now until each job queued for this model is admitted, at the measured tick time."""
-        active = [(r.job.spec.rows, r.state.total - r.state.index) for r in lane.running]
-        queued = [(job.spec.rows, job.spec.steps) for job in lane.pending]
-        tick = self._tick_s or DEFAULT_TICK_S
-        return [ticks * tick for ticks in admission_ticks(active, queued, self.max_rows)]
-
-    def _retry_after_locked(self, lane: _Lane) -> int:
-        """Until the model's oldest waiting job is admitted, which frees a place in its queue."""
-        estimates = self._estimates_locked(lane)
-        return max(1, math.ceil(estimates[0] if estimates else self._tick_s))
-
     def _report_depth_locked(self) -> None:
         active = sum(len(lane.running) for lane in self._lanes.values())
-        self._output.call(self.observer.depth, self.queue_depth, active)
+        self._output.depth(self.queue_depth, active)
 
     # --- worker side ---------------------------------------------------------------------------
 
@@ -288,44 +219,39 @@ class Engine:
                 self._output.failed(job, error)
             lane.pending.clear()
             lane.running.clear()
-        self._output.call(self.observer.depth, 0, 0)
+        self._output.depth(0, 0)
 
-    def _release_cancelled_locked(self, lane: _Lane) -> None:
+    def _release_cancelled_locked(self, lane: Lane) -> None:
         for r in [r for r in lane.running if r.job.cancel_requested]:
             lane.running.remove(r)
             r.job.state = "cancelled"
             self._output.failed(r.job, JobCancelled(f"job {r.job.id} cancelled while sampling"), "running")
 
-    def _admit_locked(self, lane: _Lane) -> None:
-        """First come, first served: the model's oldest waiting job enters when its rows fit; nobody overtakes it."""
-        used = sum(r.job.spec.rows for r in lane.running)
+    def _admit_locked(self, lane: Lane) -> None:
+        """Start the jobs the lane's rule admits now, and tell those still waiting where they stand."""
         now = time.monotonic()
-        changed = False
-        while lane.pending and used + lane.pending[0].spec.rows <= self.max_rows:
-            job = lane.pending.popleft()
+        admitted = lane.admissible()
+        for job in admitted:
             spec = job.spec
             schedule, device = lane.runtime.denoiser.schedule, lane.runtime.device
             state = start(spec.sampler, schedule, spec.steps, generators_from_seeds(spec.seeds), device=device)
             labels = torch.full((spec.n,), spec.label, dtype=torch.long, device=device)
-            lane.running.append(_Running(job, state, labels))
+            lane.running.append(Running(job, state, labels))
             job.state, job.admitted = "running", now
-            used += spec.rows
-            changed = True
-            if job.record:
-                self._output.call(self.observer.admitted, now - job.submitted)
-        if lane.pending:  # tell the ones still waiting where they stand, when that changed
-            for position, (job, eta) in enumerate(zip(lane.pending, self._estimates_locked(lane), strict=True), 1):
+            self._output.admitted(job)
+        if lane.pending:  # the ones still waiting, when their place changed
+            for position, (job, eta) in enumerate(zip(lane.pending, lane.forecast(self._tick_s), strict=True), 1):
                 if job.position != position:
                     job.position = position
                     self._output.queued(job, Queued(position, eta))
-        if changed:
+        if admitted:
             self._report_depth_locked()
 
-    def _tick(self, batches: list[tuple[_Lane, list[_Running]]]) -> None:
+    def _tick(self, batches: list[tuple[Lane, list[Running]]]) -> None:
         """One network evaluation per model over the rows of its active jobs, then one step of each job."""
         t0 = time.monotonic()
         evaluations: list[Evaluation] = []
-        finished: list[tuple[_Lane, _Running, np.ndarray]] = []
+        finished: list[tuple[Lane, Running, np.ndarray]] = []
         for lane, batch in batches:
             try:
                 rows, done = self._evaluate(lane.runtime, batch)
@@ -344,7 +270,7 @@ class Engine:
         elapsed = time.monotonic() - t0
         self._tick_s = elapsed if self._tick_s == 0 else 0.8 * self._tick_s + 0.2 * elapsed
         if evaluations:
-            self._output.call(self.observer.tick, tuple(evaluations), elapsed)
+            self._output.tick(tuple(evaluations), elapsed)
         if finished:
             now = time.monotonic()
             with self._cond:
@@ -357,7 +283,7 @@ class Engine:
                         self._output.result(r.job, images, now)
                 self._report_depth_locked()
 
-    def _evaluate(self, runtime: Runtime, batch: list[_Running]) -> tuple[int, list[tuple[_Running, np.ndarray]]]:
+    def _evaluate(self, runtime: Runtime, batch: list[Running]) -> tuple[int, list[tuple[Running, np.ndarray]]]:
         """One evaluation of one model's network over its jobs' rows, then one step of each job: the
         rows evaluated (images plus null-class rows), and the jobs that took their last step with
         their images (uint8 (n, 28, 28); copied here, where a device error still fails only this model)."""
@@ -370,7 +296,7 @@ class Engine:
             eps, x0 = den.rows(x, ts, y, ws)
         images = len(x)
         rows = images + sum(r.job.spec.n for r in batch if den.needs_null_row(r.state.t, r.job.spec.guidance))
-        finished: list[tuple[_Running, np.ndarray]] = []
+        finished: list[tuple[Running, np.ndarray]] = []
         offset = 0
         for r in batch:
             n, job, before = r.job.spec.n, r.job, r.state
@@ -378,14 +304,12 @@ class Engine:
             offset += n
             r.state = step(before, den.schedule, e, p)
             job.peak_images, job.peak_jobs = max(job.peak_images, images), max(job.peak_jobs, len(batch))
-            if job.on_event is not None:
-                preview = job.previews_at(before.index, before.total)
-                x0_u8 = to_uint8(p.float()) if preview else None
-                xt_u8 = to_uint8(before.x.float()) if preview else None
+            preview = job.on_event is not None and job.previews_at(before.index, before.total)
+            x0_u8 = to_uint8(p.float()) if preview else None
+            xt_u8 = to_uint8(before.x.float()) if preview else None
+            if job.on_event is not None or before.index == 0:  # events, or the first step's timing
                 first = time.monotonic() - job.submitted if before.index == 0 else 0.0
-                self._output.step(job, before.index, before.total, before.t, x0_u8, xt_u8, first)
-            elif before.index == 0 and job.record:
-                self._output.call(self.observer.first_step, time.monotonic() - job.submitted)
+                self._output.stepped(job, before.index, before.total, before.t, x0_u8, xt_u8, first)
             if r.state.done:
                 finished.append((r, to_uint8(r.state.x.float())))
         return rows, finished

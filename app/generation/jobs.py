@@ -96,8 +96,7 @@ EventCallback = Callable[[Event], Any]
 
 @dataclass(frozen=True)
 class JobResult:
-    images: np.ndarray  # uint8 (n, 28, 28)
-    pngs: tuple[bytes, ...]  # one PNG per image
+    images: np.ndarray  # uint8 (n, 28, 28); the answer encodes the PNGs it uses
     queued_s: float  # from submit to admission
     sampling_s: float  # from admission to the last step
     batch_images: int  # most images that shared one network evaluation with this job

@@ -23,7 +23,6 @@ Each handler only chooses the representation; ``app.generation.serving`` does th
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-import anyio
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
@@ -39,7 +38,6 @@ from app.generation.schemas import (
     ScheduleOut,
     StreamRequestBase,
 )
-from model.images import grid_png
 from model.samplers import SAMPLERS
 
 ERRORS = error_responses(
@@ -126,9 +124,9 @@ def generate_routes(router: APIRouter, body_model: type[GenerateRequestBase]) ->
         and the best ``n`` come back best first, each with its own seed and score."""
         generated = await flow.generate(body, request, serving, settings)
         if wants_png(request.headers.get("accept")):
-            png = await anyio.to_thread.run_sync(grid_png, generated.chosen)
+            png = await flow.grid_png(generated)
             return Response(png, media_type="image/png", headers=flow.png_headers(serving, generated))
-        return flow.response_body(serving, generated)
+        return await flow.response_body(serving, generated)
 
 
 def stream_routes(router: APIRouter, body_model: type[StreamRequestBase]) -> None:

@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 from fastapi import Request
 from fastapi.sse import ServerSentEvent
 
@@ -54,6 +55,7 @@ from app.generation.schemas import (
 )
 from app.metrics import Metrics
 from app.settings import Settings
+from model import images
 from model.data import CLASS_NAMES
 
 PREVIEWS_PER_RUN = 10  # a stream's default: previews on about this many of its steps
@@ -209,10 +211,12 @@ def resolve(
     return spec, params
 
 
-def submit(serving: Serving, spec: JobSpec, **kwargs: Any) -> Job:
+async def submit(serving: Serving, spec: JobSpec, **kwargs: Any) -> Job:
+    """The engine's job, or the API error for its refusal, raised once the refusal is counted."""
     try:
         return serving.engine.submit(spec, **kwargs)
     except (QueueFull, JobTooLarge, EngineClosed) as err:
+        await serving.engine.reported()  # the output thread counts refusals; a client may read /metrics next
         raise api_error(err) from err
 
 
@@ -247,24 +251,31 @@ async def generate(body: GenerateRequestBase, request: Request, serving: Serving
     accepted = time.monotonic()
     plan = rerank.plan(body.rerank, body.n, serving.scorers, settings)
     spec, params = resolve(body, serving, settings, candidates=plan.candidates if plan else None)
-    job = submit(serving, spec)
+    job = await submit(serving, spec)
     result = await wait(job, request, serving)
     ranked = await _rank(plan, result, spec.label, serving)
     return Generated(job.model, params, result, ranked, accepted)
 
 
-def response_body(serving: Serving, generated: Generated) -> GenerateResponse:
-    """The answer to /generate (and the stream's ``done``); with rerank, the best n candidates, best first."""
+async def grid_png(generated: Generated) -> bytes:
+    """The answer's images as one PNG grid (the per-image PNGs are never encoded)."""
+    return await anyio.to_thread.run_sync(images.grid_png, generated.chosen)
+
+
+async def response_body(serving: Serving, generated: Generated) -> GenerateResponse:
+    """The answer to /generate (and the stream's ``done``); with rerank, the best n candidates, best first.
+    Only the images it returns are encoded, on a worker thread."""
     params, result, ranked = generated.params, generated.result, generated.ranked
-    chosen = range(len(result.pngs)) if ranked is None else [int(i) for i in ranked.order]
-    images = [
+    chosen = range(len(result.images)) if ranked is None else [int(i) for i in ranked.order]
+    pngs = await anyio.to_thread.run_sync(lambda: [images.png_bytes(result.images[i]) for i in chosen])
+    out = [
         ImageOut(
             index=rank,
             seed=params.seed + i,
-            png=base64.b64encode(result.pngs[i]).decode("ascii"),
+            png=base64.b64encode(png).decode("ascii"),
             score=None if ranked is None else float(ranked.scores[i]),
         )
-        for rank, i in enumerate(chosen)
+        for rank, (i, png) in enumerate(zip(chosen, pngs, strict=True))
     ]
     rerank_out = None
     if ranked is not None:
@@ -283,7 +294,7 @@ def response_body(serving: Serving, generated: Generated) -> GenerateResponse:
         batch_jobs=result.batch_jobs,
         replica=serving.replica,
     )
-    return GenerateResponse(model=generated.model, params=params, images=images, timings=timings, rerank=rerank_out)
+    return GenerateResponse(model=generated.model, params=params, images=out, timings=timings, rerank=rerank_out)
 
 
 def png_headers(serving: Serving, generated: Generated) -> dict[str, str]:
@@ -330,7 +341,7 @@ async def open_stream(
     spec, params = resolve(body, serving, settings, candidates=plan.candidates if plan else None)
     every = body.preview_every or max(1, math.ceil(spec.steps / PREVIEWS_PER_RUN))
     events: asyncio.Queue[Any] = asyncio.Queue()
-    job = submit(serving, spec, on_event=events.put_nowait, preview_every=every)
+    job = await submit(serving, spec, on_event=events.put_nowait, preview_every=every)
     job.future.add_done_callback(lambda _: events.put_nowait(_DONE))
     depth = serving.engine.queue_depth_of(job.model)
 
@@ -385,7 +396,7 @@ async def stream_events(stream: Stream) -> AsyncIterator[ServerSentEvent]:
         except Exception as err:
             yield error_event(api_error(err), seq)
             return
-        done = response_body(stream.serving, Generated(model, stream.params, result, ranked, stream.accepted))
+        done = await response_body(stream.serving, Generated(model, stream.params, result, ranked, stream.accepted))
         data = done.model_dump(mode="json", by_alias=True, exclude_none=True)
         yield ServerSentEvent(event="done", id=str(seq), data=data)
     finally:

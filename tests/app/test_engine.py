@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from app.generation.device import FixedRows, Runtime, prepare
-from app.generation.engine import Engine, admission_ticks
+from app.generation.engine import Engine
 from app.generation.jobs import EngineClosed, JobCancelled, JobResult, JobSpec, JobTooLarge, Progress, Queued, QueueFull
+from app.generation.lane import admission_ticks
 from app.metrics import EngineMetrics, Evaluation, Metrics
 from model.io import load_weights
 
@@ -159,8 +160,8 @@ def test_jobs_with_different_parameters_share_ticks_and_keep_their_solo_bytes(ru
     assert max(r.batch_jobs for r in together) == 3 and together[2].batch_images == 6
     for alone, shared in zip(solo, together, strict=True):
         assert alone.batch_jobs == 1
-        assert shared.pngs == alone.pngs  # byte for byte
-    assert len({r.pngs for r in together}) == 3  # and they are different images
+        assert np.array_equal(shared.images, alone.images)  # byte for byte
+    assert len({r.images.tobytes() for r in together}) == 3  # and they are different images
 
 
 def test_a_compiled_network_keeps_solo_bytes_in_shared_ticks_and_draws_what_eager_draws(app_weights: Path) -> None:
@@ -179,7 +180,7 @@ def test_a_compiled_network_keeps_solo_bytes_in_shared_ticks_and_draws_what_eage
 
     scenario({"compiled": compiled, "eager": eager}, body)
     for alone, shared, plain in zip(results["solo"], results["together"], results["eager"], strict=True):
-        assert shared.pngs == alone.pngs  # byte for byte
+        assert np.array_equal(shared.images, alone.images)  # byte for byte
         apart = np.abs(alone.images.astype(np.int16) - plain.images.astype(np.int16))
         assert apart.mean() < 0.5 and apart.max() <= 8, (apart.mean(), apart.max())  # fused kernels round apart
 
@@ -194,8 +195,8 @@ def test_a_job_joining_half_way_finishes_first_with_its_solo_bytes(runtime: Runt
             await asyncio.sleep(0.002)
         short = await engine.run(short_spec)
         assert not long.future.done()  # the short job did not wait for the long one
-        assert short.pngs == short_solo.pngs and short.batch_jobs == 2
-        assert (await long.future).pngs == long_solo.pngs
+        assert np.array_equal(short.images, short_solo.images) and short.batch_jobs == 2
+        assert np.array_equal((await long.future).images, long_solo.images)
 
     scenario(runtime, body)
 
@@ -235,7 +236,7 @@ def test_cancel_in_the_middle_of_a_tick_takes_effect_at_the_next(runtime: Runtim
         with pytest.raises(JobCancelled):
             await drop.future
         result = await keep.future
-        assert len(result.pngs) == 2
+        assert len(result.images) == 2
         await asyncio.sleep(0.05)
         assert len(dropped_events) == seen  # nothing after the cancel, not even the tick in flight
         assert len([e for e in kept_events if isinstance(e, Progress)]) == 8
@@ -300,7 +301,7 @@ def test_a_full_queue_is_refused_at_once_with_an_estimate_from_the_tick_time(run
         assert refused.value.retry_after >= max(1, int(event.estimated_start_s) - 1)
         engine.cancel(long)
         await asyncio.gather(long.future, return_exceptions=True)
-        assert len((await queued.future).pngs) == 1
+        assert len((await queued.future).images) == 1
 
     recorder = scenario(runtime, body, queue_size=1, max_rows=2)
     assert recorder.value("fashion_jobs_rejected_total", reason="queue_full") == 1
@@ -310,7 +311,7 @@ def test_a_job_over_the_row_budget_is_refused_naming_the_limit(runtime: Runtime)
     async def body(engine: Engine) -> None:
         with pytest.raises(JobTooLarge, match=r"n: 3 images need 6 rows .* at most 4 .*allowed: n <= 2"):
             engine.submit(spec(0, (1, 2, 3), guidance=2.0))
-        assert len((await engine.run(spec(0, (1, 2, 3), guidance=1.0))).pngs) == 3  # unguided: 3 rows fit
+        assert len((await engine.run(spec(0, (1, 2, 3), guidance=1.0))).images) == 3  # unguided: 3 rows fit
 
     scenario(runtime, body, max_rows=4)
 
@@ -331,7 +332,7 @@ def test_cancel_leaves_the_queue_at_once_and_stops_a_running_job_within_a_tick(r
             await long.future
         assert len(seen) - at_cancel <= 1  # at most the tick in flight
         assert len(seen) < 1000
-        assert len((await engine.run(spec(4, (9,), steps=2))).pngs) == 1  # the worker is free again
+        assert len((await engine.run(spec(4, (9,), steps=2))).images) == 1  # the worker is free again
 
     recorder = scenario(runtime, body, max_rows=2)
     assert recorder.value("fashion_jobs_cancelled_total", stage="queued") == 1
@@ -361,8 +362,8 @@ def test_drain_refuses_new_jobs_and_finishes_running_and_queued_ones(runtime: Ru
         assert not engine.running
         with pytest.raises(EngineClosed):
             engine.submit(spec(2, (5,)))
-        assert len((await running.future).pngs) == 2
-        assert len((await queued.future).pngs) == 2
+        assert len((await running.future).images) == 2
+        assert len((await queued.future).images) == 2
 
     scenario(runtime, body, max_rows=4)
 
@@ -463,11 +464,11 @@ def test_a_job_of_one_model_never_waits_for_the_other_models_jobs(runtime: Runti
             engine.submit(spec(3, (4,), steps=2, model="teacher"))
         assert (engine.queue_depth_of("teacher"), engine.queue_depth_of("student")) == (1, 0)
         student = await engine.run(student_spec())  # 2 rows: admitted at once, beside the full teacher
-        assert student.queued_s < 0.5 and len(student.pngs) == 2
+        assert student.queued_s < 0.5 and len(student.images) == 2
         assert not long.future.done() and queued.state == "queued"  # first come, first served within the teacher
         engine.cancel(long)
         await asyncio.gather(long.future, return_exceptions=True)
-        assert len((await queued.future).pngs) == 1
+        assert len((await queued.future).images) == 1
 
     scenario({"teacher": runtime, "student": student_runtime}, body, max_rows=2, queue_size=1)
 
@@ -497,12 +498,12 @@ def test_a_models_images_are_the_same_bytes_whether_or_not_the_other_model_is_bu
 
     scenario({"teacher": runtime, "student": student_runtime}, body)
     for name in mine:
-        assert busy[name].pngs == alone[name].pngs, name  # byte for byte
+        assert np.array_equal(busy[name].images, alone[name].images), name  # byte for byte
     # A job runs on its own model's network: the teacher draws other images from the student's parameters.
     as_teacher = replace(mine["student"], model="teacher")
 
     async def teacher_body(engine: Engine) -> None:
-        assert (await engine.run(as_teacher)).pngs != alone["student"].pngs
+        assert not np.array_equal((await engine.run(as_teacher)).images, alone["student"].images)
 
     scenario({"teacher": runtime, "student": student_runtime}, teacher_body)
 
@@ -518,7 +519,7 @@ def test_a_failing_model_fails_its_own_jobs_and_the_other_model_goes_on(
         student = engine.submit(student_spec())
         with pytest.raises(RuntimeError, match="student is broken"):
             await student.future
-        assert len((await teacher.future).pngs) == 1
+        assert len((await teacher.future).images) == 1
         with pytest.raises(ValueError, match="unknown model 'nobody'; this engine serves teacher, student"):
             engine.submit(spec(0, (1,), model="nobody"))
         assert engine.submit(spec(0, (1,), steps=1)).spec.model == "teacher"  # no model: the first
