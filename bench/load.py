@@ -136,53 +136,64 @@ async def _stream(http: httpx.AsyncClient, kind: Kind, seed: int, sent: float, o
                 return
 
 
-async def warm_up(url: str, mix: Sequence[Kind]) -> None:
-    """One request of each kind, so that first-call costs stay out of what is measured next."""
-    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
-        for kind in mix:
-            await send(http, kind, 0, 0.0)
+async def rows_evaluated(http: httpx.AsyncClient) -> float:
+    """Network rows the server has evaluated so far, every model's (its tick_rows histogram's sum)."""
+    text = (await http.get("/metrics")).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("fashion_tick_rows_sum"))
 
 
-async def idle_latencies(url: str, mix: Sequence[Kind], repeats: int) -> dict[str, float]:
-    """Each kind alone on the idle server, after one warm-up each: the median latency of ``repeats``."""
+async def idle_latencies(url: str, mix: Sequence[Kind], repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Each kind alone on the idle server, after one warm-up each: the median latency of ``repeats``,
+    and the network rows one request of it costs (from /metrics; NaN where the server has no such metric)."""
+    latency, rows = {}, {}
     async with httpx.AsyncClient(base_url=url, timeout=600) as http:
-        out = {}
         for kind in mix:
             await send(http, kind, 0, 0.0)
             runs = []
+            try:
+                before = await rows_evaluated(http)
+            except (httpx.HTTPError, ValueError, IndexError):
+                before = math.nan
             for r in range(repeats):
                 o = await send(http, kind, 1 + r, 0.0)
                 if not o.ok:
                     raise SystemExit(f"{kind.name} failed on the idle server with status {o.status}")
                 runs.append(o.latency)
-            out[kind.name] = statistics.median(runs)
-        return out
+            latency[kind.name] = statistics.median(runs)
+            rows[kind.name] = (await rows_evaluated(http) - before) / repeats if not math.isnan(before) else math.nan
+    return latency, rows
 
 
-async def capacity(url: str, mix: Sequence[Kind], clients: int, seconds: float, seed: int) -> tuple[float, float]:
-    """(requests/s, images/s) of the mix at saturation: ``clients`` closed-loop clients, each sending a
-    kind drawn from the mix as soon as its last answer came; counted over the last 3/4 of ``seconds``."""
+async def capacity(
+    url: str, mix: Sequence[Kind], rows_of: dict[str, float], clients: int, seconds: float, seed: int
+) -> tuple[float, float, float]:
+    """(requests/s, images/s, rows/s) of the mix at saturation. ``clients`` closed-loop clients each send
+    a kind drawn from the mix as soon as their last answer came; the rows the server evaluated over the
+    last 3/4 of ``seconds`` (its own count, so jobs half done count by half) over the rows one request
+    of the mix costs on average."""
     import random
 
     rng = random.Random(seed)
     weights = [k.weight for k in mix]
-    start = time.perf_counter()
-    warm = start + seconds / 4
-    stop = start + seconds
-    done: list[tuple[float, int]] = []  # (finish time, images)
+    stop = time.perf_counter() + seconds
 
     async def client(http: httpx.AsyncClient) -> None:
         while time.perf_counter() < stop:
             kind = mix[rng.choices(range(len(mix)), weights)[0]]
-            o = await send(http, kind, rng.randrange(2**31), start)
-            if o.ok:
-                done.append((time.perf_counter(), kind.n))
+            await send(http, kind, rng.randrange(2**31), 0.0)
 
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=None)) as http:
-        await asyncio.gather(*(client(http) for _ in range(clients)))
-    counted = [(t, n) for t, n in done if warm <= t <= stop]
-    span = stop - warm
-    return len(counted) / span, sum(n for _, n in counted) / span
+        clients_done = asyncio.gather(*(client(http) for _ in range(clients)))
+        await asyncio.sleep(seconds / 4)
+        rows0, t0 = await rows_evaluated(http), time.perf_counter()
+        await asyncio.sleep(stop - time.perf_counter())
+        rows1, t1 = await rows_evaluated(http), time.perf_counter()
+        await clients_done
+    total = sum(weights)
+    mean_rows = sum(k.weight * rows_of[k.name] for k in mix) / total
+    mean_images = sum(k.weight * k.n for k in mix) / total
+    rows_per_s = (rows1 - rows0) / (t1 - t0)
+    return rows_per_s / mean_rows, rows_per_s / mean_rows * mean_images, rows_per_s
 
 
 async def open_loop(url: str, mix: Sequence[Kind], rate: float, duration: float, seed: int, serves: set[str]) -> list:
@@ -313,7 +324,7 @@ async def measure_engine(
     """Idle latencies, then the open-loop sweep at the rates already fixed."""
     serves = {k.name for k in (mix if engine.multi_model else teacher_only(mix))}
     mine = [k for k in mix if k.name in serves]
-    idle = await idle_latencies(url, mine, args.idle_repeats)
+    idle, _ = await idle_latencies(url, mine, args.idle_repeats)
     points = []
     for i, fraction in enumerate(args.fractions):
         rate = rate_of[fraction]
@@ -360,31 +371,35 @@ def main(argv: list[str] | None = None) -> None:
         points: list[Point] = []
         idle: dict[str, dict[str, float]] = {}
         rate_of: dict[float, float] = {}
-        images_per_s = math.nan
+        capacity_line = ""
         for engine in engines:
             with serve(engine, Path(tmp), args.threads, tiny=args.tiny) as url:
                 if not rate_of:
                     if args.capacity is None:
-                        asyncio.run(warm_up(url, mix))
-                        cap, images_per_s = asyncio.run(
-                            capacity(url, mix, args.capacity_clients, args.capacity_seconds, args.seed)
+                        _, rows_of = asyncio.run(idle_latencies(url, mix, 1))
+                        cap, images_per_s, rows_per_s = asyncio.run(
+                            capacity(url, mix, rows_of, args.capacity_clients, args.capacity_seconds, args.seed)
+                        )
+                        capacity_line = (
+                            f"{cap:.3f} requests/s of the mix at saturation ({images_per_s:.2f} images/s, "
+                            f"{rows_per_s:.0f} network rows/s; rows per request: "
+                            + ", ".join(f"{k} {r:.0f}" for k, r in rows_of.items())
+                            + f"), measured on {engine.label}"
                         )
                     else:
-                        cap = args.capacity
+                        cap, capacity_line = args.capacity, f"{args.capacity:.3f} requests/s of the mix (given)"
                     rate_of = {f: f * cap for f in args.fractions}
-                    print(f"# capacity: {cap:.2f} requests/s of the mix ({images_per_s:.1f} images/s)", file=sys.stderr)
+                    print(f"# capacity: {capacity_line}", file=sys.stderr, flush=True)
                 engine_idle, engine_points = asyncio.run(measure_engine(url, engine, mix, args, rate_of))
                 idle[engine.label] = engine_idle
                 points.extend(engine_points)
 
-    cap = rate_of[args.fractions[0]] / args.fractions[0]
     lines = [
         "# python -m bench.load: open-loop Poisson arrivals, "
         f"{args.duration:g} s per rate, seed {args.seed}, server threads {args.threads}",
         f"# machine: {machine_line()}",
         f"# mix: {describe_mix(mix)}; the previous engine gets the teacher's kinds only",
-        f"# capacity (100%): {cap:.2f} requests/s of the mix at saturation ({images_per_s:.1f} images/s), "
-        f"measured on {engines[0].label}",
+        f"# capacity (100%): {capacity_line}",
         "# slowdown = latency / the kind's idle latency on the same server in the same run",
         "",
         *summary_table(points, idle, mix),
