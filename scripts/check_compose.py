@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+REPO = Path(__file__).resolve().parents[1]
+
 DRAIN_SECONDS = 30  # FASHION_DRAIN_SECONDS's default (app/settings.py)
 DRAIN_MARGIN_S = 5  # what python -m app gives uvicorn beyond the drain (app/__main__.py)
 
@@ -125,9 +127,11 @@ def check_ray(check: Checks, ray: dict[str, Any], prom: dict[str, Any]) -> None:
     check(str(app.get("image", "")).startswith("fashion-diffusion"), "Ray: the same image as docker-compose.yml")
     nvidia = [d for d in gpu_devices(app) if d.get("driver") == "nvidia" and "gpu" in (d.get("capabilities") or [])]
     check(any(str(d.get("count")) in ("all", "-1") for d in nvidia), "Ray: reserves every host GPU (count all)")
+    serve_config = yaml.safe_load((REPO / "deploy/ray/serve.yaml").read_text())
+    proxy_env = (((serve_config.get("controller_options") or {}).get("runtime_env") or {}).get("env_vars")) or {}
     check(
-        env(app).get("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH") == "app.ray.proxy:middlewares",
-        "Ray: the proxy loads app.ray.proxy",
+        proxy_env.get("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH") == "app.ray.proxy:middlewares",
+        "Ray: deploy/ray/serve.yaml has the proxy load app.ray.proxy",
     )
     check(("8000", "8000") in published(app), "Ray: the proxy publishes port 8000")
     exposed = {target for _, target in published(app)} - {"8000"}

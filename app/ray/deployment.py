@@ -12,8 +12,9 @@ with the deployment and replica (``ray.serve.metrics``), so Prometheus, pointed 
 discovery file, sees every replica; ``GET /metrics`` through the proxy shows only the replica it
 lands on. Ray replaces a replica whose health check fails or whose process dies.
 
-Set ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=app.ray.proxy:middlewares`` where Ray starts, so the
-proxy ends a dead replica's requests in the service's error shape (``app.ray.proxy``). Only this module
+Both configs set ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=app.ray.proxy:middlewares`` for Serve's
+controller, whose environment the proxies inherit, so the proxy ends a dead replica's requests in the
+service's error shape (``app.ray.proxy``). Only this module
 and that one import Ray or run in it (the ``ray`` extra); ``python -m app`` never does.
 """
 

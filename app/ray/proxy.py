@@ -4,16 +4,14 @@ When a replica's process dies with requests on it, Ray's proxy returns without a
 that have not started (the HTTP server then sends a bare ``500 Internal Server Error``), and cuts
 those that have (a stream) without ending the chunked body: the client sees a broken connection.
 Ray's own refusals (503 while no replica is up, or past ``max_queued_requests``) are plain text too.
-This middleware, loaded into the proxy by Ray's hook for proxy middlewares
-
-    export RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=app.ray.proxy:middlewares
-    serve run deploy/ray/serve-cpu.yaml
-
-gives the first the service's error shape (``replica_failed``, with Retry-After: the same seed gives
+This middleware gives the first the service's error shape (``replica_failed``, with Retry-After: the same seed gives
 the same images on any replica, so a retry is safe) and ends the second with the stream's ``error``
 event. An answer of the service itself carries ``X-Replica`` and passes through unchanged.
 
-The proxy imports this module: it must stay light (no torch, no model).
+Ray's hook for proxy middlewares loads it: ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=app.ray.proxy:middlewares``,
+which deploy/ray/*.yaml set under ``controller_options`` (the proxies inherit the Serve controller's
+environment), so ``serve run deploy/ray/serve-cpu.yaml`` alone gives clean answers. The proxy imports
+this module: it must stay light (no torch, no model).
 """
 
 from __future__ import annotations

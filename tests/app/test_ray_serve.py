@@ -51,6 +51,10 @@ def test_the_configs_are_serve_configs_and_the_single_process_service_never_impo
     assert cpu_dep.num_replicas == 2 and cpu_dep.ray_actor_options.num_cpus == 1
     assert cpu_app.runtime_env["env_vars"]["OMP_NUM_THREADS"] == "1"
     assert (cpu.http_options.host, cpu.http_options.port) == ("127.0.0.1", 8000)  # as python -m app
+    for config in (gpu, cpu):  # `serve run` of the config alone has the proxy load app.ray.proxy
+        assert config.controller_options is not None and config.controller_options.runtime_env is not None
+        proxy_env = config.controller_options.runtime_env["env_vars"]
+        assert proxy_env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "app.ray.proxy:middlewares"
     code = "import sys, app.main, app.__main__; print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
@@ -97,7 +101,6 @@ def ray_service(
         FASHION_WEIGHTS=str(app_weights),
         FASHION_CLASSIFIER_WEIGHTS=str(tiny_classifier),
         RAY_TMPDIR=str(ray_tmp),
-        RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH="app.ray.proxy:middlewares",
         PYTHONPATH=str(REPO),
     )
     serve = Path(sys.executable).parent / "serve"
@@ -271,22 +274,33 @@ def test_a_killed_replica_is_replaced_and_its_requests_end_clearly(ray_service, 
     long = {"class": 4, "n": 2, "sampler": "ddim", "steps": 600}  # ~6 s alone
 
     async def run() -> tuple[str, list[Any]]:
+        stepping: dict[int, str] = {}  # stream -> its replica, once its first step event has arrived
+
         async with httpx.AsyncClient(timeout=90, headers=AUTH) as c:
 
-            async def stream() -> tuple[str, str, list[str], list[Any]]:
+            async def stream(i: int) -> tuple[str, str, list[str], list[Any]]:
                 async with c.stream("POST", f"{url}/generate/stream", json={**long, "preview_every": 50}) as r:
                     replica = r.headers["x-replica"]
-                    text = "".join([chunk async for chunk in r.aiter_text()])
+                    text = ""
+                    async for chunk in r.aiter_text():
+                        text += chunk
+                        if "event: step" in text:
+                            stepping.setdefault(i, replica)
                 events = parse_sse(text)
                 return "stream", replica, [name for name, _ in events], [data for _, data in events]
 
-            streams = [asyncio.ensure_future(stream()) for _ in range(4)]
+            streams = [asyncio.ensure_future(stream(i)) for i in range(4)]
             unary = [asyncio.ensure_future(c.post(f"{url}/generate", json=long)) for _ in range(4)]
-            await asyncio.sleep(1.5)  # all of them admitted and stepping
-            victim = sorted(before)[0]
+            # Kill a replica only once every stream is stepping, on the replica of one of them: the victim
+            # then holds requests in flight, whatever the machine's load.
+            deadline = time.monotonic() + 60
+            while len(stepping) < len(streams):
+                assert time.monotonic() < deadline, f"only {len(stepping)} of the streams started: {stepping}"
+                await asyncio.sleep(0.05)
+            (victim,) = [name for name in before if name.rsplit("#", 1)[-1] == stepping[0]]
             await asyncio.to_thread(kill_actor, ray_tmp, victim)
             results = await asyncio.wait_for(asyncio.gather(*streams, *unary), timeout=120)  # never a hang
-            return victim.rsplit("#", 1)[-1], list(results)
+            return stepping[0], list(results)
 
     victim, results = asyncio.run(run())
     failed = ok = 0
