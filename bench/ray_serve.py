@@ -30,31 +30,29 @@ import httpx
 import yaml
 
 from app.settings import default_weights_path
-from bench.serve import REPO, free_port, machine, start_server, tiny_weights
+from bench.serve import REPO, bench_tiny_weights, machine, start_server
+from testkit import servers
 
 
 @contextmanager
 def python_app(weights: Path, threads: int | None) -> Iterator[str]:
-    port = free_port()
-    server = start_server(weights, "cpu", port, REPO, threads)
+    server, url = start_server(weights, "cpu", REPO, threads)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield url
     finally:
-        server.terminate()
-        server.wait(60)
+        servers.stop(server)
 
 
 @contextmanager
 def ray_serve(weights: Path, replicas: int, work: Path) -> Iterator[str]:
     """``serve run`` on the CPU config with ``replicas`` replicas, until every one answers."""
     config = yaml.safe_load((REPO / "deploy/ray/serve-cpu.yaml").read_text())
-    config["http_options"]["port"] = port = free_port()
+    config["http_options"]["port"] = port = servers.free_port()
     config["applications"][0]["deployments"][0]["num_replicas"] = replicas
     path = work / f"serve-{replicas}.yaml"
     path.write_text(yaml.safe_dump(config))
     ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's sockets live under it
     env = {**os.environ, "FASHION_WEIGHTS": str(weights), "RAY_TMPDIR": str(ray_tmp), "PYTHONPATH": str(REPO)}
-    env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = "app.ray.proxy:middlewares"
     log = (work / f"serve-{replicas}.log").open("w")
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "serve"), "run", str(path)], env=env, stdout=log, stderr=log
@@ -132,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[tuple[str, float, set[str]]] = []
     lat: dict[str, tuple[float, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        weights = tiny_weights(Path(tmp)) if args.tiny else (args.weights or default_weights_path())
+        weights = bench_tiny_weights(Path(tmp)) if args.tiny else (args.weights or default_weights_path())
         setups = [
             ("python -m app, all threads", lambda: python_app(weights, None)),
             (DIRECT, lambda: python_app(weights, 1)),

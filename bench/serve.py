@@ -26,10 +26,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -41,27 +39,13 @@ import torch
 
 from app.generation.device import CPU_ROWS, FixedRows
 from app.settings import default_weights_path
-from model.io import load_weights, save_weights
+from model.io import load_weights
 from model.machine import describe
 from model.samplers import generators_from_seeds, sample, to_uint8
-from model.unet import perturbed_unet, tiny_config
+from testkit import servers
+from testkit.weights import tiny_weights
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_weights(directory: Path) -> Path:
-    """A small random U-Net (v-prediction keeps its output bounded) for checking the script."""
-    config = tiny_config()
-    net = perturbed_unet(config)
-    card = {
-        "name": "bench-tiny",
-        "unet": config.to_dict(),
-        "diffusion": {"schedule": "cosine", "T": 1000, "prediction": "v"},
-        "sampling": {"sampler": "dpm++", "steps": 20, "guidance": 2.0},
-    }
-    path = directory / "bench-tiny.safetensors"
-    save_weights(net, card, path)
-    return path
 
 
 def machine(device: str) -> str:
@@ -102,34 +86,22 @@ class InProcess:
         return time.perf_counter() - t0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_server(
-    weights: Path, device: str, port: int, repo: Path, threads: int | None = None
-) -> subprocess.Popen[bytes]:
-    """``python -m app`` from ``repo`` on ``port``, once /readyz says 200 (``threads``: OMP_NUM_THREADS)."""
-    env = {**os.environ, "FASHION_WEIGHTS": str(weights), "FASHION_DEVICE": device, "PYTHONPATH": str(repo)}
+    weights: Path, device: str, repo: Path, threads: int | None = None
+) -> tuple[subprocess.Popen[str], str]:
+    """``python -m app`` from ``repo`` on a free port, once /readyz says 200 (``threads``: OMP_NUM_THREADS);
+    the shell's other FASHION_* variables pass through, so a setting can be benched."""
+    env = servers.app_env({"weights": str(weights), "device": device}, repo=repo, keep=True)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    cmd = [sys.executable, "-m", "app", "--port", str(port), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, env=env, cwd=repo)
-    deadline = time.monotonic() + 300
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit("the server did not become ready in 300 s")
-        time.sleep(0.2)
+    return servers.start_app(
+        {}, args=["-m", "app", "--log-level", "warning"], repo=repo, env=env, capture=False, timeout=300
+    )
+
+
+def bench_tiny_weights(directory: Path) -> Path:
+    """A tiny random network (``--tiny``): checks the script, not the model."""
+    return tiny_weights(directory / "bench-tiny.safetensors", name="bench-tiny", steps=20)
 
 
 MIXED = [  # eight requests that differ only in sampler, steps and guidance (scenario 2)
@@ -221,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
-        weights = tiny_weights(Path(tmp)) if args.tiny else (args.weights or default_weights_path())
+        weights = bench_tiny_weights(Path(tmp)) if args.tiny else (args.weights or default_weights_path())
         card = load_weights(weights, "cpu").card
         section = card.get("sampling") or {}
         sampler = args.sampler or section.get("sampler", "dpm++")
@@ -230,14 +202,12 @@ def main(argv: list[str] | None = None) -> None:
         where = machine(args.device)
 
         local = InProcess(weights, args.device, sampler, steps, guidance)
-        port = free_port()
-        server = start_server(weights, args.device, port, args.server_repo.resolve())
+        server, url = start_server(weights, args.device, args.server_repo.resolve())
         try:
             body = {"class": 3, "sampler": sampler, "steps": steps, "guidance": guidance}
-            runs = asyncio.run(measure(f"http://127.0.0.1:{port}", local, body, args.n, args.clients, args.repeats))
+            runs = asyncio.run(measure(url, local, body, args.n, args.clients, args.repeats))
         finally:
-            server.terminate()
-            server.wait(30)
+            servers.stop(server, 30)
 
     n, c = args.n, args.clients
     name = card.get("name", weights.stem)

@@ -7,38 +7,16 @@ loopback port, open the page in Debian's Chromium (Playwright), and save each st
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a file, not a module: the test toolkit lives at the repository root
+
+from testkit import servers  # noqa: E402
+
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("the server was not ready in 120 s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,12 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("needs Debian's chromium: apt-get install chromium")
     from playwright.sync_api import sync_playwright
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "FASHION_DEVICE": "cpu", "FASHION_CLIP_ENABLED": "false"}  # OMP_NUM_THREADS passes through
-    proc = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port), "--log-level", "warning"], env=env)
+    settings = {"device": "cpu", "clip_enabled": "false"}  # the shipped weights; OMP_NUM_THREADS passes through
+    env = servers.app_env(settings, keep=True)  # the shell's FASHION_* too (say, FASHION_MODELS)
+    proc, url = servers.start_app({}, args=["-m", "app", "--log-level", "warning"], env=env, capture=False)
     try:
-        wait_ready(url, proc)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
             page = browser.new_page(viewport={"width": args.width, "height": 900})
@@ -72,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             page.locator("#forward").screenshot(path=str(args.out / "page_forward.png"))
             browser.close()
     finally:
-        proc.terminate()
-        proc.wait(60)
+        servers.stop(proc)
     print(f"wrote page_done.png, page_compare.png, page_forward.png in {args.out}")
     return 0
 

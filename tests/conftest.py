@@ -1,9 +1,7 @@
-"""Fixtures shared by every test package: a tiny U-Net, its card, and its weights on disk.
+"""Fixtures shared by every test package: a tiny U-Net, its card, and its weights on disk, built by
+the test toolkit (``testkit.weights``), which the benches and scripts use too.
 
-The tiny network keeps the whole suite fast on two CPU cores. A freshly built UNet outputs
-exactly zero (its output layer and every residual branch start at zero), so ``tiny_unet``
-perturbs all parameters with seeded noise: its output then depends on x_t, t and the class,
-as a trained network's does.
+The tiny network keeps the whole suite fast on two CPU cores.
 """
 
 from __future__ import annotations
@@ -15,27 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from model.data import CLASS_NAMES, ENV_DIR, FILES
+from model.data import ENV_DIR, FILES
 from model.io import save_weights
 from model.train import TrainConfig
-from model.unet import UNet, UNetConfig, perturbed_unet, tiny_config
+from model.unet import UNet, UNetConfig, perturbed_unet
+from testkit.weights import TINY_UNET
+from testkit.weights import tiny_card as card_for
 
 # $FASHION_MNIST_DIR if set, else ../shared/data/fashion-mnist beside the checkout.
 DATA_DIR = Path(os.environ.get(ENV_DIR) or Path(__file__).resolve().parents[2] / "shared/data/fashion-mnist")
-
-TINY_UNET = tiny_config()
-
-
-def tiny_card_for(config: UNetConfig, name: str = "tiny", prediction: str = "v", schedule: str = "cosine") -> dict:
-    """A weights card in the shape model.train writes, for a network that was never trained."""
-    return {
-        "name": name,
-        "unet": config.to_dict(),
-        "diffusion": {"schedule": schedule, "T": 1000, "prediction": prediction},
-        "classes": list(CLASS_NAMES),
-        "sampling": {"sampler": "dpm++", "steps": 10, "guidance": 2.0},
-        "training": {"epochs": 0, "images_seen": 0, "note": "test fixture, random weights"},
-    }
 
 
 @pytest.fixture
@@ -50,7 +36,7 @@ def tiny_unet(tiny_unet_config) -> UNet:
 
 @pytest.fixture
 def tiny_card(tiny_unet_config) -> dict:
-    return tiny_card_for(tiny_unet_config)
+    return card_for(tiny_unet_config)
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """Fixtures for the service tests: a tiny real U-Net saved with save_weights, and real apps on it.
 
-conftest modules are not importable, so the helpers below reach the tests as fixtures
-(``decode_png``, ``parse_sse``, ``metric``, ``error_of``), as in tests/model/conftest.py.
+The toolkit (``testkit``: weights, servers, metrics) is importable; the helpers below reach the tests
+as fixtures too (``decode_png``, ``parse_sse``, ``metric``, ``error_of``), as in tests/model/conftest.py.
 """
 
 from __future__ import annotations
@@ -10,79 +10,41 @@ import base64
 import contextlib
 import io
 import json
-import os
-import socket
 import subprocess
-import sys
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 import torch
-import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
 from app.main import create_app
 from app.settings import Settings
-from model.data import CLASS_NAMES
-from model.io import save_weights
-from model.unet import perturbed_unet, tiny_config
+from testkit import servers
+from testkit.metrics import metric as read_metric
+from testkit.weights import STUDENT_CARD, tiny_weights
 
-TINY = tiny_config()
-REPO = Path(__file__).resolve().parents[2]
 TEST_STEPS = 3  # the card's default steps: enough to exercise multistep solvers, cheap on 2 cores
-
-
-STUDENT_STEPS = 4  # the student card's default steps, as the shipped student's
-STUDENT_CARD = {  # a distilled student's card: consistency sampling, with guidance distilled into it
-    "name": "tiny-student",
-    "sampling": {"sampler": "consistency", "steps": STUDENT_STEPS, "guidance": 1.0, "guidance_interval": None},
-    "distillation": {"teacher": "tiny-test", "method": "consistency distillation (test fixture)", "guidance": 1.35},
-}
-
-
-def build_tiny_weights(path: Path, seed: int = 0, **card: Any) -> Path:
-    """A tiny U-Net with random (non-zero) weights, saved as <path>.safetensors + .json; ``card``
-    replaces or adds top-level sections of the card (``STUDENT_CARD`` for a student's).
-
-    A freshly initialised U-Net outputs zeros (its last convolutions start at zero), which would
-    make every image the same; perturbing all weights gives seed-dependent, non-trivial images.
-    v-prediction keeps the untrained network's x0 predictions bounded.
-    """
-    net = perturbed_unet(TINY, seed)
-    base = {
-        "name": "tiny-test",
-        "unet": TINY.to_dict(),
-        "diffusion": {"schedule": "cosine", "T": 1000, "prediction": "v"},
-        "classes": list(CLASS_NAMES),
-        "sampling": {"sampler": "dpm++", "steps": TEST_STEPS, "guidance": 2.0},
-    }
-    save_weights(net, {**base, **card}, path)
-    return path
 
 
 @pytest.fixture(scope="session")
 def app_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tiny network for the whole session (the app never writes to it)."""
-    return build_tiny_weights(tmp_path_factory.mktemp("weights") / "tiny.safetensors")
+    return tiny_weights(tmp_path_factory.mktemp("weights") / "tiny.safetensors", name="tiny-test", steps=TEST_STEPS)
 
 
 @pytest.fixture(scope="session")
 def student_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A second tiny network with a distilled student's card (``STUDENT_CARD``), to serve beside ``app_weights``."""
-    return build_tiny_weights(tmp_path_factory.mktemp("student") / "student.safetensors", seed=1, **STUDENT_CARD)
+    return tiny_weights(tmp_path_factory.mktemp("student") / "student.safetensors", seed=1, **STUDENT_CARD)
 
 
 @pytest.fixture
 def student_steps() -> int:
-    return STUDENT_STEPS
+    return int(STUDENT_CARD["sampling"]["steps"])
 
 
 @pytest.fixture
@@ -121,42 +83,17 @@ def client(make_settings: Callable[..., Settings]) -> Iterator[TestClient]:
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def free_port() -> Callable[[], int]:
     """A loopback port nobody listens on now."""
-    return _free_port
-
-
-@contextlib.contextmanager
-def _in_thread(settings: Settings, log_level: str = "warning") -> Iterator[str]:
-    port = _free_port()
-    app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level=log_level))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-    assert not thread.is_alive()
+    return servers.free_port
 
 
 @pytest.fixture(scope="session")
 def serve_in_thread() -> Callable[..., contextlib.AbstractContextManager[str]]:
     """``with serve_in_thread(settings) as url:`` the real app under uvicorn in a thread, on a free
     loopback port; it stops by itself when the block ends."""
-    return _in_thread
+    return servers.serve_in_thread
 
 
 @pytest.fixture
@@ -167,29 +104,13 @@ def spawn_app(tmp_path: Path, app_weights: Path) -> Iterator[Callable[..., tuple
     procs: list[subprocess.Popen[str]] = []
 
     def spawn(*args: str, ready: bool = True, **settings: str) -> tuple[subprocess.Popen[str], str]:
-        port = _free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FASHION_")}
-        env.update(FASHION_DEVICE="cpu")
-        if "models" not in settings:  # FASHION_WEIGHTS is the one-model form of FASHION_MODELS
-            env.update(FASHION_WEIGHTS=str(app_weights))
-        env.update({f"FASHION_{k.upper()}": v for k, v in settings.items()})
-        env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-        command = [sys.executable, *(args or ("-m", "app")), "--port", str(port)]
-        proc = subprocess.Popen(
-            command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
+        # FASHION_WEIGHTS is the one-model form of FASHION_MODELS: the tiny weights unless either is given.
+        values = {"device": "cpu", **({} if "models" in settings else {"weights": str(app_weights)}), **settings}
+        env = {**servers.app_env(values), "OMP_NUM_THREADS": "1"}
+        proc, url = servers.start_app(values, args=args or ("-m", "app"), cwd=tmp_path, env=env, ready=False)
         procs.append(proc)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while ready:
-            assert proc.poll() is None, proc.communicate()[0]
-            assert time.monotonic() < deadline, "no /readyz 200 within 90 s"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        if ready:
+            servers.wait_ready(url, proc, timeout=90)
         return proc, url
 
     yield spawn
@@ -223,22 +144,6 @@ def _parse_sse(text: str) -> list[tuple[str, Any]]:
     return events
 
 
-def _metric(text: str, name: str, default: float | None = None, **labels: str) -> float:
-    """Sum of the samples called ``name`` whose labels include ``labels``, parsed with prometheus-client;
-    ``default`` when there is none (else KeyError, so a misspelt name fails loudly)."""
-    total, found = 0.0, False
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-                found = True
-    if not found and default is not None:
-        return default
-    if not found:
-        raise KeyError(f"no sample {name} {labels}")
-    return total
-
-
 def _error_of(response: Any, status: int) -> dict[str, Any]:
     """Assert the one error shape and return its inner object."""
     assert response.status_code == status, response.text
@@ -262,7 +167,8 @@ def parse_sse() -> Callable[[str], list[tuple[str, Any]]]:
 
 @pytest.fixture
 def metric() -> Callable[..., float]:
-    return _metric
+    """``testkit.metrics.metric``: the sum of a metric's samples in an exposition text."""
+    return read_metric
 
 
 @pytest.fixture
@@ -331,15 +237,14 @@ def clip_settings(make_settings: Callable[..., Settings], tiny_classifier: Path)
 
 def _wait_for_clip(client: TestClient, timeout: float = 120.0) -> dict[str, Any]:
     """Poll /readyz until CLIP has finished loading (it loads in the background); the /readyz body then."""
-    import time
+    bodies: list[dict[str, Any]] = []
 
-    deadline = time.monotonic() + timeout
-    while True:
-        body = client.get("/readyz").json()
-        if body["clip"]["status"] != "loading":
-            return body
-        assert time.monotonic() < deadline, "CLIP did not finish loading"
-        time.sleep(0.05)
+    def loaded() -> bool:
+        bodies.append(client.get("/readyz").json())
+        return bool(bodies[-1]["clip"]["status"] != "loading")
+
+    servers.wait_for(loaded, "CLIP did not finish loading", timeout, interval=0.05)
+    return bodies[-1]
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import asyncio
 import base64
 import io
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +20,6 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -33,6 +31,7 @@ from app.metrics import Metrics
 from app.settings import Settings
 from model.clip import TINY_MODEL, Clip, ClipSpec, load_clip
 from model.images import png_bytes
+from testkit import metrics, servers
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -431,7 +430,7 @@ def test_metrics_move(clip_client: TestClient, metric: Callable, encoded: list) 
     after = clip_client.get("/metrics").text
 
     def moved(name: str, **labels: str) -> float:
-        return metric(after, name, **labels) - metric(before, name, default=0.0, **labels)
+        return metrics.moved(before, after, name, **labels)
 
     assert moved("fashion_clip_requests_total", outcome="ok") == 1
     assert moved("fashion_clip_requests_total", outcome="invalid") == 1
@@ -467,20 +466,9 @@ def live_clip(app_weights: Path, tiny_classifier: Path) -> Iterator[str]:
         clip_download=False,
         classifier_weights=tiny_classifier,
     )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while not server.started or httpx.get(f"{url}/readyz").json()["clip"]["status"] == "loading":
-        assert thread.is_alive() and time.monotonic() < deadline, "the server or CLIP did not start"
-        time.sleep(0.05)
-    yield url
-    server.should_exit = True
-    thread.join(30)
+    with servers.serve_in_thread(settings) as url:
+        servers.wait_ready(url, until=lambda r: r.status_code == 200 and r.json()["clip"]["status"] != "loading")
+        yield url
 
 
 def test_command_line_score_and_rerank(

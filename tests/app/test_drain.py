@@ -14,25 +14,15 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
+from testkit.metrics import metric
+from testkit.servers import wait_for
+
 pytestmark = pytest.mark.timeout(180)
 REPO = Path(__file__).resolve().parents[2]
 
 
 def gauge(url: str, name: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
-        for sample in family.samples:
-            if sample.name == name:
-                return sample.value
-    raise KeyError(name)
-
-
-def wait_for(check: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + 60
-    while not check():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
+    return metric(httpx.get(f"{url}/metrics", timeout=10).text, name)
 
 
 def stream_in_thread(url: str, body: dict, events: list) -> threading.Thread:

@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.main import create_app
 from app.settings import Settings
+from testkit import metrics
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -59,7 +60,7 @@ def test_counters_move(client: TestClient, metric: Callable, test_steps: int) ->
     after = client.get("/metrics").text
 
     def moved(name: str, **labels: str) -> float:
-        return metric(after, name, **labels) - metric(before, name, default=0.0, **labels)
+        return metrics.moved(before, after, name, **labels)
 
     assert moved("fashion_images_generated_total", sampler="dpm++") == 3
     assert moved("fashion_sampler_steps_total") == test_steps
