@@ -1,11 +1,12 @@
 """The served models: each listed model's weights and card, its sampling defaults, and what it is.
 
-``load_models`` reads every card first and checks what can be checked without tensors (the files
-exist, the names differ, the sampling sections and a student's distillation section make sense), so
-a misconfigured list fails at startup before anything heavy loads; then it loads and prepares each
-network for the engine. A model is a *student* when its card has a ``distillation`` section (the
-teacher it was distilled from, the method, the guidance scale distilled into it) and a *teacher*
-otherwise. Guidance distilled into a student is part of its network: requests may not add more.
+``load_models`` reads every listed model's card first and checks all of it that the service relies on
+(``check_cards``: the files exist, the names differ, the schedule, the sampling section under the
+settings, a student's distillation section), so a misconfigured list fails at startup before any
+tensor loads; then it loads and prepares each network for the engine. A model is a *student* when
+its card has a ``distillation`` section (the teacher it was distilled from, the method, the guidance
+scale distilled into it) and a *teacher* otherwise. Guidance distilled into a student is part of its
+network: requests may not add more.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from app.generation.device import Runtime, prepare
 from app.generation.schemas import ModelKind
 from app.settings import Settings
+from model.diffusion import Schedule
 from model.io import WeightsError, card_sampling, load_weights, read_card
 from model.samplers import SAMPLERS
 
@@ -114,11 +116,32 @@ def sampling_defaults(
     return Defaults(sampler=sampler, steps=int(steps), guidance=float(guidance), guidance_interval=interval)
 
 
-def read_cards(paths: tuple[Path, ...]) -> list[tuple[Path, dict[str, Any]]]:
-    """Every model's card, after checking that each file exists and that no two models share a name."""
-    cards: list[tuple[Path, dict[str, Any]]] = []
+@dataclass(frozen=True)
+class CheckedCard:
+    """A listed model's card, checked, and what the service takes from it."""
+
+    path: Path  # the .safetensors file
+    card: dict[str, Any]
+    name: str
+    defaults: Defaults
+    distilled_guidance: float | None
+
+
+def schedule_steps(card: dict[str, Any], path: Path) -> int:
+    """T of the card's named schedule (``model.diffusion.Schedule.named``, which load_weights builds too)."""
+    try:
+        return Schedule.named(card["diffusion"]["schedule"], card["diffusion"]["T"]).T
+    except (TypeError, KeyError, ValueError) as err:
+        raise WeightsError(f"{path.with_suffix('.json')}: invalid diffusion section ({err})") from err
+
+
+def check_cards(settings: Settings) -> list[CheckedCard]:
+    """Every listed model's card, each checked before any tensors load: the weights file exists, no two
+    models share a name, the schedule is a named one, the sampling defaults fit the settings (the
+    first model's under their overrides), and a student's distillation section makes sense."""
+    checked: list[CheckedCard] = []
     names: dict[str, Path] = {}
-    for path in paths:
+    for i, path in enumerate(settings.model_paths):
         path = path if path.suffix == ".safetensors" else path.with_suffix(".safetensors")
         if not path.exists():
             raise WeightsError(f"{path}: weights file not found")
@@ -130,25 +153,23 @@ def read_cards(paths: tuple[Path, ...]) -> list[tuple[Path, dict[str, Any]]]:
                 'name (the card\'s "name")'
             )
         names[name] = path
-        cards.append((path, card))
-    return cards
+        distilled = distilled_guidance(card, path)
+        T = schedule_steps(card, path)
+        try:
+            defaults = sampling_defaults(settings, card, T, overrides=i == 0, distilled=distilled)
+        except WeightsError as err:
+            raise WeightsError(f"{path.with_suffix('.json')}: {err}") from err
+        checked.append(CheckedCard(path, card, name, defaults, distilled))
+    return checked
 
 
 def load_models(settings: Settings, device: torch.device) -> list[ServedModel]:
-    """Check every listed model, then load and prepare each (blocking: run it on a fresh thread)."""
-    cards = read_cards(settings.model_paths)
+    """Check every listed model's card, then load and prepare each (blocking: run it on a fresh thread)."""
     models: list[ServedModel] = []
-    for i, (path, _) in enumerate(cards):
-        loaded = load_weights(path, device)
-        name = model_name(loaded.card, path)
-        distilled = distilled_guidance(loaded.card, path)
-        try:
-            defaults = sampling_defaults(
-                settings, loaded.card, loaded.denoiser.schedule.T, overrides=i == 0, distilled=distilled
-            )
-        except WeightsError as err:
-            raise WeightsError(f"{path.with_suffix('.json')}: {err}") from err
-        loaded = replace(loaded, denoiser=replace(loaded.denoiser, guidance_interval=defaults.guidance_interval))
+    for c in check_cards(settings):
+        loaded = load_weights(c.path, device)
+        interval = c.defaults.guidance_interval
+        loaded = replace(loaded, denoiser=replace(loaded.denoiser, guidance_interval=interval))
         runtime = prepare(
             loaded,
             device,
@@ -159,5 +180,5 @@ def load_models(settings: Settings, device: torch.device) -> list[ServedModel]:
             max_batch=settings.max_batch,
         )
         created = int(loaded.path.stat().st_mtime)
-        models.append(ServedModel(name, loaded.path, loaded.card, defaults, runtime, distilled, created))
+        models.append(ServedModel(c.name, loaded.path, loaded.card, c.defaults, runtime, c.distilled_guidance, created))
     return models

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
@@ -231,6 +232,35 @@ def test_startup_refuses_two_models_with_one_name_or_a_missing_file(
         TestClient(create_app(make_settings(models=[app_weights, missing]))),
     ):
         pass
+
+
+@pytest.mark.parametrize(
+    ("section", "match"),
+    [
+        ({"sampling": {"sampler": "euler"}}, "sampling.sampler 'euler'"),
+        ({"diffusion": {"schedule": "sigmoid", "T": 1000, "prediction": "v"}}, "unknown schedule 'sigmoid'"),
+        ({"distillation": {"teacher": "tiny-test", "guidance": -1}}, "distillation.guidance must be >= 0"),
+    ],
+)
+def test_every_card_is_checked_before_any_tensor_loads(
+    make_settings: Callable[..., Settings],
+    app_weights: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    section: dict,
+    match: str,
+) -> None:
+    from app.generation import models
+
+    second = tmp_path / "second.safetensors"
+    shutil.copy(app_weights, second)
+    card = json.loads(app_weights.with_suffix(".json").read_text())
+    second.with_suffix(".json").write_text(json.dumps({**card, "name": "second", **section}))
+    loaded: list[Path] = []
+    monkeypatch.setattr(models, "load_weights", lambda path, device: loaded.append(path))
+    with pytest.raises(WeightsError, match=match):
+        models.load_models(make_settings(models=[app_weights, second]), torch.device("cpu"))
+    assert loaded == []  # the first model's tensors were not read either
 
 
 def test_the_models_setting(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
