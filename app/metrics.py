@@ -40,6 +40,24 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        self._http_metrics()
+        self._engine_metrics()
+        self._clip_metrics()
+        # Known label values start at zero, so rate() and alerts see the series before the first event.
+        for stage in ("queued", "running"):
+            self.jobs_cancelled.labels(stage)
+        self.jobs_rejected.labels("queue_full")
+        for outcome in CLIP_OUTCOMES:
+            self.clip_requests.labels(outcome)
+        for use in CLIP_USES:
+            self.clip_images.labels(use)
+            self.clip_duration.labels(use)
+        for method in RERANK_METHODS:
+            self.rerank.labels(method)
+            self.rerank_candidates.labels(method)
+
+    def _http_metrics(self) -> None:
+        """Requests, recorded by the pure-ASGI middleware."""
         r, ns = self.registry, NAMESPACE
         # HTTP, recorded by the pure-ASGI middleware; route is the template, never the raw path.
         self.http_requests = Counter(
@@ -57,6 +75,10 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+
+    def _engine_metrics(self) -> None:
+        """The engine's, fed by EngineMetrics on its output thread."""
+        r, ns = self.registry, NAMESPACE
         # Engine: one tick is one network evaluation per model, over the rows of that model's active jobs.
         self.queue_depth = Gauge("queue_depth", "jobs waiting for room in the row budget", namespace=ns, registry=r)
         self.jobs_active = Gauge(
@@ -122,6 +144,10 @@ class Metrics:
             "model", "each served model: its weights, kind, device and precision", ["name"], namespace=ns, registry=r
         )
         self.ready = Gauge("ready", "1 when the weights are loaded and warm", namespace=ns, registry=r)
+
+    def _clip_metrics(self) -> None:
+        """CLIP scoring (POST /clip/score, rerank by clip) and reranking."""
+        r, ns = self.registry, NAMESPACE
         # CLIP scoring (POST /clip/score, rerank by clip) and reranking.
         self.clip_requests = Counter(
             "clip_requests",
@@ -155,18 +181,6 @@ class Metrics:
             namespace=ns,
             registry=r,
         )
-        # Known label values start at zero, so rate() and alerts see the series before the first event.
-        for stage in ("queued", "running"):
-            self.jobs_cancelled.labels(stage)
-        self.jobs_rejected.labels("queue_full")
-        for outcome in CLIP_OUTCOMES:
-            self.clip_requests.labels(outcome)
-        for use in CLIP_USES:
-            self.clip_images.labels(use)
-            self.clip_duration.labels(use)
-        for method in RERANK_METHODS:
-            self.rerank.labels(method)
-            self.rerank_candidates.labels(method)
 
     def add_model(self, name: str, info: dict[str, str]) -> None:
         """A served model: its info, and its series at zero, so rate() sees them before the first job."""

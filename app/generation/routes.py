@@ -29,6 +29,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from app.deps import ServingDep, SettingsDep
 from app.errors import error_responses
 from app.generation import serving as flow
+from app.generation import streaming
 from app.generation.models import ServedModel
 from app.generation.schemas import (
     GenerateRequestBase,
@@ -135,8 +136,8 @@ def stream_routes(router: APIRouter, body_model: type[StreamRequestBase]) -> Non
         request: Request,
         serving: ServingDep,
         settings: SettingsDep,
-    ) -> AsyncIterator[flow.Stream]:
-        async with flow.open_stream(body, request, serving, settings) as stream:
+    ) -> AsyncIterator[streaming.Stream]:
+        async with streaming.open_stream(body, request, serving, settings) as stream:
             yield stream
 
     async def open_get(
@@ -144,8 +145,8 @@ def stream_routes(router: APIRouter, body_model: type[StreamRequestBase]) -> Non
         request: Request,
         serving: ServingDep,
         settings: SettingsDep,
-    ) -> AsyncIterator[flow.Stream]:
-        async with flow.open_stream(query, request, serving, settings) as stream:
+    ) -> AsyncIterator[streaming.Stream]:
+        async with streaming.open_stream(query, request, serving, settings) as stream:
             yield stream
 
     @router.post(
@@ -155,9 +156,9 @@ def stream_routes(router: APIRouter, body_model: type[StreamRequestBase]) -> Non
         tags=["generate"],
         summary="Stream a generation",
     )
-    async def stream_post(stream: Annotated[flow.Stream, Depends(open_post)]) -> AsyncIterator[ServerSentEvent]:
+    async def stream_post(stream: Annotated[streaming.Stream, Depends(open_post)]) -> AsyncIterator[ServerSentEvent]:
         """Server-sent events ``start``, ``queued``..., ``step``..., then ``done`` or ``error``."""
-        async for event in flow.stream_events(stream):
+        async for event in streaming.stream_events(stream):
             yield event
 
     @router.get(
@@ -167,9 +168,9 @@ def stream_routes(router: APIRouter, body_model: type[StreamRequestBase]) -> Non
         tags=["generate"],
         summary="Stream (EventSource)",
     )
-    async def stream_get(stream: Annotated[flow.Stream, Depends(open_get)]) -> AsyncIterator[ServerSentEvent]:
+    async def stream_get(stream: Annotated[streaming.Stream, Depends(open_get)]) -> AsyncIterator[ServerSentEvent]:
         """The same stream, with the request fields as query parameters (``?class=dress&n=4``)."""
-        async for event in flow.stream_events(stream):
+        async for event in streaming.stream_events(stream):
             yield event
 
 

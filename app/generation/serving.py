@@ -2,43 +2,36 @@
 job, waiting with disconnect handling, one mapping of engine and scorer errors to API errors, and the
 response.
 
-Routes call ``generate`` (``POST /generate``) or ``open_stream`` + ``stream_events`` (the SSE
-routes) and only choose the representation. Everything here runs on the event loop; the device
-work happens on the engine's threads.
+Routes call ``generate`` (``POST /generate``), or ``app.generation.streaming``'s ``open_stream`` and
+``stream_events`` (the SSE routes, built on the same steps), and only choose the representation.
+Everything here runs on the event loop; the device work happens on the engine's threads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import math
 import secrets
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 from fastapi import Request
-from fastapi.sse import ServerSentEvent
 
 from app.clip import rerank
 from app.clip.schemas import RerankOut
 from app.clip.scorers import Scorer
-from app.errors import TYPES, ApiError, error_payload, not_ready
+from app.errors import ApiError, not_ready
 from app.fields import SEED_MAX
 from app.generation.engine import Engine
 from app.generation.jobs import (
     EngineClosed,
-    Event,
     Job,
     JobCancelled,
     JobResult,
     JobSpec,
     JobTooLarge,
-    Progress,
-    Queued,
     QueueFull,
 )
 from app.generation.models import ServedModel
@@ -47,19 +40,12 @@ from app.generation.schemas import (
     GenerateResponse,
     ImageOut,
     Params,
-    QueuedEvent,
-    StartEvent,
-    StepEvent,
-    StreamRequestBase,
     Timings,
 )
 from app.metrics import Metrics
 from app.settings import Settings
 from model import images
 from model.data import CLASS_NAMES
-
-PREVIEWS_PER_RUN = 10  # a stream's default: previews on about this many of its steps
-_DONE = object()  # put on a stream's event queue once its job's future is settled
 
 
 @dataclass
@@ -130,12 +116,6 @@ def api_error(err: BaseException) -> ApiError:
     if isinstance(err, JobCancelled):
         return ApiError(499, str(err), code="client_closed")
     return ApiError(500, f"sampling failed: {type(err).__name__}: {err}", code="sampling_failed")
-
-
-def error_event(err: ApiError, seq: int) -> ServerSentEvent:
-    """A stream's ``error`` event: the 200 status line has gone out, so the error travels as data."""
-    payload = error_payload(err.message, TYPES.get(err.status, err.type), err.param, err.code)
-    return ServerSentEvent(event="error", id=str(seq), data=payload)
 
 
 async def until_disconnected(request: Request) -> None:
@@ -238,7 +218,7 @@ async def wait(job: Job, request: Request, serving: Serving) -> JobResult:
         raise api_error(err) from err
 
 
-async def _rank(
+async def rank_candidates(
     plan: rerank.RerankPlan | None, result: JobResult, label: int, serving: Serving
 ) -> rerank.Ranked | None:
     if plan is None:
@@ -253,7 +233,7 @@ async def generate(body: GenerateRequestBase, request: Request, serving: Serving
     spec, params = resolve(body, serving, settings, candidates=plan.candidates if plan else None)
     job = await submit(serving, spec)
     result = await wait(job, request, serving)
-    ranked = await _rank(plan, result, spec.label, serving)
+    ranked = await rank_candidates(plan, result, spec.label, serving)
     return Generated(job.model, params, result, ranked, accepted)
 
 
@@ -313,92 +293,3 @@ def png_headers(serving: Serving, generated: Generated) -> dict[str, str]:
         headers["X-Rerank"] = f"{ranked.by};candidates={len(ranked.scores)}"
         headers["X-Scores"] = ",".join(f"{ranked.scores[int(i)]:.6g}" for i in ranked.order)
     return headers
-
-
-# --- streams ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Stream:
-    """A stream's job, opened before the response starts (so a full queue is still a plain 429)."""
-
-    job: Job
-    params: Params
-    events: asyncio.Queue[Any]
-    serving: Serving
-    accepted: float
-    queue_depth: int
-    plan: rerank.RerankPlan | None = None
-
-
-@asynccontextmanager
-async def open_stream(
-    body: StreamRequestBase, request: Request, serving: Serving, settings: Settings
-) -> AsyncIterator[Stream]:
-    """Queue the job and watch for the client leaving; the job is cancelled whenever the stream ends early."""
-    accepted = time.monotonic()
-    plan = rerank.plan(body.rerank, body.n, serving.scorers, settings)
-    spec, params = resolve(body, serving, settings, candidates=plan.candidates if plan else None)
-    every = body.preview_every or max(1, math.ceil(spec.steps / PREVIEWS_PER_RUN))
-    events: asyncio.Queue[Any] = asyncio.Queue()
-    job = await submit(serving, spec, on_event=events.put_nowait, preview_every=every)
-    job.future.add_done_callback(lambda _: events.put_nowait(_DONE))
-    depth = serving.engine.queue_depth_of(job.model)
-
-    async def cancel_when_gone() -> None:
-        await until_disconnected(request)
-        serving.engine.cancel(job)
-
-    watcher = asyncio.ensure_future(cancel_when_gone())
-    try:
-        yield Stream(job, params, events, serving, accepted, depth, plan)
-    finally:
-        watcher.cancel()
-        if not job.future.done():
-            serving.engine.cancel(job)
-
-
-def _b64(png: bytes | None) -> str | None:
-    return base64.b64encode(png).decode("ascii") if png is not None else None
-
-
-def _event(item: Event, seq: int) -> ServerSentEvent:
-    if isinstance(item, Queued):
-        queued = QueuedEvent(position=item.position, estimated_start_s=round(item.estimated_start_s, 3))
-        return ServerSentEvent(event="queued", id=str(seq), data=queued.model_dump(mode="json"))
-    assert isinstance(item, Progress)
-    step = StepEvent(index=item.index, total=item.total, t=item.t, x0_png=_b64(item.x0_png), xt_png=_b64(item.xt_png))
-    return ServerSentEvent(event="step", id=str(seq), data=step.model_dump(mode="json"))
-
-
-async def stream_events(stream: Stream) -> AsyncIterator[ServerSentEvent]:
-    """``start``, ``queued`` while it waits, one ``step`` per sampler step, then ``done`` or ``error``."""
-    seq = 0
-    model = stream.job.model
-    start = StartEvent(
-        job=stream.job.id,
-        model=model,
-        params=stream.params,
-        queue_depth=stream.queue_depth,
-        replica=stream.serving.replica,
-    )
-    yield ServerSentEvent(event="start", id=str(seq), data=start.model_dump(mode="json", by_alias=True))
-    try:
-        while (item := await stream.events.get()) is not _DONE:
-            seq += 1
-            yield _event(item, seq)
-        seq += 1
-        try:
-            result = stream.job.future.result()
-            ranked = await _rank(stream.plan, result, stream.job.spec.label, stream.serving)
-        except JobCancelled:
-            return  # the client is gone; nobody to tell
-        except Exception as err:
-            yield error_event(api_error(err), seq)
-            return
-        done = await response_body(stream.serving, Generated(model, stream.params, result, ranked, stream.accepted))
-        data = done.model_dump(mode="json", by_alias=True, exclude_none=True)
-        yield ServerSentEvent(event="done", id=str(seq), data=data)
-    finally:
-        if not stream.job.future.done():
-            stream.serving.engine.cancel(stream.job)

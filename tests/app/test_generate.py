@@ -130,6 +130,7 @@ def test_samplers_and_explicit_parameters(client: TestClient) -> None:
     }
 
 
+@pytest.mark.timeout(300)  # ddpm runs all 1000 steps of the schedule: minutes on a loaded 2-core machine
 def test_every_sampler_of_model_samplers_is_served(client: TestClient, metric: Callable) -> None:
     """The service's one list of samplers is model.samplers.SAMPLERS; the Literal type spells it out."""
     assert get_args(SamplerName) == SAMPLERS
