@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 from model.data import ENV_DIR
 from model.machine import describe
 from model.unet import UNetConfig
+from testkit.servers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_FALLBACK = {"base_channels": 48, "channel_mults": [1, 3], "attention_stages": [1]}
@@ -49,12 +49,6 @@ def network_flags(card_path: Path) -> tuple[list[str], str]:
         *("--stem-patch", str(config.stem_patch), "--groups", str(config.groups), "--dropout", str(config.dropout)),
     ]
     return flags, source
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(ranks: int, train_args: list[str], threads: int, run: Path) -> list[float]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from model.distributed import World
 from model.io import load_weights
 from model.train import TrainConfig, main, parse_args, train
 from model.unet import tiny_config
+from testkit.servers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 EPOCHS, STEPS_PER_EPOCH, BATCH = 3, 8, 32  # 256 images / batch 32
@@ -38,12 +38,6 @@ def argv(data_dir: Path, root: Path, epochs: int = EPOCHS, *extra: str) -> list[
         *("--lr", "6e-3", "--warmup-steps", "2", "--sample-steps", "2", "--device", "cpu", "--threads", "1"),
         *("--log-every", "1", "--no-progress", *extra),
     ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(args: list[str]) -> str:
