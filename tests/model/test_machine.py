@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.machine import native_bfloat16, resolve_device
+from model.machine import compile_pays, faster_layout, native_bfloat16, resolve_device
 
 
 def test_auto_is_cuda_when_present_else_the_cpu(monkeypatch):
@@ -34,3 +34,18 @@ def test_native_bfloat16_means_avx512_bf16_or_amx():
     assert native_bfloat16(frozenset({"amx_tile", "amx_bf16"}))
     assert not native_bfloat16(frozenset({"avx2", "avx512f", "avx512_vnni"}))  # AVX-512 alone emulates bf16
     assert not native_bfloat16(frozenset())  # no /proc/cpuinfo: float32
+
+
+def test_the_layout_is_measured_and_channels_last_keeps_a_near_tie(tiny_unet):
+    shape = (tiny_unet.config.in_channels, tiny_unet.config.image_size, tiny_unet.config.image_size)
+    channels_last, seconds = faster_layout(tiny_unet, torch.float32, shape, rows=4, repeats=2)
+    assert set(seconds) == {"channels_last", "nchw"} and all(s > 0 for s in seconds.values())
+    assert channels_last == (seconds["nchw"] >= 0.95 * seconds["channels_last"])
+    # NCHW would have to take no time at all to win with a margin of 100%, and wins at once with -1000%.
+    assert faster_layout(tiny_unet, torch.float32, shape, rows=4, repeats=1, margin=1.0)[0]
+    assert not faster_layout(tiny_unet, torch.float32, shape, rows=4, repeats=1, margin=-10.0)[0]
+
+
+def test_compile_auto_compiles_on_cuda_only():
+    assert compile_pays(torch.device("cuda"))
+    assert not compile_pays(torch.device("cpu"))
