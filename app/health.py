@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
@@ -27,6 +28,8 @@ class ModelHealth(BaseModel):
     kind: ModelKind
     precision: str = Field(description="the network's autocast dtype (FASHION_PRECISION)")
     parameters: int
+    layout: str | None = Field(default=None, description="channels_last or nchw (FASHION_CHANNELS_LAST)")
+    compiled: bool | None = Field(default=None, description="torch.compile'd (FASHION_COMPILE)")
 
 
 class Health(BaseModel):
@@ -37,6 +40,8 @@ class Health(BaseModel):
         default=None, description="the default model's autocast dtype (FASHION_PRECISION); each model's in models"
     )
     models: list[ModelHealth] | None = Field(default=None, description="every served model, the default first")
+    threads: int | None = Field(default=None, description="torch's intra-op CPU threads (FASHION_THREADS)")
+    scheduler: str | None = Field(default=None, description="how jobs share network evaluations (FASHION_SCHEDULER)")
     clip: ComponentHealth | None = Field(
         default=None, description="CLIP (POST /clip/score, rerank by clip); the service is ready without it"
     )
@@ -66,11 +71,24 @@ async def readyz(request: Request) -> Any:
     message saying how to provide the weights); the service is ready, and generates, without them."""
     serving = get_serving(request)  # raises the 503 ApiError
     models = [
-        ModelHealth(name=m.name, kind=m.kind, precision=m.runtime.precision, parameters=m.runtime.parameters)
+        ModelHealth(
+            name=m.name,
+            kind=m.kind,
+            precision=m.runtime.precision,
+            parameters=m.runtime.parameters,
+            layout=m.runtime.layout,
+            compiled=m.runtime.compiled,
+        )
         for m in serving.models.values()
     ]
     health = Health(
-        status="ready", model=models[0].name, device=serving.device, precision=models[0].precision, models=models
+        status="ready",
+        model=models[0].name,
+        device=serving.device,
+        precision=models[0].precision,
+        models=models,
+        threads=torch.get_num_threads(),
+        scheduler=serving.engine.policy,
     )
     clip = getattr(request.app.state, "clip", None)
     if clip is not None:

@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 from importlib.metadata import version
 
 import anyio
+import torch
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
@@ -55,6 +56,8 @@ def warmup_job(model: ServedModel) -> JobSpec:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     metrics: Metrics = app.state.metrics
+    if settings.threads:  # before any torch work: every thread's OpenMP team takes it from here
+        torch.set_num_threads(settings.threads)
     try:
         device = resolve_device(settings.device)
         clip_service = ClipService(settings, metrics, str(device))  # "loading" until started below
@@ -64,7 +67,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         raise
     observer = app.state.engine_metrics(metrics)
     runtimes = {m.name: m.runtime for m in served}
-    engine = Engine(runtimes, observer, queue_size=settings.queue_size, max_rows=settings.max_batch)
+    engine = Engine(
+        runtimes,
+        observer,
+        queue_size=settings.queue_size,
+        max_rows=settings.max_batch,
+        policy=settings.scheduler,
+        tick_rows=settings.tick_rows,
+    )
     engine.start()
     try:
         if settings.warmup:

@@ -94,10 +94,29 @@ class Settings(BaseSettings):
             "(1.75x faster there), float32 elsewhere"
         ),
     )
-    channels_last: bool = Field(
-        default=True, description="channels-last memory format (faster convolutions on CPU and CUDA alike)"
+    channels_last: Literal["auto"] | bool = Field(
+        default="auto",
+        description=(
+            "channels-last memory format; auto: measured at startup (model.machine.faster_layout: channels-last "
+            "unless NCHW is 5% faster here; bfloat16 images can differ in their last bits between the two, so pin "
+            "it where bytes must never change across machines)"
+        ),
     )
-    compile: bool = Field(default=False, description="torch.compile the network (CUDA graphs on CUDA)")
+    compile: Literal["auto"] | bool = Field(
+        default="auto",
+        description=(
+            "torch.compile the network (CUDA graphs on CUDA); auto: on CUDA only (on the CPU the compile costs "
+            "25-270 s of startup and 225 MiB for a 1.3-1.6x faster evaluation: set 1 where that pays)"
+        ),
+    )
+    threads: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "torch's intra-op CPU threads (torch.set_num_threads); None: torch's default, every CPU it may use. "
+            "Beside another busy process, fewer threads than cores avoids threads waiting on each other"
+        ),
+    )
     fixed_rows: int | None = Field(
         default=None,
         ge=0,
@@ -134,6 +153,20 @@ class Settings(BaseSettings):
             "the row budget: most rows in one network evaluation, shared by every active job (an image is one "
             "row, two while it is guided); a job needing more is refused with 422"
         ),
+    )
+    scheduler: Literal["deadline", "fcfs"] = Field(
+        default="deadline",
+        description=(
+            "how each model's jobs share its network evaluations. deadline: each job's deadline is its arrival "
+            "plus 3x its time alone; a tick evaluates the earliest deadlines first, up to tick_rows rows, so small "
+            "jobs stay fast beside large ones and a large job's turn still comes. fcfs: first come, first served, "
+            "every running job steps at every tick (docs/load.md measures both)"
+        ),
+    )
+    tick_rows: int | None = Field(
+        default=None,
+        ge=1,
+        description="deadline scheduler: most rows one tick evaluates; None: two fixed-row chunks (32 on the CPU)",
     )
     drain_seconds: float = Field(
         default=30.0,

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -73,6 +74,9 @@ class Runtime:
     dtype: torch.dtype  # autocast dtype; float32 means no autocast
     rows: int  # FixedRows chunk, 0 when off
     parameters: int
+    layout: str = "channels_last"  # or "nchw"
+    compiled: bool = False
+    layout_s: Mapping[str, float] = field(default_factory=dict)  # one evaluation per layout, where measured
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         return machine.autocast(self.device.type, self.dtype)
@@ -87,6 +91,8 @@ class Runtime:
             "device": str(self.device),
             "precision": self.precision,
             "fixed_rows": str(self.rows),
+            "layout": self.layout,
+            "compiled": str(self.compiled).lower(),
             "parameters": str(self.parameters),
         }
 
@@ -96,17 +102,25 @@ def prepare(
     device: torch.device,
     *,
     precision: str = "auto",
-    channels_last: bool = True,
-    compile: bool = False,
+    channels_last: bool | str = True,
+    compile: bool | str = False,
     fixed_rows: int | None = None,
     max_batch: int = 64,
 ) -> Runtime:
     """Wrap loaded weights (already on ``device``) for serving; ``loaded`` itself is left as it is."""
     dtype = machine.autocast_dtype(precision, device)
-    net = machine.serving_network(loaded.model, dtype, channels_last, compile)
+    compile = machine.compile_pays(device) if compile == "auto" else bool(compile)
     cudagraphs = compile and device.type == "cuda"  # a replayed graph reuses its output buffer
     rows = fixed_rows if fixed_rows is not None else (max_batch if device.type == "cuda" else CPU_ROWS)
+    layout_s: dict[str, float] = {}
+    if channels_last == "auto":  # timed on one chunk, the shape every evaluation runs
+        cfg = loaded.model.config
+        shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+        channels_last, layout_s = machine.faster_layout(loaded.model, dtype, shape, rows or CPU_ROWS)
+    channels_last = bool(channels_last)
+    net = machine.serving_network(loaded.model, dtype, channels_last, compile)
     if rows:
         net = FixedRows(net, rows, clone_outputs=cudagraphs)
     denoiser = replace(loaded.denoiser, model=net)
-    return Runtime(denoiser, device, dtype, rows, count_parameters(loaded.model))
+    layout = "channels_last" if channels_last else "nchw"
+    return Runtime(denoiser, device, dtype, rows, count_parameters(loaded.model), layout, bool(compile), layout_s)

@@ -5,8 +5,9 @@ evaluation per model that has active jobs, over the rows of all of that model's 
 sampler, step count, guidance, class or progress (``model.samplers.Denoiser.rows``), and then every
 job advances one step of its own sampler (``model.samplers.step``). A job that arrives joins at the
 next tick, a finished job leaves at once, a cancelled one at the next tick. Each model has its own
-*lane* (``app.generation.lane``): its queue, its running jobs, its row budget, and the admission rule
-with its forecast. docs/architecture.md explains the policy and why it is what it is.
+*lane* (``app.generation.lane``): its queue, its running jobs, its row budget, and the scheduling
+policy (which job enters, which jobs a tick evaluates) with its forecast. docs/architecture.md
+explains the policies and why the budget is per model; docs/load.md measures them.
 
 Each image keeps its own ``torch.Generator`` and each network runs on fixed-size chunks of rows
 (``app.generation.device.FixedRows``), so an image's bytes depend only on its model, seed and
@@ -42,7 +43,7 @@ from app.generation.jobs import (
     Queued,
     QueueFull,
 )
-from app.generation.lane import Lane, Running
+from app.generation.lane import Lane, Policy, Running
 from app.generation.output import Output
 from app.metrics import Evaluation, Observer
 from model.samplers import generators_from_seeds, start, step, to_uint8
@@ -55,7 +56,14 @@ class Engine:
     models it serves, in order: a job that names no model (``JobSpec.model`` None) goes to the first."""
 
     def __init__(
-        self, runtimes: Mapping[str, Runtime], observer: Observer, *, queue_size: int = 64, max_rows: int = 128
+        self,
+        runtimes: Mapping[str, Runtime],
+        observer: Observer,
+        *,
+        queue_size: int = 64,
+        max_rows: int = 128,
+        policy: Policy = "deadline",
+        tick_rows: int | None = None,
     ) -> None:
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
@@ -64,7 +72,11 @@ class Engine:
         self.runtimes = dict(runtimes)
         self.queue_size = queue_size  # per model
         self.max_rows = max_rows  # per model and evaluation
-        self._lanes = {name: Lane(name, runtime, max_rows, queue_size) for name, runtime in self.runtimes.items()}
+        self.policy = policy
+        self._lanes = {
+            name: Lane(name, runtime, max_rows, queue_size, policy, tick_rows)
+            for name, runtime in self.runtimes.items()
+        }
         self._cond = threading.Condition()
         self._closing = False
         self._drain_deadline: float | None = None
@@ -118,7 +130,7 @@ class Engine:
                 self._output.rejected("queue_full")
                 raise QueueFull(len(lane.pending), lane.retry_after(self._tick_s))
             job = Job(spec, loop, on_event, preview_every, record)
-            lane.pending.append(job)
+            lane.add(job)
             self._report_depth_locked()
             self._cond.notify_all()
         return job
@@ -201,7 +213,7 @@ class Engine:
                 for lane in self._lanes.values():
                     self._release_cancelled_locked(lane)
                     self._admit_locked(lane)
-                batches = [(lane, list(lane.running)) for lane in self._lanes.values() if lane.running]
+                batches = [(lane, lane.selected()) for lane in self._lanes.values() if lane.running]
                 if not batches:
                     self._cond.wait(timeout=self._idle_wait_locked())
                     continue
@@ -248,11 +260,12 @@ class Engine:
             self._report_depth_locked()
 
     def _tick(self, batches: list[tuple[Lane, list[Running]]]) -> None:
-        """One network evaluation per model over the rows of its active jobs, then one step of each job."""
+        """One network evaluation per model over the rows of the jobs its lane selected, then one step of each."""
         t0 = time.monotonic()
         evaluations: list[Evaluation] = []
         finished: list[tuple[Lane, Running, np.ndarray]] = []
         for lane, batch in batches:
+            started = time.monotonic()
             try:
                 rows, done = self._evaluate(lane.runtime, batch)
             except Exception as err:  # never let the worker die with jobs waiting on it; other models go on
@@ -264,6 +277,8 @@ class Engine:
                             r.job.state = "failed"
                             self._output.failed(r.job, err)
                 continue
+            with self._cond:
+                lane.observe(time.monotonic() - started, rows)
             finished.extend((lane, r, images) for r, images in done)
             if any(r.job.record for r in batch):
                 evaluations.append(Evaluation(lane.name, rows, len(batch)))

@@ -139,6 +139,7 @@ class Job:
         self.record = record  # False for the warm-up job: it stays out of the metrics
         self.submitted = time.monotonic()
         self.admitted: float | None = None
+        self.deadline = 0.0  # monotonic seconds; its lane sets it under the deadline policy
         # queued -> running -> done | cancelled | failed, guarded by the engine's lock
         self.state = "queued"
         self.position = 0  # the last queue position its events reported

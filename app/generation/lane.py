@@ -1,17 +1,34 @@
-"""One model's share of the engine: its queue, its running jobs, and the rule that admits them.
+"""One model's share of the engine: its queue, its running jobs, and the policy that schedules them.
 
-The admission rule and the forecast that queue positions, estimated starts and Retry-After come
-from are both here, side by side, so that a policy other than first come, first served is a change
-to this module alone (docs/architecture.md explains the policy and why the budget is per model).
-The engine calls a lane under its lock only.
+A policy decides two things, both here: which waiting job enters the row budget next (admission),
+and which running jobs a tick evaluates (selection). The forecast that queue positions, estimated
+starts and Retry-After come from simulates the same two rules, so it stays an honest estimate
+whatever the policy (it cannot know about jobs that have not arrived yet). The engine calls a lane
+under its lock only; docs/architecture.md explains the policies and why the budget is per model.
+
+``fcfs``, first come, first served: the oldest waiting job enters when its rows fit beside the
+running jobs', nobody overtakes it, and every running job steps at every tick.
+
+``deadline`` (the default): each job gets a deadline, its arrival plus ``DEADLINE_SLACK`` times
+the time it would take alone (its steps times the fixed-row chunks its rows fill, at the lane's
+measured seconds per chunk); a tick evaluates the running jobs in deadline order up to
+``tick_rows`` rows (the first always, then every one that still fits), and the waiting job with
+the earliest deadline is the next to enter, nobody overtaking it. A small job's deadline is near,
+so it steps at every tick and its ticks stay short instead of carrying every large job's rows; a
+large job's deadline is fixed when it arrives, so however many small jobs keep coming, its turn
+comes (aging). A job that skips a tick keeps its state; an image's bytes do not depend on which
+ticks it took (``app.generation.device.FixedRows``).
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -19,7 +36,10 @@ from app.generation.device import Runtime
 from app.generation.jobs import Job
 from model.samplers import SamplerState
 
+Policy = Literal["fcfs", "deadline"]
+POLICIES: tuple[Policy, ...] = ("fcfs", "deadline")
 DEFAULT_TICK_S = 0.1  # the tick time assumed for estimates before the first tick is measured
+DEADLINE_SLACK = 3.0  # a job's deadline: arrival + this many times its time alone
 
 
 @dataclass
@@ -55,25 +75,101 @@ def admission_ticks(active: list[tuple[int, int]], queued: list[tuple[int, int]]
     return out
 
 
+def select(rows: Sequence[int], cap: int) -> list[int]:
+    """Which jobs one tick evaluates, given their rows in priority order: the first always (a job may
+    need more than the cap), then every later one that still fits within ``cap`` rows in all."""
+    taken: list[int] = []
+    used = 0
+    for i, r in enumerate(rows):
+        if not taken or used + r <= cap:
+            taken.append(i)
+            used += r
+    return taken
+
+
+def deadline_ticks(
+    active: list[tuple[int, int, float]], queued: list[tuple[int, int, float]], budget: int, cap: int
+) -> list[int]:
+    """Ticks from now until each queued job is admitted under the ``deadline`` policy.
+
+    ``active``: (rows, steps left, deadline) of each running job; ``queued``: (rows, steps, deadline)
+    of each waiting job, earliest deadline first. Event by event: the selected jobs (``select`` in
+    deadline order) all step until the first of them finishes, which frees its rows; the head of the
+    queue then enters if it fits."""
+    running: list[list[float]] = sorted(([d, r, left] for r, left, d in active), key=lambda j: j[0])
+    used = sum(r for r, _, _ in active)
+    now, out = 0, []
+    waiting = deque(queued)
+    while waiting:
+        while waiting and (used + waiting[0][0] <= budget or not running):
+            rows, steps, d = waiting.popleft()
+            out.append(now)
+            bisect.insort(running, [d, rows, steps], key=lambda j: j[0])
+            used += rows
+        if not waiting:
+            break
+        chosen = [running[i] for i in select([int(j[1]) for j in running], cap)]
+        k = int(min(j[2] for j in chosen))
+        now += k
+        for j in chosen:
+            j[2] -= k
+        used -= sum(int(j[1]) for j in running if j[2] == 0)
+        running = [j for j in running if j[2] > 0]
+    return out
+
+
 @dataclass
 class Lane:
-    """A model's network, its waiting jobs (oldest first) and its running ones, within ``budget``
-    rows per network evaluation and ``queue_size`` waiting jobs."""
+    """A model's network, its waiting jobs (in the order the policy admits them) and its running ones,
+    within ``budget`` rows of running jobs, ``tick_rows`` rows per evaluation (``deadline``) and
+    ``queue_size`` waiting jobs."""
 
     name: str
     runtime: Runtime
     budget: int
     queue_size: int
+    policy: Policy = "deadline"
+    tick_rows: int | None = None  # deadline: most rows one tick evaluates; None: two fixed-row chunks
     pending: deque[Job] = field(default_factory=deque)
     running: list[Running] = field(default_factory=list)
+    chunk_s: float = 0.0  # moving average of one fixed-row chunk's evaluation, for deadlines
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.tick_rows is not None and self.tick_rows < 1:
+            raise ValueError(f"tick_rows must be >= 1, got {self.tick_rows}")
 
     @property
     def full(self) -> bool:
         return len(self.pending) >= self.queue_size
 
+    @property
+    def cap(self) -> int:
+        """Most rows one tick evaluates: ``tick_rows``, else two fixed-row chunks (on the CPU, 32 rows run at
+        the speed per row of 128; on CUDA the chunk is the whole budget), never more than the budget."""
+        if self.policy == "fcfs":
+            return self.budget
+        default = 2 * self.runtime.rows if self.runtime.rows else self.budget
+        return min(self.budget, self.tick_rows or default)
+
+    def chunks(self, rows: int) -> int:
+        """Fixed-row chunks that ``rows`` rows fill (rows themselves when chunking is off)."""
+        return math.ceil(rows / self.runtime.rows) if self.runtime.rows else rows
+
+    def add(self, job: Job) -> None:
+        """Queue a job in the policy's order: by arrival (fcfs) or by deadline."""
+        if self.policy == "fcfs":
+            self.pending.append(job)
+            return
+        alone = job.spec.steps * self.chunks(job.spec.rows) * (self.chunk_s or DEFAULT_TICK_S)
+        job.deadline = job.submitted + DEADLINE_SLACK * alone
+        keys = [j.deadline for j in self.pending]
+        self.pending.insert(bisect.bisect_right(keys, job.deadline), job)
+
     def admissible(self) -> list[Job]:
-        """Take the waiting jobs that may enter now: first come, first served, the oldest enters when
-        its rows fit beside the running jobs', and nobody overtakes it, even a job that would fit."""
+        """Take the waiting jobs that may enter now: the head of the queue enters when its rows fit
+        beside the running jobs', and nobody overtakes it, even a job that would fit."""
         used = sum(r.job.spec.rows for r in self.running)
         taken: list[Job] = []
         while self.pending and used + self.pending[0].spec.rows <= self.budget:
@@ -82,15 +178,33 @@ class Lane:
             taken.append(job)
         return taken
 
+    def selected(self) -> list[Running]:
+        """The running jobs this tick evaluates: all of them (fcfs), or by deadline up to ``tick_rows``."""
+        if self.policy == "fcfs" or sum(r.job.spec.rows for r in self.running) <= self.cap:
+            return list(self.running)
+        ordered = sorted(self.running, key=lambda r: r.job.deadline)
+        return [ordered[i] for i in select([r.job.spec.rows for r in ordered], self.cap)]
+
+    def observe(self, seconds: float, rows: int) -> None:
+        """One evaluation of this lane's network over ``rows`` rows took ``seconds``."""
+        per_chunk = seconds / max(1, self.chunks(rows))
+        self.chunk_s = per_chunk if self.chunk_s == 0 else 0.8 * self.chunk_s + 0.2 * per_chunk
+
     def forecast(self, tick_s: float) -> list[float]:
-        """Seconds from now until each waiting job is admitted by the rule of ``admissible``, at
-        ``tick_s`` per tick (the measured tick time; 0 before the first tick)."""
-        active = [(r.job.spec.rows, r.steps_left) for r in self.running]
-        queued = [(job.spec.rows, job.spec.steps) for job in self.pending]
+        """Seconds from now until each waiting job is admitted by this lane's policy, at ``tick_s``
+        per tick (the measured tick time; 0 before the first tick), if no other job arrived."""
         tick = tick_s or DEFAULT_TICK_S
-        return [ticks * tick for ticks in admission_ticks(active, queued, self.budget)]
+        if self.policy == "fcfs":
+            active = [(r.job.spec.rows, r.steps_left) for r in self.running]
+            queued = [(job.spec.rows, job.spec.steps) for job in self.pending]
+            ticks = admission_ticks(active, queued, self.budget)
+        else:
+            running = [(r.job.spec.rows, r.steps_left, r.job.deadline) for r in self.running]
+            waiting = [(job.spec.rows, job.spec.steps, job.deadline) for job in self.pending]
+            ticks = deadline_ticks(running, waiting, self.budget, self.cap)
+        return [t * tick for t in ticks]
 
     def retry_after(self, tick_s: float) -> int:
-        """Whole seconds until the oldest waiting job is admitted, which frees a place in the queue."""
+        """Whole seconds until the head of the queue is admitted, which frees a place in the queue."""
         estimates = self.forecast(tick_s)
         return max(1, math.ceil(estimates[0] if estimates else tick_s))

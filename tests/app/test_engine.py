@@ -186,6 +186,43 @@ def test_a_compiled_network_keeps_solo_bytes_in_shared_ticks_and_draws_what_eage
         assert apart.mean() < 0.5 and apart.max() <= 8, (apart.mean(), apart.max())  # fused kernels round apart
 
 
+def test_jobs_taking_turns_under_the_deadline_policy_keep_their_solo_bytes(runtime: Runtime) -> None:
+    """A tick of at most 6 rows cannot carry all three (4 + 1 + 6 rows): they step in turns, by deadline."""
+    solo: list = []
+    together: list = []
+
+    async def body(engine: Engine) -> None:
+        for s in MIXED:
+            solo.append(await engine.run(s))
+        jobs = [engine.submit(s) for s in MIXED]
+        together.extend(await asyncio.gather(*(job.future for job in jobs)))
+
+    recorder = scenario(runtime, body, policy="deadline", tick_rows=6)
+    assert max(rows for rows, _ in recorder.ticks) <= 6 and (11, 3) not in recorder.ticks
+    for alone, shared in zip(solo, together, strict=True):
+        assert np.array_equal(shared.images, alone.images)  # byte for byte
+
+
+def test_under_the_deadline_policy_a_small_job_skips_a_large_ones_ticks(runtime: Runtime) -> None:
+    """Beside a 4-row job of 400 steps, a 1-row job of 4 steps has the nearer deadline: with ticks of 4
+    rows it takes every tick alone until it is done, instead of sharing all of them."""
+
+    async def body(engine: Engine) -> None:
+        small_spec = spec(4, (9,), steps=4, guidance=1.0)
+        small_solo = await engine.run(small_spec)
+        events: list = []
+        large = engine.submit(spec(0, (5, 6, 7, 8), steps=400, guidance=1.0, sampler="ddim"), on_event=events.append)
+        await first_step(events)
+        small = await engine.run(small_spec)
+        assert not large.future.done()  # it waited, and has steps left
+        assert small.batch_jobs == 1  # never in a tick with the large job
+        assert np.array_equal(small.images, small_solo.images)
+        engine.cancel(large)
+        await asyncio.gather(large.future, return_exceptions=True)
+
+    scenario(runtime, body, policy="deadline", tick_rows=4)
+
+
 def test_a_job_joining_half_way_finishes_first_with_its_solo_bytes(runtime: Runtime) -> None:
     async def body(engine: Engine) -> None:
         long_spec, short_spec = spec(0, (5, 6), steps=60, sampler="ddim"), spec(4, (9,), steps=4, guidance=1.5)
@@ -267,7 +304,7 @@ def test_first_come_first_served_lets_a_large_job_in_while_small_ones_keep_comin
         assert queued and queued[0].position == 1 and queued[0].estimated_start_s > 0
         assert isinstance(big_events[-1], Progress)
 
-    scenario(runtime, body, max_rows=4)
+    scenario(runtime, body, max_rows=4, policy="fcfs")
     assert all(admitted["big"] <= admitted[f"later{i}"] for i in range(6))
 
 
@@ -380,7 +417,7 @@ def test_drain_fails_what_cannot_finish_in_time(runtime: Runtime) -> None:
             with pytest.raises(EngineClosed, match="did not finish in time"):
                 await job.future
 
-    scenario(runtime, body, max_rows=2)
+    scenario(runtime, body, max_rows=2, policy="fcfs")  # the deadline policy would let the short job go first
 
 
 def test_stop_fails_queued_and_running_jobs_and_refuses_new_ones(runtime: Runtime) -> None:
