@@ -53,6 +53,7 @@ from bench.workload import (
     summarize,
     teacher_only,
 )
+from testkit.metrics import metric
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_FRACTIONS = (0.2, 0.4, 0.7, 0.85, 1.0, 1.2)
@@ -64,16 +65,20 @@ class Engine:
 
     label: str
     repo: Path
-    env: dict[str, str]
+    settings: dict[str, str]  # FASHION_<NAME> settings, by name
     multi_model: bool  # serves the student beside the teacher (this checkout); the previous engine does not
 
 
 def parse_engine(text: str) -> Engine:
-    """``fcfs`` / ``deadline`` (this checkout with that FASHION_SCHEDULER) or ``old=DIR`` (another
-    checkout, one model, its own scheduling)."""
+    """``fcfs`` / ``deadline`` (this checkout with that FASHION_SCHEDULER), ``POLICY@DIR`` (another
+    checkout of this engine), ``old=DIR`` (another checkout that serves one model and schedules its
+    own way: the previous engine); ``POLICY:ROWS`` also sets FASHION_TICK_ROWS."""
     if text.startswith("old="):
         return Engine("previous engine (390f4af)", Path(text[4:]).resolve(), {}, multi_model=False)
-    return Engine(f"{text}", REPO, {"FASHION_SCHEDULER": text}, multi_model=True)
+    name, _, where = text.partition("@")
+    policy, _, rows = name.partition(":")
+    settings = {"scheduler": policy, **({"tick_rows": rows} if rows else {})}
+    return Engine(name, Path(where).resolve() if where else REPO, settings, multi_model=True)
 
 
 @dataclass
@@ -138,29 +143,27 @@ async def _stream(http: httpx.AsyncClient, kind: Kind, seed: int, sent: float, o
 
 async def rows_evaluated(http: httpx.AsyncClient) -> float:
     """Network rows the server has evaluated so far, every model's (its tick_rows histogram's sum)."""
-    text = (await http.get("/metrics")).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("fashion_tick_rows_sum"))
+    return metric((await http.get("/metrics")).text, "fashion_tick_rows_sum", default=0.0)
 
 
 async def idle_latencies(url: str, mix: Sequence[Kind], repeats: int) -> tuple[dict[str, float], dict[str, float]]:
-    """Each kind alone on the idle server, after one warm-up each: the median latency of ``repeats``,
-    and the network rows one request of it costs (from /metrics; NaN where the server has no such metric)."""
+    """Each kind alone on the idle server: the median latency of ``repeats``, and the network rows one
+    request of it costs (from /metrics; 0 where the server has no such metric). One n=1 request of
+    each model first, so that first-call costs stay out."""
     latency, rows = {}, {}
     async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+        for model in dict.fromkeys(k.model for k in mix):
+            await send(http, Kind("warm-up", 1.0, 1, model=model), 0, 0.0)
         for kind in mix:
-            await send(http, kind, 0, 0.0)
             runs = []
-            try:
-                before = await rows_evaluated(http)
-            except (httpx.HTTPError, ValueError, IndexError):
-                before = math.nan
+            before = await rows_evaluated(http)
             for r in range(repeats):
                 o = await send(http, kind, 1 + r, 0.0)
                 if not o.ok:
                     raise SystemExit(f"{kind.name} failed on the idle server with status {o.status}")
                 runs.append(o.latency)
             latency[kind.name] = statistics.median(runs)
-            rows[kind.name] = (await rows_evaluated(http) - before) / repeats if not math.isnan(before) else math.nan
+            rows[kind.name] = (await rows_evaluated(http) - before) / repeats
     return latency, rows
 
 
@@ -318,13 +321,11 @@ def plot(points: Sequence[Point], idle: dict[str, dict[str, float]], mix: Sequen
 # --- the run ----------------------------------------------------------------------------------------
 
 
-async def measure_engine(
-    url: str, engine: Engine, mix: Sequence[Kind], args: argparse.Namespace, rate_of: dict[float, float]
-) -> tuple[dict[str, float], list[Point]]:
-    """Idle latencies, then the open-loop sweep at the rates already fixed."""
-    serves = {k.name for k in (mix if engine.multi_model else teacher_only(mix))}
-    mine = [k for k in mix if k.name in serves]
-    idle, _ = await idle_latencies(url, mine, args.idle_repeats)
+async def sweep(
+    url: str, engine: Engine, mix: Sequence[Kind], args: argparse.Namespace, idle: dict[str, float], rate_of: dict
+) -> list[Point]:
+    """The open-loop sweep at the rates already fixed."""
+    serves = set(idle)
     points = []
     for i, fraction in enumerate(args.fractions):
         rate = rate_of[fraction]
@@ -338,7 +339,7 @@ async def measure_engine(
             file=sys.stderr,
             flush=True,
         )
-    return idle, points
+    return points
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -351,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--fractions", type=float, nargs="+", default=list(DEFAULT_FRACTIONS), help="of the capacity")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per rate")
-    p.add_argument("--idle-repeats", type=int, default=3)
+    p.add_argument("--idle-repeats", type=int, default=2)
     p.add_argument("--capacity-clients", type=int, default=12)
     p.add_argument("--capacity-seconds", type=float, default=24.0)
     p.add_argument("--capacity", type=float, default=None, help="requests/s of the mix at saturation (skip measuring)")
@@ -374,9 +375,10 @@ def main(argv: list[str] | None = None) -> None:
         capacity_line = ""
         for engine in engines:
             with serve(engine, Path(tmp), args.threads, tiny=args.tiny) as url:
+                mine = mix if engine.multi_model else teacher_only(mix)
+                idle[engine.label], rows_of = asyncio.run(idle_latencies(url, mine, args.idle_repeats))
                 if not rate_of:
                     if args.capacity is None:
-                        _, rows_of = asyncio.run(idle_latencies(url, mix, 1))
                         cap, images_per_s, rows_per_s = asyncio.run(
                             capacity(url, mix, rows_of, args.capacity_clients, args.capacity_seconds, args.seed)
                         )
@@ -390,9 +392,7 @@ def main(argv: list[str] | None = None) -> None:
                         cap, capacity_line = args.capacity, f"{args.capacity:.3f} requests/s of the mix (given)"
                     rate_of = {f: f * cap for f in args.fractions}
                     print(f"# capacity: {capacity_line}", file=sys.stderr, flush=True)
-                engine_idle, engine_points = asyncio.run(measure_engine(url, engine, mix, args, rate_of))
-                idle[engine.label] = engine_idle
-                points.extend(engine_points)
+                points.extend(asyncio.run(sweep(url, engine, mix, args, idle[engine.label], rate_of)))
 
     lines = [
         "# python -m bench.load: open-loop Poisson arrivals, "

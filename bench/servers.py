@@ -1,54 +1,33 @@
-"""Starting the service for ``bench.load``: the shipped teacher and student (or tiny random ones),
-this checkout's server or another checkout's, on a free loopback port."""
+"""Starting the service for ``bench.load`` with the test toolkit (``testkit``): the shipped teacher and
+student (or tiny random ones), this checkout's server or another checkout's, on a free loopback port."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import httpx
-
 from app.settings import default_weights_dir
-from model.io import save_weights
 from model.machine import describe
-from model.unet import perturbed_unet, tiny_config
+from testkit.servers import app_env, start_app, stop
+from testkit.weights import STUDENT_CARD, tiny_weights
 
 if TYPE_CHECKING:
     from bench.load import Engine
 
-READY_TIMEOUT_S = 600  # torch.compile at warm-up can take a minute on a busy CPU
+READY_TIMEOUT_S = 600  # loading two models and warming them up on one busy core
 
 
 def tiny_models(directory: Path) -> tuple[Path, Path]:
-    """A tiny random teacher and a 'student' distilled from it (random too), named as the shipped ones."""
-    config = tiny_config()
-    paths: list[Path] = []
-    for name, sampling, extra in (
-        ("fashion-unet", {"sampler": "dpm++", "steps": 20, "guidance": 1.35}, {}),
-        (
-            "fashion-student",
-            {"sampler": "consistency", "steps": 4, "guidance": 1.0},
-            {"distillation": {"teacher": "fashion-unet", "guidance": 1.35}},
-        ),
-    ):
-        card = {
-            "name": name,
-            "unet": config.to_dict(),
-            "diffusion": {"schedule": "cosine", "T": 1000, "prediction": "v"},
-            "sampling": sampling,
-            **extra,
-        }
-        path = directory / f"{name}.safetensors"
-        save_weights(perturbed_unet(config, seed=len(paths)), card, path)
-        paths.append(path)
-    return paths[0], paths[1]
+    """A tiny random teacher and a 'student' distilled from it, under the shipped models' names (the mix
+    asks for fashion-student by name)."""
+    teacher = tiny_weights(directory / "fashion-unet.safetensors", name="fashion-unet", steps=20)
+    student_card = {**STUDENT_CARD, "name": "fashion-student"}
+    student = tiny_weights(directory / "fashion-student.safetensors", seed=1, **student_card)
+    return teacher, student
 
 
 def machine_line() -> str:
@@ -61,14 +40,6 @@ def machine_line() -> str:
     return line
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def serve(engine: Engine, tmp: Path, threads: int, *, tiny: bool = False) -> Iterator[str]:
     """``python -m app`` of ``engine.repo`` (cwd and PYTHONPATH there, so that checkout is what runs),
@@ -76,43 +47,27 @@ def serve(engine: Engine, tmp: Path, threads: int, *, tiny: bool = False) -> Ite
     if tiny:
         teacher, student = tiny_models(tmp)
     else:
-        teacher, student = (
-            default_weights_dir() / "fashion-unet.safetensors",
-            default_weights_dir() / "fashion-student.safetensors",
-        )
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(engine.repo),
-        "OMP_NUM_THREADS": str(threads),
-        "FASHION_THREADS": str(threads),
-        "FASHION_DEVICE": "cpu",
-        "FASHION_CLIP_ENABLED": "false",
-        "FASHION_CLASSIFIER_WEIGHTS": "",  # no rerank here; a checkout without weights/ starts too
-        **engine.env,
+        teacher = default_weights_dir() / "fashion-unet.safetensors"
+        student = default_weights_dir() / "fashion-student.safetensors"
+    settings = {
+        "threads": str(threads),
+        "device": "cpu",
+        "clip_enabled": "false",
+        "classifier_weights": "",  # no rerank here, and a checkout without weights/ starts too
+        **({"models": json.dumps([str(teacher), str(student)])} if engine.multi_model else {"weights": str(teacher)}),
+        **engine.settings,
     }
-    if engine.multi_model:
-        env["FASHION_MODELS"] = json.dumps([str(teacher), str(student)])
-    else:
-        env["FASHION_WEIGHTS"] = str(teacher)
-    port = free_port()
-    cmd = [sys.executable, "-m", "app", "--port", str(port), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, env=env, cwd=engine.repo)
-    url = f"http://127.0.0.1:{port}"
+    env = app_env(settings, repo=engine.repo)
+    env["OMP_NUM_THREADS"] = str(threads)  # the previous engine has no FASHION_THREADS
+    proc, url = start_app(
+        settings,
+        args=("-m", "app", "--log-level", "warning"),
+        repo=engine.repo,
+        env=env,
+        capture=False,
+        timeout=READY_TIMEOUT_S,
+    )
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"the server of {engine.label} exited with {proc.returncode}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise SystemExit(f"the server of {engine.label} was not ready in {READY_TIMEOUT_S} s")
-            time.sleep(0.2)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
