@@ -11,9 +11,9 @@ subprocess on a free loopback port and prints one table, each figure a ratio mea
    (head-of-line blocking; whether it finished before the long job);
 2. eight concurrent requests that differ in sampler, steps and guidance, against the same requests
    one by one;
-3. ``POST /generate`` with n=16 against the same sampling in-process (``model.samplers.sample`` on
-   a batch of 16 + ``to_uint8``, plain and on the service's fixed-row chunks): HTTP, queue, PNG,
-   base64 and JSON overhead;
+3. ``POST /generate`` with n=16 against the same sampling in-process, in the same precision and layout
+   (``model.samplers.sample`` on a batch of 16 + ``to_uint8``, plain and on the service's fixed-row
+   chunks): HTTP, queue, PNG, base64 and JSON overhead;
 4. 16 concurrent clients asking n=1 each against one client asking n=16;
 5. time to the first ``step`` event of a stream, idle and while the long job runs.
 
@@ -31,13 +31,12 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import torch
 
-from app.generation.device import CPU_ROWS, FixedRows
+from app.generation.device import prepare
 from app.settings import default_weights_path
 from model.io import load_weights
 from model.machine import describe
@@ -57,21 +56,24 @@ def machine(device: str) -> str:
 
 
 class InProcess:
-    """The same sampling without the service: plain ``sample()``, and with the service's fixed rows."""
+    """The same sampling without the service, in the precision and layout the service runs: plain
+    ``sample()`` on the whole batch, and on the service's fixed-row chunks."""
 
-    def __init__(self, weights: Path, device: str, sampler: str, steps: int, guidance: float) -> None:
+    def __init__(self, weights: Path, device: str, sampler: str, steps: int, guidance: float, precision: str) -> None:
         loaded = load_weights(weights, device)
-        rows = CPU_ROWS if device == "cpu" else 128  # what app.generation.device.prepare picks by default
-        self.denoisers = {
-            "plain": loaded.denoiser,
-            "fixed_rows": replace(loaded.denoiser, model=FixedRows(loaded.model, rows)),
-        }
+        # What the service prepares by default (app.generation.device.prepare: the autocast dtype, the layout
+        # measured here, fixed-row chunks), and the same network without the chunks.
+        served = prepare(loaded, torch.device(device), precision=precision, channels_last="auto", max_batch=128)
+        layout = served.layout == "channels_last"
+        plain = prepare(loaded, torch.device(device), precision=precision, channels_last=layout, fixed_rows=0)
+        self.runtime = served
+        self.denoisers = {"plain": plain.denoiser, "fixed_rows": served.denoiser}
         self.device, self.sampler, self.steps, self.guidance = device, sampler, steps, guidance
 
     def seconds(self, variant: str, n: int, seed: int) -> float:
         labels = torch.full((n,), 3, device=self.device)
         t0 = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), self.runtime.autocast():
             x = sample(
                 self.denoisers[variant],
                 labels,
@@ -87,11 +89,11 @@ class InProcess:
 
 
 def start_server(
-    weights: Path, device: str, repo: Path, threads: int | None = None
+    weights: Path, device: str, repo: Path, threads: int | None = None, **settings: str
 ) -> tuple[subprocess.Popen[str], str]:
     """``python -m app`` from ``repo`` on a free port, once /readyz says 200 (``threads``: OMP_NUM_THREADS);
     the shell's other FASHION_* variables pass through, so a setting can be benched."""
-    env = servers.app_env({"weights": str(weights), "device": device}, repo=repo, keep=True)
+    env = servers.app_env({"weights": str(weights), "device": device, **settings}, repo=repo, keep=True)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     return servers.start_app(
@@ -190,6 +192,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clients", type=int, default=16, help="concurrent clients asking n=1 each")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--server-repo", type=Path, default=REPO, help="the checkout whose service to start")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="of both the service and the in-process sampling (auto: what FASHION_PRECISION=auto picks here)",
+    )
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -201,8 +209,10 @@ def main(argv: list[str] | None = None) -> None:
         guidance = args.guidance if args.guidance is not None else section.get("guidance", 1.0)
         where = machine(args.device)
 
-        local = InProcess(weights, args.device, sampler, steps, guidance)
-        server, url = start_server(weights, args.device, args.server_repo.resolve())
+        local = InProcess(weights, args.device, sampler, steps, guidance, args.precision)
+        # The service in the same precision and layout as the in-process rows, so that row 3 is overhead alone.
+        same = {"precision": local.runtime.precision, "channels_last": str(local.runtime.layout == "channels_last")}
+        server, url = start_server(weights, args.device, args.server_repo.resolve(), **same)
         try:
             body = {"class": 3, "sampler": sampler, "steps": steps, "guidance": guidance}
             runs = asyncio.run(measure(url, local, body, args.n, args.clients, args.repeats))
@@ -212,7 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     n, c = args.n, args.clients
     name = card.get("name", weights.stem)
     med = {key: statistics.median(values) for key, values in runs.items()}
+    precision, layout = local.runtime.precision, local.runtime.layout
     print(f"# python -m bench.serve: {name}, {sampler} {steps} steps, guidance {guidance}, {args.device}")
+    print(f"# precision {precision}, layout {layout}: the service and the in-process sampling alike")
     print(f"# server: {args.server_repo.resolve()} ({git_head(args.server_repo)})")
     print(f"# machine: {where}")
     print(f"# scenarios 1, 2, 5 once; 3 and 4 medians of {args.repeats} runs\n")
