@@ -21,18 +21,18 @@ SamplerName = Literal["ddpm", "ddim", "dpm++", "consistency"]
 CLASS_ALLOWED = class_allowed()
 
 
-def _class_field(value: Any) -> int:
+def class_index(value: Any) -> int:
+    """The class ``value`` names (``parse_class``: an index, a name, or a text naming one class), or a
+    ``class_value`` validation error with parse_class's message, which says what is allowed."""
     try:
         return parse_class(value)
-    except ValueError:
-        raise PydanticCustomError(
-            "class_value", "must be {allowed}; got {got}", {"allowed": CLASS_ALLOWED, "got": repr(value)}
-        ) from None
+    except ValueError as err:
+        raise PydanticCustomError("class_value", "{why}", {"why": str(err)}) from None
 
 
 ClassField = Annotated[
     int,
-    BeforeValidator(_class_field),
+    BeforeValidator(class_index),
     WithJsonSchema(
         {
             "anyOf": [

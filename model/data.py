@@ -12,6 +12,7 @@ import argparse
 import gzip
 import http.client
 import os
+import re
 import struct
 import urllib.request
 import zlib
@@ -46,12 +47,64 @@ def class_allowed(class_names: Sequence[str] = CLASS_NAMES) -> str:
     return f"an index 0..{len(class_names) - 1} or a class name ({', '.join(class_names)})"
 
 
-def parse_class(value: object, class_names: Sequence[str] = CLASS_NAMES) -> int:
-    """A class index from an index (an int, or a string of digits as in a query string) or a name.
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
 
-    Names ignore case and everything but letters and digits, and each part of a name with a slash
-    counts alone: "t-shirt/top", "T-Shirt Top", "tshirt" and "top" are all class 0, "Ankle Boot"
-    and "ankle_boot" class 9. Raises ValueError saying what is allowed."""
+
+def _phrases(class_names: Sequence[str]) -> list[tuple[tuple[str, ...], int]]:
+    """(words, class) for every way of naming a class, longest first: the name, each part of a name
+    with a slash, each written as words ("t shirt") or run together ("tshirt"), and a multi-word name's
+    last word when no other class uses it ("boot"; "shirt" stays class 6's)."""
+    phrases: dict[tuple[str, ...], int] = {}
+    for i, name in enumerate(class_names):
+        for form in {name, *name.split("/")}:
+            phrases.setdefault(tuple(_words(form)), i)
+            phrases.setdefault((_key(form),), i)
+    for i, name in enumerate(class_names):
+        for form in name.split("/"):
+            words = _words(form)
+            if len(words) > 1:
+                phrases.setdefault((words[-1],), i)
+    return sorted(phrases.items(), key=lambda item: -len(item[0]))
+
+
+def _singular(word: str, vocabulary: set[str]) -> str:
+    """ "dresses" -> "dress", "boots" -> "boot" when the singular is a word of some class name."""
+    if word in vocabulary:
+        return word
+    for suffix in ("es", "s"):
+        if word.endswith(suffix) and word[: -len(suffix)] in vocabulary:
+            return word[: -len(suffix)]
+    return word
+
+
+def classes_named(text: str, class_names: Sequence[str] = CLASS_NAMES) -> list[int]:
+    """The classes a piece of text names, in the order they first appear, each once.
+
+    Case, punctuation, plurals and any other words ("a", "photo of") are ignored: "Ankle boots",
+    "a pullover", "two T-shirts" name one class each, "a dress and a coat" two, "a hat" none."""
+    phrases = _phrases(class_names)
+    vocabulary = {word for words, _ in phrases for word in words}
+    words = [_singular(word, vocabulary) for word in _words(text)]
+    found: list[int] = []
+    i = 0
+    while i < len(words):
+        for phrase, label in phrases:
+            if tuple(words[i : i + len(phrase)]) == phrase:
+                if label not in found:
+                    found.append(label)
+                i += len(phrase)
+                break
+        else:
+            i += 1
+    return found
+
+
+def parse_class(value: object, class_names: Sequence[str] = CLASS_NAMES) -> int:
+    """A class index from an index (an int, or a string of digits as in a query string) or a text
+    that names exactly one class (``classes_named``): "t-shirt/top", "T-Shirt Top", "tshirt", "top"
+    and "a t-shirt" are all class 0, "Ankle Boot", "ankle_boot" and "ankle boots" class 9. Raises
+    ValueError saying what is allowed."""
     index: int | None = None
     if isinstance(value, int) and not isinstance(value, bool):
         index = value
@@ -60,9 +113,15 @@ def parse_class(value: object, class_names: Sequence[str] = CLASS_NAMES) -> int:
         if text.isdigit():
             index = int(text)
         else:
-            for i, name in enumerate(class_names):
-                if _key(text) in {_key(name), *(_key(part) for part in name.split("/"))}:
-                    return i
+            named = classes_named(text, class_names)
+            if len(named) == 1:
+                return named[0]
+            if len(named) > 1:
+                listed = ", ".join(class_names[i] for i in named)
+                raise ValueError(
+                    f"names {len(named)} classes ({listed}) but must name one: {class_allowed(class_names)}; "
+                    f"got {value!r}"
+                )
     if index is None or not 0 <= index < len(class_names):
         raise ValueError(f"must be {class_allowed(class_names)}; got {value!r}")
     return index

@@ -17,6 +17,7 @@ from model.data import (
     NUM_CLASSES,
     FashionMNIST,
     IDXError,
+    classes_named,
     fetch,
     main,
     parse_class,
@@ -348,3 +349,15 @@ def test_parse_class_takes_indices_digit_strings_and_forgiving_names():
         with pytest.raises(ValueError, match=r"must be an index 0\.\.9 or a class name \(t-shirt/top, .*got"):
             parse_class(bad)
     assert parse_class("b", ("a", "b")) == 1  # another model's class names
+
+
+def test_parse_class_reads_a_prompt_that_names_one_class():
+    # Plurals, articles, case and punctuation are forgiven; the words of t-shirt are not two classes.
+    assert parse_class("Ankle boots") == parse_class("a pair of boots") == 9
+    assert parse_class("a pullover") == 2 and parse_class("Dresses.") == 3 and parse_class("two T-shirts") == 0
+    assert parse_class("shirts") == 6 and parse_class("a photo of a bag") == 8
+    assert classes_named("a dress and a coat, and another dress") == [3, 4]
+    with pytest.raises(ValueError, match=r"names 2 classes \(dress, coat\) but must name one: an index 0\.\.9"):
+        parse_class("a dress and a coat")
+    with pytest.raises(ValueError, match=r"must be an index 0\.\.9 .*got 'a hat'"):
+        parse_class("a hat")
