@@ -234,10 +234,13 @@ class Engine:
         self._output.depth(0, 0)
 
     def _release_cancelled_locked(self, lane: Lane) -> None:
-        for r in [r for r in lane.running if r.job.cancel_requested]:
+        released = [r for r in lane.running if r.job.cancel_requested]
+        for r in released:
             lane.running.remove(r)
             r.job.state = "cancelled"
             self._output.failed(r.job, JobCancelled(f"job {r.job.id} cancelled while sampling"), "running")
+        if released:  # the active count changed, whether or not anything is admitted next
+            self._report_depth_locked()
 
     def _admit_locked(self, lane: Lane) -> None:
         """Start the jobs the lane's rule admits now, and tell those still waiting where they stand."""

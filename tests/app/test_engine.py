@@ -65,10 +65,12 @@ def spec(
     return JobSpec(label, tuple(seeds), sampler, steps, guidance, model)
 
 
-def scenario(runtime: Runtime | dict[str, Runtime], body, **engine_kwargs) -> Recorder:  # type: ignore[no-untyped-def]
+def scenario(
+    runtime: Runtime | dict[str, Runtime], body: Any, recorder: Recorder | None = None, **engine_kwargs: Any
+) -> Recorder:
     """Run ``body(engine)`` on a started engine (of one model, or of several by name), then stop it;
-    the observer for assertions."""
-    recorder = Recorder()
+    the observer (``recorder``, for a body that reads it too) for assertions."""
+    recorder = recorder or Recorder()
     runtimes = runtime if isinstance(runtime, dict) else {"tiny": runtime}
 
     async def main() -> None:
@@ -374,6 +376,27 @@ def test_cancel_leaves_the_queue_at_once_and_stops_a_running_job_within_a_tick(r
 
     recorder = scenario(runtime, body, max_rows=2)
     assert recorder.value("fashion_jobs_cancelled_total", stage="queued") == 1
+    assert recorder.value("fashion_jobs_cancelled_total", stage="running") == 1
+
+
+def test_a_cancelled_running_job_leaves_the_active_gauge_at_its_release(runtime: Runtime) -> None:
+    # Nothing else changes the queue after the cancel, so only the release itself can lower the gauge.
+    recorder = Recorder()
+
+    async def body(engine: Engine) -> None:
+        seen: list = []
+        long = engine.submit(spec(0, (1,), steps=1000, sampler="ddim"), on_event=seen.append)
+        await first_step(seen)
+        assert recorder.value("fashion_jobs_active") == 1  # reported on admission, before the first step
+        engine.cancel(long)
+        with pytest.raises(JobCancelled):
+            await long.future
+        deadline = time.monotonic() + 30
+        while recorder.value("fashion_jobs_active") != 0:
+            assert time.monotonic() < deadline, "fashion_jobs_active stayed 1 after its job was cancelled"
+            await asyncio.sleep(0.01)
+
+    scenario(runtime, body, recorder)
     assert recorder.value("fashion_jobs_cancelled_total", stage="running") == 1
 
 
