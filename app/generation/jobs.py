@@ -88,6 +88,7 @@ class Progress:
     t: int  # timestep the network was evaluated at
     x0_png: bytes | None  # grid of the job's x0 predictions, on preview steps only
     xt_png: bytes | None  # grid of the job's x_t, on preview steps only
+    x0: np.ndarray | None = None  # uint8 (n, H, W): the x0 predictions themselves, on preview steps only
 
 
 Event = Queued | Progress

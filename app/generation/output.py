@@ -91,7 +91,7 @@ class Output:
         if job.on_event is not None:
             x0_png = grid_png(x0) if x0 is not None else None
             xt_png = grid_png(xt) if xt is not None else None
-            self._event(job, Progress(index, total, t, x0_png, xt_png))
+            self._event(job, Progress(index, total, t, x0_png, xt_png, x0))
 
     def _result(self, job: Job, images: np.ndarray, finished: float) -> None:
         admitted = job.admitted if job.admitted is not None else finished
