@@ -1,5 +1,6 @@
-"""The service on a free loopback port: as a process (``python -m app``) or under uvicorn in a thread,
-and waiting for what it does on other threads, with a deadline and never a fixed sleep."""
+"""The service on a free loopback port: as a process (``python -m app``; ``Spawner`` for several, killed
+together) or under uvicorn in a thread, and waiting for what it does on other threads, with a deadline
+and never a fixed sleep."""
 
 from __future__ import annotations
 
@@ -109,6 +110,42 @@ def stop(proc: subprocess.Popen[Any], timeout: float = 60.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
     proc.communicate()
+
+
+class Spawner:
+    """``spawn(*args, ready=True, **settings)``: ``python -m app`` (or ``args``) as a real process, by
+    :func:`start_app`, with ``settings`` over ``defaults`` (FASHION_* names without the prefix; a
+    ``models`` setting drops a ``weights`` default, the one-model form of the same setting), one
+    thread per process, in ``cwd``; once /readyz says 200 unless ``ready=False``. (process, base URL).
+
+    ``close`` (or the end of ``with Spawner(...) as spawn:``) kills whatever is still running, so one
+    Spawner serves a test, or a module whose tests share one server."""
+
+    def __init__(self, defaults: Mapping[str, str], cwd: Path | None = None, timeout: float = 90.0) -> None:
+        self.defaults, self.cwd, self.timeout = dict(defaults), cwd, timeout
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def __call__(self, *args: str, ready: bool = True, **settings: str) -> tuple[subprocess.Popen[str], str]:
+        defaults = {k: v for k, v in self.defaults.items() if not (k == "weights" and "models" in settings)}
+        values = {**defaults, **settings}
+        env = {**app_env(values), "OMP_NUM_THREADS": "1"}
+        proc, url = start_app(values, args=args or ("-m", "app"), cwd=self.cwd, env=env, ready=False)
+        self.procs.append(proc)
+        if ready:
+            wait_ready(url, proc, self.timeout)
+        return proc, url
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+
+    def __enter__(self) -> Spawner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @contextlib.contextmanager

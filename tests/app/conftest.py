@@ -10,7 +10,6 @@ import base64
 import contextlib
 import io
 import json
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -96,28 +95,26 @@ def serve_in_thread() -> Callable[..., contextlib.AbstractContextManager[str]]:
     return servers.serve_in_thread
 
 
+def _spawner(cwd: Path, app_weights: Path) -> servers.Spawner:
+    # FASHION_WEIGHTS is the one-model form of FASHION_MODELS: the tiny weights unless either is given.
+    return servers.Spawner({"device": "cpu", "weights": str(app_weights)}, cwd=cwd)
+
+
 @pytest.fixture
-def spawn_app(tmp_path: Path, app_weights: Path) -> Iterator[Callable[..., tuple[subprocess.Popen[str], str]]]:
-    """Start ``python -m app`` (or other ``args``) as a real process on a free loopback port, with
-    ``FASHION_<NAME>`` settings from keyword arguments; wait for /readyz 200 unless ``ready=False``.
-    Whatever is still running at the end of the test is killed."""
-    procs: list[subprocess.Popen[str]] = []
+def spawn_app(tmp_path: Path, app_weights: Path) -> Iterator[servers.Spawner]:
+    """``spawn_app(*args, ready=True, **settings)``: ``python -m app`` (or other ``args``) as a real
+    process on a free loopback port, with ``FASHION_<NAME>`` settings from keyword arguments, once
+    /readyz says 200 unless ``ready=False`` (``testkit.servers.Spawner``). Whatever is still running at
+    the end of the test is killed."""
+    with _spawner(tmp_path, app_weights) as spawn:
+        yield spawn
 
-    def spawn(*args: str, ready: bool = True, **settings: str) -> tuple[subprocess.Popen[str], str]:
-        # FASHION_WEIGHTS is the one-model form of FASHION_MODELS: the tiny weights unless either is given.
-        values = {"device": "cpu", **({} if "models" in settings else {"weights": str(app_weights)}), **settings}
-        env = {**servers.app_env(values), "OMP_NUM_THREADS": "1"}
-        proc, url = servers.start_app(values, args=args or ("-m", "app"), cwd=tmp_path, env=env, ready=False)
-        procs.append(proc)
-        if ready:
-            servers.wait_ready(url, proc, timeout=90)
-        return proc, url
 
-    yield spawn
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+@pytest.fixture(scope="module")
+def spawn_app_for_module(tmp_path_factory: pytest.TempPathFactory, app_weights: Path) -> Iterator[servers.Spawner]:
+    """``spawn_app`` for a server that the tests of one module share; killed at the module's end."""
+    with _spawner(tmp_path_factory.mktemp("spawned"), app_weights) as spawn:
+        yield spawn
 
 
 def _decode_png(data: bytes | str) -> np.ndarray:
