@@ -38,6 +38,7 @@ from app.generation.schemas import Limits, allowed_values, request_models
 from app.generation.serving import Serving
 from app.metrics import EngineMetrics, Metrics
 from app.middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware, ReplicaMiddleware
+from app.openai import routes as openai_routes
 from app.settings import Settings
 from app.threads import on_fresh_thread
 from model.io import WeightsError
@@ -137,6 +138,7 @@ def create_app(
         metrics.router,
         generation_routes.build_router(generate_model, stream_model),
         clip_routes.build_router(settings),
+        openai_routes.build_router(limits),
     ]
     for router in routers:
         app.include_router(router)

@@ -21,7 +21,9 @@ from app.metrics import Metrics
 OPEN_PATHS = frozenset(
     {"/", "/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 )
-OPEN_PREFIXES = ("/static/",)  # the page's own files: the page asks for the key itself
+# The page's own files (the page asks for the key itself), and the images of OpenAI's url answers, which a
+# browser fetches without a header: with a key set, that route draws only URLs it signed (app.openai.urls).
+OPEN_PREFIXES = ("/static/", "/v1/images/files/")
 QUERY_KEY_PATHS = frozenset({"/generate/stream"})  # GET only: a browser's EventSource cannot set headers
 QUERY_KEY = "api_key"
 

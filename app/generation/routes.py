@@ -174,13 +174,22 @@ def stream_routes(router: APIRouter, body_model: type[StreamRequestBase]) -> Non
             yield event
 
 
+async def list_models(serving: ServingDep) -> ModelList:
+    """Every model this server samples with: ``model`` in a request is one of their ``id``s, and the
+    first is the default. Each carries its card's sampler, steps, guidance and guidance interval."""
+    default = serving.default.name
+    return ModelList(data=[model_out(m, m.name == default, serving.device) for m in serving.models.values()])
+
+
 def model_routes(router: APIRouter) -> None:
-    @router.get("/models", response_model=ModelList, tags=["model"], summary="The served models and their defaults")
-    async def models(serving: ServingDep) -> ModelList:
-        """Every model this server samples with: ``model`` in a request is one of their ``id``s, and the
-        first is the default. Each carries its card's sampler, steps, guidance and guidance interval."""
-        default = serving.default.name
-        return ModelList(data=[model_out(m, m.name == default, serving.device) for m in serving.models.values()])
+    router.add_api_route(
+        "/models",
+        list_models,
+        methods=["GET"],
+        response_model=ModelList,
+        tags=["model"],
+        summary="The served models and their defaults",
+    )
 
     @router.get(
         "/schedule",

@@ -8,6 +8,7 @@ One cluster for the module (starting it costs ~15 s); the fault test kills a rep
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import subprocess
@@ -193,6 +194,28 @@ def test_streams_run_through_the_proxy(ray_service, parse_sse, decode_png) -> No
     # The browser's EventSource form, with the key in the query.
     r = httpx.get(f"{url}/generate/stream", params={"class": "bag", "n": 1, "steps": 2, "api_key": KEY}, timeout=60)
     assert [name for name, _ in parse_sse(r.text)][-1] == "done"
+
+
+def test_openai_urls_are_drawn_by_either_replica_and_openai_streams_run_through_the_proxy(ray_service) -> None:
+    import openai
+
+    url, _ = ray_service
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
+    common: dict[str, Any] = {"prompt": "a bag", "n": 2, "size": "56x56", "extra_body": {"seed": 4}}
+    links = [d.url or "" for d in client.images.generate(response_format="url", **common).data or []]
+    inline = [base64.b64decode(d.b64_json or "") for d in client.images.generate(**common).data or []]
+    assert all(link.startswith(f"{url}/v1/images/files/") for link in links)
+
+    async def fetch_each_six_times() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60) as c:  # a browser's fetch: no key
+            return await asyncio.gather(*(c.get(link) for link in links for _ in range(6)))
+
+    fetched = asyncio.run(fetch_each_six_times())
+    assert all(r.status_code == 200 for r in fetched), [r.text for r in fetched]
+    assert len({r.headers["x-replica"] for r in fetched}) == 2  # a URL is drawn by whichever replica gets it
+    assert [r.content for r in fetched] == [file for file in inline for _ in range(6)]
+    events = list(client.images.generate(prompt="bag", stream=True, partial_images=2, extra_body={"seed": 4}))
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
 
 
 def test_a_disconnected_stream_cancels_its_job(ray_service, metric) -> None:
