@@ -262,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         "--guide",
         nargs="+",
         default=None,
-        help="autoguide with these weights (several: one run each); 'none': classifier-free; default: the card's",
+        help="autoguide with these weights (several: one run each); 'none': classifier-free; default: the card's guide "
+        "when its sampling.guidance_method is autoguidance",
     )
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--precision", choices=list(DTYPES), default="float32", help="the network's autocast dtype")
@@ -304,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         card_guide = card_guide_path(a.weights, card)
     except WeightsError as err:
         p.error(str(err))
-    guides: list[str | Path | None] = [card_guide] if a.guide is None else [None if g == "none" else g for g in a.guide]
+    by_card = card_guide if from_card.guidance_method == "autoguidance" else None
+    guides: list[str | Path | None] = [by_card] if a.guide is None else [None if g == "none" else g for g in a.guide]
     clip_spec = None
     if a.clip:
         from model.clip import DEFAULT_MODEL, DEFAULT_PRETRAINED, ClipSpec

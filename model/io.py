@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from model.atomic import atomic_path, atomic_write_bytes
 from model.diffusion import PREDICTIONS, Schedule
-from model.samplers import Denoiser
+from model.samplers import GUIDANCE_METHODS, Denoiser
 from model.unet import UNet, UNetConfig
 
 
@@ -87,7 +87,8 @@ class CardSampling:
     steps: int = 20
     guidance: float = 1.0  # the plain conditional model
     guidance_interval: tuple[float, float] | None = None  # guide every step
-    guide: str | None = None  # autoguidance: the guide network's weights file, beside these (None: classifier-free)
+    guide: str | None = None  # a guide network's weights file, beside these, for autoguidance (None: none)
+    guidance_method: str = "classifier-free"  # one of GUIDANCE_METHODS; "autoguidance" when a guide is named
 
 
 def card_sampling(card: dict) -> CardSampling:
@@ -95,12 +96,19 @@ def card_sampling(card: dict) -> CardSampling:
     TypeError or ValueError; ranges are for the caller to check against its own limits."""
     section = card.get("sampling") or {}
     default = CardSampling()
+    guide = section.get("guide") or None
+    method = section.get("guidance_method") or ("autoguidance" if guide else default.guidance_method)
+    if method not in GUIDANCE_METHODS:
+        raise ValueError(f"sampling.guidance_method must be one of {', '.join(GUIDANCE_METHODS)}, got {method!r}")
+    if method == "autoguidance" and guide is None:
+        raise ValueError("sampling.guidance_method is autoguidance, but sampling.guide names no guide")
     return CardSampling(
         sampler=section.get("sampler") or default.sampler,
         steps=int(section.get("steps") or default.steps),
         guidance=float(section.get("guidance", default.guidance)),
         guidance_interval=card_guidance_interval(card),
-        guide=section.get("guide") or None,
+        guide=guide,
+        guidance_method=method,
     )
 
 
@@ -120,20 +128,24 @@ def card_guide_path(weights_path: str | os.PathLike, card: dict) -> Path | None:
 GUIDE_MUST_MATCH = ("image_size", "in_channels", "num_classes")
 
 
-def with_guide(weights: LoadedWeights, guide: LoadedWeights) -> LoadedWeights:
-    """``weights`` autoguided by ``guide``'s network (Karras et al. 2024). The guide must be a model of the
-    same images, classes, schedule and target: its output is compared with the main network's."""
+def check_guide_card(card: dict, guide_card: dict, guide_path: Path, name: str) -> None:
+    """Refuse a guide that is not a model of the same images, classes, schedule and target as the model
+    ``name`` of ``card``: autoguidance compares their outputs. Checks cards only, before any tensor loads."""
     for key in GUIDE_MUST_MATCH:
-        if guide.card["unet"].get(key) != weights.card["unet"].get(key):
+        if guide_card["unet"].get(key) != card["unet"].get(key):
             raise WeightsError(
-                f"{guide.path}: guide's unet.{key} is {guide.card['unet'].get(key)!r}, "
-                f"but {weights.path.name}'s is {weights.card['unet'].get(key)!r}"
+                f"{guide_path}: guide's unet.{key} is {guide_card['unet'].get(key)!r}, "
+                f"but {name}'s is {card['unet'].get(key)!r}"
             )
-    if guide.card["diffusion"] != weights.card["diffusion"]:
+    if guide_card["diffusion"] != card["diffusion"]:
         raise WeightsError(
-            f"{guide.path}: guide's diffusion {guide.card['diffusion']} differs from "
-            f"{weights.path.name}'s {weights.card['diffusion']}"
+            f"{guide_path}: guide's diffusion {guide_card['diffusion']} differs from {name}'s {card['diffusion']}"
         )
+
+
+def with_guide(weights: LoadedWeights, guide: LoadedWeights) -> LoadedWeights:
+    """``weights`` autoguided by ``guide``'s network (Karras et al. 2024), once ``check_guide_card`` passes."""
+    check_guide_card(weights.card, guide.card, guide.path, weights.path.name)
     return replace(weights, denoiser=replace(weights.denoiser, guide=guide.model))
 
 

@@ -25,6 +25,8 @@ import torch
 from model.diffusion import Schedule, split_prediction
 
 SAMPLERS = ("ddpm", "ddim", "dpm++", "consistency")
+# What a guided row is guided away from: the null class (Ho & Salimans 2022) or a guide network (Karras et al. 2024).
+GUIDANCE_METHODS = ("classifier-free", "autoguidance")
 
 
 class SamplingStopped(Exception):

@@ -118,9 +118,12 @@ def prepare(
         shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
         channels_last, layout_s = machine.faster_layout(loaded.model, dtype, shape, rows or CPU_ROWS)
     channels_last = bool(channels_last)
-    net = machine.serving_network(loaded.model, dtype, channels_last, compile)
-    if rows:
-        net = FixedRows(net, rows, clone_outputs=cudagraphs)
-    denoiser = replace(loaded.denoiser, model=net)
+
+    def wrap(network: nn.Module) -> nn.Module:
+        net = machine.serving_network(network, dtype, channels_last, compile)
+        return FixedRows(net, rows, clone_outputs=cudagraphs) if rows else net
+
+    guide = loaded.denoiser.guide  # an autoguided model's guide runs on fixed rows too: its bytes stay the job's own
+    denoiser = replace(loaded.denoiser, model=wrap(loaded.model), guide=None if guide is None else wrap(guide))
     layout = "channels_last" if channels_last else "nchw"
     return Runtime(denoiser, device, dtype, rows, count_parameters(loaded.model), layout, bool(compile), layout_s)

@@ -3,11 +3,13 @@
 One worker thread owns the device and serves one or more models. Each *tick* is one network
 evaluation per model that has active jobs, over the rows of all of that model's jobs, whatever their
 sampler, step count, guidance, class or progress (``model.samplers.Denoiser.rows``), and then every
-job advances one step of its own sampler (``model.samplers.step``). A job that arrives joins at the
-next tick, a finished job leaves at once, a cancelled one at the next tick. Each model has its own
-*lane* (``app.generation.lane``): its queue, its running jobs, its row budget, and the scheduling
-policy (which job enters, which jobs a tick evaluates) with its forecast. docs/architecture.md
-explains the policies and why the budget is per model; docs/load.md measures them.
+job advances one step of its own sampler (``model.samplers.step``). An autoguided model's guide
+network is evaluated in the same tick, over the guided rows of the jobs that ask for autoguidance.
+A job that arrives joins at the next tick, a finished job leaves at once, a cancelled one at the
+next tick. Each model has its own *lane* (``app.generation.lane``): its queue, its running jobs, its
+row budget, and the scheduling policy (which job enters, which jobs a tick evaluates) with its
+forecast. docs/architecture.md explains the policies and why the budget is per model; docs/load.md
+measures them.
 
 Each image keeps its own ``torch.Generator`` and each network runs on fixed-size chunks of rows
 (``app.generation.device.FixedRows``), so an image's bytes depend only on its model, seed and
@@ -303,15 +305,17 @@ class Engine:
 
     def _evaluate(self, runtime: Runtime, batch: list[Running]) -> tuple[int, list[tuple[Running, np.ndarray]]]:
         """One evaluation of one model's network over its jobs' rows, then one step of each job: the
-        rows evaluated (images plus null-class rows), and the jobs that took their last step with
+        rows evaluated (images plus reference rows: null-class rows, and the guide network's for autoguided
+        jobs, evaluated in the same tick), and the jobs that took their last step with
         their images (uint8 (n, 28, 28); copied here, where a device error still fails only this model)."""
         den = runtime.denoiser
         x = torch.cat([r.state.x for r in batch])  # (rows, C, H, W)
         y = torch.cat([r.labels for r in batch])
         ts = [r.state.t for r in batch for _ in range(r.job.spec.n)]
         ws = [r.job.spec.guidance for r in batch for _ in range(r.job.spec.n)]
+        autos = [r.job.spec.autoguide for r in batch for _ in range(r.job.spec.n)]
         with torch.inference_mode(), runtime.autocast():
-            eps, x0 = den.rows(x, ts, y, ws)
+            eps, x0 = den.rows(x, ts, y, ws, autos)
         images = len(x)
         rows = images + sum(r.job.spec.n for r in batch if den.needs_null_row(r.state.t, r.job.spec.guidance))
         finished: list[tuple[Running, np.ndarray]] = []

@@ -60,6 +60,7 @@ class JobSpec:
     steps: int
     guidance: float
     model: str | None = None  # a model the engine serves; None: its first (Engine.submit fills it in)
+    autoguide: bool = False  # guided rows take their reference from the model's guide network, not the null class
 
     @property
     def n(self) -> int:
@@ -67,7 +68,8 @@ class JobSpec:
 
     @property
     def rows(self) -> int:
-        """Most rows the job brings to one network evaluation: a null-class row per image when it guides."""
+        """Most rows the job brings to one network evaluation: a reference row per image when it guides (a
+        null-class row, or one of the guide network's, which counts the same)."""
         return self.n * (1 if self.guidance == 1.0 else 2)
 
 

@@ -2,11 +2,11 @@
 
 ``load_models`` reads every listed model's card first and checks all of it that the service relies on
 (``check_cards``: the files exist, the names differ, the schedule, the sampling section under the
-settings, a student's distillation section), so a misconfigured list fails at startup before any
-tensor loads; then it loads and prepares each network for the engine. A model is a *student* when
-its card has a ``distillation`` section (the teacher it was distilled from, the method, the guidance
-scale distilled into it) and a *teacher* otherwise. Guidance distilled into a student is part of its
-network: requests may not add more.
+settings, a student's distillation section, the guide an autoguided model's card names), so a
+misconfigured list fails at startup before any tensor loads; then it loads and prepares each network
+for the engine. A model is a *student* when its card has a ``distillation`` section (the teacher it
+was distilled from, the method, the guidance scale distilled into it) and a *teacher* otherwise.
+Guidance distilled into a student is part of its network: requests may not add more.
 """
 
 from __future__ import annotations
@@ -21,7 +21,15 @@ from app.generation.device import Runtime, prepare
 from app.generation.schemas import ModelKind
 from app.settings import Settings
 from model.diffusion import Schedule
-from model.io import WeightsError, card_sampling, load_weights, read_card
+from model.io import (
+    WeightsError,
+    card_guide_path,
+    card_sampling,
+    check_guide_card,
+    load_weights,
+    read_card,
+    with_guide,
+)
 from model.samplers import SAMPLERS
 
 
@@ -31,6 +39,7 @@ class Defaults:
     steps: int
     guidance: float
     guidance_interval: tuple[float, float] | None = None  # noise levels where guidance applies; None: all
+    guidance_method: str = "classifier-free"  # or "autoguidance", with the model's guide (model.samplers)
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,7 @@ class ServedModel:
     runtime: Runtime
     distilled_guidance: float | None = None  # the guidance scale distilled into a student; None: a teacher
     created: int = 0  # the weights file's modification time, Unix seconds
+    guide: str | None = None  # the guide network's name (its card's), loaded beside it for autoguidance
 
     @property
     def kind(self) -> ModelKind:
@@ -113,7 +123,7 @@ def sampling_defaults(
         interval = from_card.guidance_interval
     else:
         interval = None if settings.guidance_interval == "all" else settings.guidance_interval
-    return Defaults(sampler=sampler, steps=int(steps), guidance=float(guidance), guidance_interval=interval)
+    return Defaults(sampler, int(steps), float(guidance), interval, from_card.guidance_method)
 
 
 @dataclass(frozen=True)
@@ -125,6 +135,7 @@ class CheckedCard:
     name: str
     defaults: Defaults
     distilled_guidance: float | None
+    guide: Path | None = None  # the guide network's .safetensors file, its card checked against this one's
 
 
 def schedule_steps(card: dict[str, Any], path: Path) -> int:
@@ -159,8 +170,23 @@ def check_cards(settings: Settings) -> list[CheckedCard]:
             defaults = sampling_defaults(settings, card, T, overrides=i == 0, distilled=distilled)
         except WeightsError as err:
             raise WeightsError(f"{path.with_suffix('.json')}: {err}") from err
-        checked.append(CheckedCard(path, card, name, defaults, distilled))
+        checked.append(CheckedCard(path, card, name, defaults, distilled, check_guide(path, card, name)))
     return checked
+
+
+def check_guide(path: Path, card: dict[str, Any], name: str) -> Path | None:
+    """The guide network that the card's ``sampling.guide`` names, its card checked against this one
+    (model.io.check_guide_card) before any tensor loads; None when the card names none."""
+    try:
+        guide = card_guide_path(path, card)
+    except (TypeError, ValueError) as err:
+        raise WeightsError(f"{path.with_suffix('.json')}: {err}") from err
+    if guide is None:
+        return None
+    if not guide.exists():
+        raise WeightsError(f"{guide}: the guide that {path.with_suffix('.json')} names is not there")
+    check_guide_card(card, read_card(guide), guide, name)
+    return guide
 
 
 def load_models(settings: Settings, device: torch.device) -> list[ServedModel]:
@@ -170,6 +196,9 @@ def load_models(settings: Settings, device: torch.device) -> list[ServedModel]:
         loaded = load_weights(c.path, device)
         interval = c.defaults.guidance_interval
         loaded = replace(loaded, denoiser=replace(loaded.denoiser, guidance_interval=interval))
+        guide = load_weights(c.guide, device) if c.guide is not None else None
+        if guide is not None:
+            loaded = with_guide(loaded, guide)
         runtime = prepare(
             loaded,
             device,
@@ -180,5 +209,10 @@ def load_models(settings: Settings, device: torch.device) -> list[ServedModel]:
             max_batch=settings.max_batch,
         )
         created = int(loaded.path.stat().st_mtime)
-        models.append(ServedModel(c.name, loaded.path, loaded.card, c.defaults, runtime, c.distilled_guidance, created))
+        guide_name = model_name(guide.card, guide.path) if guide is not None else None
+        models.append(
+            ServedModel(
+                c.name, loaded.path, loaded.card, c.defaults, runtime, c.distilled_guidance, created, guide_name
+            )
+        )
     return models

@@ -86,6 +86,8 @@ def model_out(model: ServedModel, default: bool, device: str) -> ModelOut:
             "guidance": d.guidance,
             "guidance_interval": d.guidance_interval,
             "distilled_guidance": model.distilled_guidance,
+            "guide": model.guide,
+            "guidance_method": d.guidance_method,
             "samplers": list(SAMPLERS),
             "T": model.T,
             "parameters": model.runtime.parameters,

@@ -27,6 +27,11 @@ from app.fields import (
 )
 
 ModelKind = Literal["teacher", "student"]
+GuidanceMethod = Literal["classifier-free", "autoguidance"]  # model.samplers.GUIDANCE_METHODS, spelled out
+GUIDANCE_METHOD_DESCRIPTION = (
+    "what guidance steers away from: classifier-free (the null class) or autoguidance (the model's guide "
+    "network, GET /models' guide); default: the model's"
+)
 ModelId = Annotated[str, Field(min_length=1, max_length=200)]
 MODEL_ALLOWED = "a model id of GET /models"
 
@@ -86,6 +91,7 @@ class GenerateRequestBase(BaseModel):
         ),
     )
     guidance: NonNegativeFloat | None = None
+    guidance_method: GuidanceMethod | None = Field(default=None, description=GUIDANCE_METHOD_DESCRIPTION)
     seed: Seed | None = Field(
         default=None, description="image i is drawn with seed + i; omitted: a random seed, reported back"
     )
@@ -169,6 +175,8 @@ class Params(BaseModel):
             "guidance applied only at noise levels sigma_lo < sigma_t <= sigma_hi (the server's); absent: every step"
         ),
     )
+    guidance_method: GuidanceMethod = "classifier-free"
+    guide: str | None = Field(default=None, description="with autoguidance: the guide network it steered from")
     seed: int = Field(description="base seed; image i used seed + i")
 
 
@@ -216,6 +224,10 @@ class ModelOut(BaseModel):
     distilled_guidance: float | None = Field(
         default=None, description="a student's guidance scale, distilled into it: requests then take guidance 1 only"
     )
+    guide: str | None = Field(
+        default=None, description="its guide network for autoguidance (Karras et al. 2024); null: it has none"
+    )
+    guidance_method: GuidanceMethod = Field(description="the default guidance_method of its requests")
     samplers: list[SamplerName] = Field(description="the samplers it can be asked for")
     T: int = Field(description="diffusion timesteps of its schedule")
     parameters: int

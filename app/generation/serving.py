@@ -169,12 +169,26 @@ def resolve(
             code="guidance_distilled",
             param="guidance",
         )
+    method = body.guidance_method or defaults.guidance_method
+    if method == "autoguidance" and model.guide is None:
+        raise ApiError(
+            422,
+            f"guidance_method: {model.name} has no guide network (its card names none); allowed: classifier-free",
+            code="no_guide",
+            param="guidance_method",
+        )
     if sampler == "ddpm":
         steps = _ddpm_steps(body.steps, model.T, settings)
     base = body.seed if body.seed is not None else secrets.randbelow(SEED_MAX + 1)
     seeds = tuple(base + i for i in range(candidates or body.n))
     spec = JobSpec(
-        label=body.class_, seeds=seeds, sampler=sampler, steps=steps, guidance=float(guidance), model=model.name
+        label=body.class_,
+        seeds=seeds,
+        sampler=sampler,
+        steps=steps,
+        guidance=float(guidance),
+        model=model.name,
+        autoguide=method == "autoguidance",
     )
     params = Params.model_validate(
         {
@@ -185,6 +199,8 @@ def resolve(
             "steps": steps,
             "guidance": float(guidance),
             "guidance_interval": defaults.guidance_interval,
+            "guidance_method": method,
+            "guide": model.guide if method == "autoguidance" else None,
             "seed": base,
         }
     )

@@ -97,6 +97,7 @@ def test_without_model_nothing_changes_and_with_it_the_students_defaults_apply(
         "sampler": "consistency",
         "steps": student_steps,
         "guidance": 1.0,
+        "guidance_method": "classifier-free",
         "seed": 21,
     }
     assert all(decode_png(i["png"]).shape == (28, 28) for i in student["images"])
