@@ -12,7 +12,7 @@ import torch
 
 from model.classifier import load_classifier, predict
 from model.data import NUM_CLASSES, to_model_range
-from model.io import load_weights
+from model.io import card_guide_path, card_sampling, load_weights, with_guide
 from model.samplers import generators_from_seeds, sample, to_uint8
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
@@ -70,3 +70,18 @@ def test_the_student_draws_the_requested_class_in_its_few_steps():
     assert len(calls) == s["steps"]  # one evaluation per step: guidance is distilled in
     probs, _ = predict(classifier, to_model_range(to_uint8(x)))
     assert (probs.argmax(1) == labels.numpy()).mean() >= 0.8
+
+
+def test_the_teachers_guide_fits_it_and_autoguides_the_requested_class():
+    torch.set_num_threads(1)
+    teacher = load_weights(WEIGHTS / "fashion-unet.safetensors")
+    guide_path = card_guide_path(teacher.path, teacher.card)
+    assert guide_path == WEIGHTS / "fashion-guide.safetensors"
+    assert card_sampling(teacher.card).guidance_method == "classifier-free"  # the measured best stays the default
+    guided = with_guide(teacher, load_weights(guide_path))
+    guide_card = json.loads(guide_path.with_suffix(".json").read_text())
+    assert guide_card["guide_of"]["model"] == teacher.card["name"] and guide_card["quality"]["screens"]
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(3)
+    x = sample(guided.denoiser, labels, generators_from_seeds(range(30)), "dpm++", 20, 1.4)
+    probs, _ = predict(load_classifier(WEIGHTS / "classifier.safetensors"), to_model_range(to_uint8(x)))
+    assert (probs.argmax(1) == labels.numpy()).mean() >= 0.75  # autoguided at 1.4 measured 0.90 on val
