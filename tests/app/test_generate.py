@@ -34,6 +34,7 @@ def test_returns_n_valid_pngs_with_params_and_timings(client: TestClient, decode
         "sampler": "dpm++",
         "steps": test_steps,
         "guidance": 2.0,
+        "guidance_method": "classifier-free",
         "seed": 42,
     }
     assert [img["index"] for img in body["images"]] == [0, 1, 2, 3, 4]
@@ -126,6 +127,7 @@ def test_samplers_and_explicit_parameters(client: TestClient) -> None:
         "sampler": "ddim",
         "steps": 2,
         "guidance": 1.0,
+        "guidance_method": "classifier-free",
         "seed": 3,
     }
 

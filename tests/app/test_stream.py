@@ -32,6 +32,8 @@ def test_event_sequence_is_complete_and_ordered(client: TestClient, parse_sse: C
         "steps": 5,
         "guidance": 2.0,
         "guidance_interval": None,
+        "guidance_method": "classifier-free",
+        "guide": None,
         "seed": 11,
     }
     assert start["job"] and start["queue_depth"] >= 0
