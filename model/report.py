@@ -139,7 +139,7 @@ def plot_frontier(results: list[dict], out: Path, title: str = "") -> None:
     right.set(xlabel="recall (coverage of the real images)", ylabel="precision (samples on the real manifold)")
     for ax in (left, right):
         ax.grid(alpha=0.3)
-    right.legend(fontsize=8, loc="lower left")
+    right.legend(fontsize=8, loc="lower right")
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
