@@ -95,11 +95,12 @@ class Settings(BaseSettings):
         ),
     )
     channels_last: Literal["auto"] | bool = Field(
-        default="auto",
+        default=True,
         description=(
-            "channels-last memory format; auto: measured at startup (model.machine.faster_layout: channels-last "
-            "unless NCHW is 5% faster here; bfloat16 images can differ in their last bits between the two, so pin "
-            "it where bytes must never change across machines)"
+            "channels-last memory format (faster on the Xeons measured, slower in bfloat16 on an AMD EPYC); auto: "
+            "measured at startup (model.machine.faster_layout: channels-last unless NCHW is 5% faster here). Not "
+            "the default: in bfloat16 the layout changes an image's last bits, and two starts that measure a near "
+            "tie differently would draw different bytes for one seed"
         ),
     )
     compile: Literal["auto"] | bool = Field(
