@@ -47,10 +47,12 @@ log = logging.getLogger("app")
 
 
 def warmup_job(model: ServedModel) -> JobSpec:
-    """One image, two steps, with the model's default sampler and guidance (ddim for ddpm's 1000 steps)."""
+    """One image, two steps, with the model's default sampler and guidance (ddim for ddpm's 1000 steps),
+    autoguided where the model has a guide, so its guide network is warm too (the main network runs
+    either way)."""
     d = model.defaults
     sampler = "ddim" if d.sampler == "ddpm" else d.sampler
-    return JobSpec(0, (0,), sampler, min(2, model.T), d.guidance, model.name)
+    return JobSpec(0, (0,), sampler, min(2, model.T), d.guidance, model.name, autoguide=model.guide is not None)
 
 
 @asynccontextmanager
