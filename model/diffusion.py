@@ -16,6 +16,7 @@ import torch
 
 SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "v")
+NOISE_LEVELS = ("uniform", "lognormal")  # how training draws its noise levels: see draw_timesteps
 
 
 def linear_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
@@ -80,21 +81,68 @@ class Schedule:
         return {"name": self.name, "T": self.T}
 
 
-def _gather(values: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """values[t] as a (B, 1, 1, 1) tensor of like's dtype and device."""
-    out = torch.from_numpy(values).to(device=t.device)[t.long()]
-    return out.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+def alpha_bar_at(schedule: Schedule, t: torch.Tensor) -> torch.Tensor:
+    """alpha_bar at timesteps ``t`` (B,), float64 on t's device.
+
+    Integer timesteps read the schedule's table. Fractional ones (EDM's continuous noise levels,
+    ``draw_timesteps``) interpolate log sigma linearly between the two neighbouring timesteps, so
+    t = 3.0 and t = 3 give the same number up to rounding and sigma rises monotonically in t."""
+    if not t.is_floating_point():
+        return torch.from_numpy(schedule.alpha_bar).to(t.device)[t.long()]
+    log_sigma = torch.from_numpy(np.log(schedule.noise_level())).to(t.device)
+    t = t.double().clamp(0, schedule.T - 1)
+    lo = t.floor().long().clamp(max=schedule.T - 2)
+    frac = t - lo
+    sigma = torch.exp(torch.lerp(log_sigma[lo], log_sigma[lo + 1], frac))
+    return 1 / (1 + sigma**2)
+
+
+def _gather(schedule: Schedule, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """alpha_bar[t] as a (B, 1, 1, 1) tensor of like's dtype and device."""
+    ab = alpha_bar_at(schedule, t)
+    return ab.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def draw_timesteps(
+    schedule: Schedule,
+    n: int,
+    noise_levels: str = "uniform",
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    p_mean: float = -1.2,
+    p_std: float = 1.2,
+) -> torch.Tensor:
+    """The timesteps of ``n`` training examples.
+
+    "uniform": integer timesteps uniform in [0, T) (Ho et al. 2020, alg. 1).
+    "lognormal": ln sigma ~ N(p_mean, p_std^2) in the variance-exploding view, as fractional
+    timesteps of this schedule (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based
+    Generative Models", sec. 5 and table 1: P_mean = -1.2, P_std = 1.2). It spends the training on the
+    middle noise levels (median sigma 0.30), where the loss can still be reduced, instead of on the
+    ends, where it cannot."""
+    if noise_levels == "uniform":
+        return torch.randint(0, schedule.T, (n,), device=device, generator=generator)
+    if noise_levels != "lognormal":
+        raise ValueError(f"unknown noise_levels {noise_levels!r}; allowed: {', '.join(NOISE_LEVELS)}")
+    if p_std <= 0:
+        raise ValueError(f"p_std must be positive, got {p_std}")
+    log_sigma = p_mean + p_std * torch.randn(n, device=device, generator=generator, dtype=torch.float64)
+    grid = torch.from_numpy(np.log(schedule.noise_level())).to(device)  # increasing in t
+    # The fractional t whose interpolated log sigma (alpha_bar_at) is the drawn one, clamped to the schedule.
+    hi = torch.searchsorted(grid, log_sigma).clamp(1, schedule.T - 1)
+    frac = ((log_sigma - grid[hi - 1]) / (grid[hi] - grid[hi - 1])).clamp(0, 1)
+    return (hi - 1).double() + frac
 
 
 def q_sample(schedule: Schedule, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """Ho et al. 2020, eq. 4: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps."""
-    ab = _gather(schedule.alpha_bar, t, x0)
+    ab = _gather(schedule, t, x0)
     return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
 
 
 def v_target(schedule: Schedule, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """Salimans & Ho 2022, sec. 4: v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0."""
-    ab = _gather(schedule.alpha_bar, t, x0)
+    ab = _gather(schedule, t, x0)
     return ab.sqrt() * eps - (1 - ab).sqrt() * x0
 
 
@@ -107,7 +155,7 @@ def split_prediction(
     prediction: str, schedule: Schedule, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn the network's output into (eps, x0_pred) whatever it was trained to predict."""
-    ab = _gather(schedule.alpha_bar, t, x_t)
+    ab = _gather(schedule, t, x_t)
     a, s = ab.sqrt(), (1 - ab).sqrt()
     if prediction == "eps":
         eps = out
@@ -131,7 +179,8 @@ def loss_weight(schedule: Schedule, t: torch.Tensor, prediction: str, min_snr_ga
     _check_prediction(prediction)
     if min_snr_gamma is None:
         return torch.ones(len(t), device=t.device)
-    snr = torch.from_numpy(np.exp(schedule.log_snr())).to(t.device)[t.long()]
+    ab = alpha_bar_at(schedule, t)
+    snr = ab / (1 - ab)
     clipped = snr.clamp(max=min_snr_gamma)
     w = clipped / snr if prediction == "eps" else clipped / (snr + 1)
     return w.float()
@@ -151,7 +200,8 @@ def training_loss(
 ) -> torch.Tensor:
     """The simple diffusion loss (Ho et al. 2020, alg. 1) for eps or v targets, mean over the batch.
 
-    The timesteps ``t`` (B,) and noise ``eps`` (like ``x0``) are drawn from ``generator`` unless given:
+    The timesteps ``t`` (B,; integer, or fractional from ``draw_timesteps``) and noise ``eps`` (like
+    ``x0``) are drawn from ``generator`` unless given:
     distributed training draws them for the whole global batch and hands each rank its rows."""
     _check_prediction(prediction)
     b = len(x0)

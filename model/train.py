@@ -27,7 +27,7 @@ import torch
 
 from model import distributed
 from model.data import CLASS_NAMES
-from model.diffusion import PREDICTIONS, SCHEDULES
+from model.diffusion import NOISE_LEVELS, PREDICTIONS, SCHEDULES
 from model.distributed import World
 from model.io import read_card, save_weights
 from model.machine import describe, resolve_device
@@ -49,6 +49,9 @@ class TrainConfig:
     T: int = 1000  # diffusion timesteps
     prediction: str = "v"  # network target: "eps" or "v"
     min_snr_gamma: float | None = 5.0  # min-SNR loss weighting (None or 0: plain MSE)
+    noise_levels: str = "uniform"  # training noise levels: "uniform" timesteps or EDM's "lognormal" sigma
+    p_mean: float = -1.2  # lognormal: mean of ln sigma (EDM, Karras et al. 2022)
+    p_std: float = 1.2  # lognormal: standard deviation of ln sigma
     epochs: int = 20  # upper bound on epochs; --max-minutes may end sooner
     max_minutes: float | None = None  # wall-clock budget for training (excluding export)
     batch_size: int = 128  # images per optimizer step, over all torchrun ranks
@@ -79,11 +82,19 @@ class TrainConfig:
     def __post_init__(self):
         if self.min_snr_gamma is not None and self.min_snr_gamma < 0:
             raise ValueError(f"min_snr_gamma must be positive, or 0 or None for plain MSE; got {self.min_snr_gamma}")
+        if self.p_std <= 0:
+            raise ValueError(f"p_std must be positive; got {self.p_std}")
         if self.min_snr_gamma == 0:  # a gamma of 0 would weight every loss by 0: it means no weighting
             object.__setattr__(self, "min_snr_gamma", None)
 
 
-CHOICES = {"schedule": SCHEDULES, "prediction": PREDICTIONS, "lr_schedule": LR_SCHEDULES, "precision": PRECISIONS}
+CHOICES = {
+    "schedule": SCHEDULES,
+    "prediction": PREDICTIONS,
+    "noise_levels": NOISE_LEVELS,
+    "lr_schedule": LR_SCHEDULES,
+    "precision": PRECISIONS,
+}
 NO_OPTION = ("image_size", "in_channels", "num_classes", "extra")  # UNetConfig fields that the data fixes
 
 

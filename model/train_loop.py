@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from model import distributed
 from model.data import NUM_CLASSES, FashionMNIST, to_model_range
-from model.diffusion import Schedule, training_loss
+from model.diffusion import Schedule, draw_timesteps, training_loss
 from model.distributed import World
 from model.images import grid
 from model.io import atomic_torch_save, load_weights
@@ -236,7 +236,11 @@ def validation_loss(
     total = 0.0
     for i in range(0, len(x), 500):
         xb, yb = x[i : i + 500], y[i : i + 500]
-        total += training_loss(model, schedule, xb, yb, cfg.prediction, cfg.min_snr_gamma, g).item() * len(xb)
+        # Drawn in training_loss's order (t, then eps), at this run's noise levels.
+        t = draw_timesteps(schedule, len(xb), cfg.noise_levels, g, x.device, cfg.p_mean, cfg.p_std)
+        eps = torch.randn(xb.shape, device=x.device, generator=g, dtype=xb.dtype)
+        loss = training_loss(model, schedule, xb, yb, cfg.prediction, cfg.min_snr_gamma, t=t, eps=eps)
+        total += loss.item() * len(xb)
     return total / len(x)
 
 
@@ -300,10 +304,11 @@ def step_draws(loop: Loop, step: int, rows: int) -> tuple[torch.Tensor, torch.Te
     """The timesteps, noise and label-dropout mask of one step's whole global batch, from a generator
     seeded by (seed, step). Every rank draws the same and takes its rows, so the ranks' averaged
     gradient is the one process's gradient of the same batch; a resumed run draws what it would have."""
-    g = step_generator(loop.draws, loop.cfg.seed, step)
-    t = torch.randint(0, loop.schedule.T, (rows,), device=loop.device, generator=g)  # (B,)
+    cfg = loop.cfg
+    g = step_generator(loop.draws, cfg.seed, step)
+    t = draw_timesteps(loop.schedule, rows, cfg.noise_levels, g, loop.device, cfg.p_mean, cfg.p_std)  # (B,)
     eps = torch.randn((rows, *loop.data.x_train.shape[1:]), device=loop.device, generator=g)  # (B, 1, 28, 28)
-    drop = torch.rand(rows, device=loop.device, generator=g) < loop.cfg.label_dropout  # (B,)
+    drop = torch.rand(rows, device=loop.device, generator=g) < cfg.label_dropout  # (B,)
     return t, eps, drop
 
 

@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from model.diffusion import Schedule, loss_weight, q_sample, split_prediction, training_loss, v_target
+from model.diffusion import (
+    Schedule,
+    alpha_bar_at,
+    draw_timesteps,
+    loss_weight,
+    q_sample,
+    split_prediction,
+    training_loss,
+    v_target,
+)
 
 
 def linear_alpha_bar(t: int, T: int = 1000) -> float:
@@ -147,6 +156,55 @@ def test_min_snr_weights_match_hand_values():
     np.testing.assert_allclose(loss_weight(s, t, "v", 5.0).numpy(), expected_v, rtol=1e-6)
     assert loss_weight(s, t, "eps", 5.0)[2].item() == 1.0
     assert loss_weight(s, t, "v", None).tolist() == [1.0] * 4
+
+
+# --- EDM's noise levels (Karras et al. 2022) -------------------------------------------------------
+
+
+def test_fractional_timesteps_interpolate_log_sigma_between_the_table_entries():
+    s = Schedule.named("cosine")
+    sigma = lambda i: math.sqrt((1 - cosine_alpha_bar(i)) / cosine_alpha_bar(i))  # noqa: E731
+    ab = alpha_bar_at(s, torch.tensor([3.0, 3.25, 500.5, 998.0]))
+    # Halfway in t is halfway in ln sigma: sigma = sqrt(sigma_500 sigma_501); a quarter: sigma_3^0.75 sigma_4^0.25.
+    expected_sigma = [sigma(3), sigma(3) ** 0.75 * sigma(4) ** 0.25, math.sqrt(sigma(500) * sigma(501)), sigma(998)]
+    np.testing.assert_allclose(ab.numpy(), [1 / (1 + e**2) for e in expected_sigma], rtol=1e-9)
+    # Integer timesteps read the table itself.
+    assert alpha_bar_at(s, torch.tensor([3])).item() == s.alpha_bar[3]
+
+
+def test_lognormal_timesteps_have_edms_sigma_distribution():
+    s = Schedule.named("cosine")
+    g = torch.Generator().manual_seed(0)
+    t = draw_timesteps(s, 20_000, "lognormal", g, p_mean=-1.2, p_std=1.2)
+    assert t.is_floating_point() and t.min() >= 0 and t.max() <= s.T - 1
+    ab = alpha_bar_at(s, t)
+    log_sigma = 0.5 * torch.log((1 - ab) / ab)
+    # ln sigma ~ N(-1.2, 1.2^2): within 4 standard errors; the clamp to the schedule's ends cuts < 0.1%.
+    assert abs(log_sigma.mean().item() + 1.2) < 4 * 1.2 / math.sqrt(len(t))
+    assert abs(log_sigma.std().item() - 1.2) < 0.03
+    # Uniform stays integer timesteps, as every run before it drew them.
+    u = draw_timesteps(s, 8, "uniform", torch.Generator().manual_seed(0))
+    assert u.dtype == torch.long and torch.equal(
+        u, torch.randint(0, s.T, (8,), generator=torch.Generator().manual_seed(0))
+    )
+
+
+def test_draw_timesteps_names_the_allowed_noise_levels():
+    with pytest.raises(ValueError, match="uniform, lognormal"):
+        draw_timesteps(Schedule.named("cosine"), 4, "edm")
+    with pytest.raises(ValueError, match="p_std"):
+        draw_timesteps(Schedule.named("cosine"), 4, "lognormal", p_std=0)
+
+
+def test_the_loss_takes_fractional_timesteps():
+    s = Schedule.named("cosine")
+    x0 = torch.rand(4, 1, 8, 8) * 2 - 1
+    eps = torch.randn_like(x0)
+    t = torch.tensor([10.5, 200.25, 640.0, 998.9], dtype=torch.float64)
+    exact = lambda x_t, tt, y: v_target(s, x0, tt, eps)  # noqa: E731  the perfect v-predictor
+    assert training_loss(exact, s, x0, torch.zeros(4, dtype=torch.long), "v", 5.0, t=t, eps=eps).item() < 1e-10
+    ab = alpha_bar_at(s, t).float().reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(q_sample(s, x0, t, eps), ab.sqrt() * x0 + (1 - ab).sqrt() * eps)
 
 
 def test_loss_weight_rejects_unknown_targets():

@@ -18,7 +18,7 @@ from PIL import Image
 
 from model.data import FashionMNIST, to_model_range
 from model.diffusion import Schedule
-from model.io import load_weights
+from model.io import load_weights, read_card
 from model.train import TrainConfig, export, parse_args, train
 from model.train_loop import lr_factor, validation_loss
 from model.unet import UNet, UNetConfig, tiny_config
@@ -81,6 +81,18 @@ def test_training_lowers_the_loss(trained, fashion_mnist_dir):
     assert after < 0.9 * untrained, (untrained, after)  # 0.27 -> 0.22 here
     rows = epoch_rows(Path(cfg.run_dir))
     assert rows[1]["val_loss"] < rows[0]["val_loss"]
+
+
+def test_edm_noise_levels_train_and_are_recorded(tiny_train_config, tmp_path, fashion_mnist_dir):
+    cfg = tiny_train_config(tmp_path, noise_levels="lognormal", min_snr_gamma=None)
+    card = read_card(train(cfg, progress=False))
+    assert card["training"]["config"]["noise_levels"] == "lognormal"
+    (_, _), (va_x, va_y) = FashionMNIST.load(fashion_mnist_dir).split(cfg.val_size, cfg.seed)
+    x, y = to_model_range(va_x), torch.from_numpy(va_y)
+    schedule = Schedule.named(cfg.schedule, cfg.T)
+    untrained = validation_loss(UNet(TINY).eval(), schedule, cfg, x, y)
+    after = validation_loss(load_weights(Path(cfg.weights_dir) / "tiny.safetensors").model, schedule, cfg, x, y)
+    assert after < 0.9 * untrained, (untrained, after)
 
 
 def test_resume_continues_from_the_checkpoint(trained, tmp_path):
