@@ -81,6 +81,11 @@ class Schedule:
         return {"name": self.name, "T": self.T}
 
 
+def _log_sigma(schedule: Schedule, device: torch.device | str) -> torch.Tensor:
+    """ln sigma_t of every timestep (float64, increasing in t): the grid fractional timesteps live on."""
+    return torch.from_numpy(np.log(schedule.noise_level())).to(device)
+
+
 def alpha_bar_at(schedule: Schedule, t: torch.Tensor) -> torch.Tensor:
     """alpha_bar at timesteps ``t`` (B,), float64 on t's device.
 
@@ -89,7 +94,7 @@ def alpha_bar_at(schedule: Schedule, t: torch.Tensor) -> torch.Tensor:
     t = 3.0 and t = 3 give the same number up to rounding and sigma rises monotonically in t."""
     if not t.is_floating_point():
         return torch.from_numpy(schedule.alpha_bar).to(t.device)[t.long()]
-    log_sigma = torch.from_numpy(np.log(schedule.noise_level())).to(t.device)
+    log_sigma = _log_sigma(schedule, t.device)
     t = t.double().clamp(0, schedule.T - 1)
     lo = t.floor().long().clamp(max=schedule.T - 2)
     frac = t - lo
@@ -127,7 +132,7 @@ def draw_timesteps(
     if p_std <= 0:
         raise ValueError(f"p_std must be positive, got {p_std}")
     log_sigma = p_mean + p_std * torch.randn(n, device=device, generator=generator, dtype=torch.float64)
-    grid = torch.from_numpy(np.log(schedule.noise_level())).to(device)  # increasing in t
+    grid = _log_sigma(schedule, device)
     # The fractional t whose interpolated log sigma (alpha_bar_at) is the drawn one, clamped to the schedule.
     hi = torch.searchsorted(grid, log_sigma).clamp(1, schedule.T - 1)
     frac = ((log_sigma - grid[hi - 1]) / (grid[hi] - grid[hi - 1])).clamp(0, 1)
