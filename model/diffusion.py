@@ -211,7 +211,7 @@ def training_loss(
     _check_prediction(prediction)
     b = len(x0)
     if t is None:
-        t = torch.randint(0, schedule.T, (b,), device=x0.device, generator=generator)
+        t = draw_timesteps(schedule, b, "uniform", generator, x0.device)
     if eps is None:
         eps = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
     x_t = q_sample(schedule, x0, t, eps)
