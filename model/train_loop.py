@@ -43,7 +43,7 @@ from model.training import (
     training_autocast,
     warmup,
 )
-from model.unet import UNet, count_parameters
+from model.unet import UNet, UNetConfig, count_parameters
 
 if TYPE_CHECKING:  # model.train imports this module: the config is only named here, never built
     from model.train import TrainConfig
@@ -57,7 +57,13 @@ def initial_weights(cfg: TrainConfig) -> UNet:
     """The network of ``cfg.init_from``, checked to match this run's architecture and diffusion."""
     loaded = load_weights(cfg.init_from or "", "cpu")
     diffusion = loaded.card.get("diffusion", {})
-    if loaded.card.get("unet") != json.loads(json.dumps(cfg.unet.to_dict())):  # tuples as the card's lists
+
+    def as_json(config: UNetConfig) -> dict:  # tuples as the card's lists
+        return json.loads(json.dumps(config.to_dict()))
+
+    # The rebuilt network's config, not the card's dict: a card written before a field existed
+    # holds no entry for it, and its network has the field's default.
+    if as_json(loaded.model.config) != as_json(cfg.unet):
         raise ValueError(f"{cfg.init_from}: its UNetConfig {loaded.card.get('unet')} differs from this run's")
     for key in ("schedule", "T", "prediction"):
         if diffusion.get(key) != getattr(cfg, key):

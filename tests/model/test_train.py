@@ -274,6 +274,21 @@ def test_a_warm_start_keeps_extra_emas_and_records_the_earlier_training(trained,
         export(warm, Path(warm.run_dir) / "checkpoint.pt", ema_decay=0.7)
 
 
+def test_a_warm_start_takes_a_card_written_before_a_field_existed(trained, tiny_train_config, tmp_path):
+    """The shipped teacher's card predates ``full_res_channels``: its network has the default, so a
+    run of the same architecture starts from it."""
+    _, _, card_path = trained
+    old = tmp_path / "old"
+    old.mkdir()
+    weights = old / "net.safetensors"
+    shutil.copy(Path(card_path).with_suffix(".safetensors"), weights)
+    card = json.loads(Path(card_path).read_text())
+    del card["unet"]["full_res_channels"]
+    weights.with_suffix(".json").write_text(json.dumps(card))
+    warm = replace(tiny_train_config(tmp_path / "run", epochs=1), init_from=str(weights))
+    assert read_card(train(warm, progress=False))["training"]["initialised_from"]["weights"] == "net.safetensors"
+
+
 def test_a_warm_start_from_another_architecture_is_refused(trained, tiny_train_config, tmp_path):
     _, _, card_path = trained
     other = replace(TINY, base_channels=16)
