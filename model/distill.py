@@ -34,7 +34,15 @@ import numpy as np
 import torch
 
 from model.diffusion import split_prediction
-from model.io import LoadedWeights, atomic_torch_save, card_sampling, load_weights, read_card, save_weights
+from model.io import (
+    LoadedWeights,
+    atomic_torch_save,
+    card_sampling,
+    load_matching,
+    load_weights,
+    read_card,
+    save_weights,
+)
 from model.machine import DTYPES, describe
 from model.samplers import spaced_timesteps
 from model.training import (
@@ -81,6 +89,7 @@ class DistillConfig:
     max_minutes: float | None = None  # wall-clock budget over every resume
     student_steps: int = STUDENT_STEPS  # the student's sampling steps (its card's default)
     timesteps: tuple[int, ...] = field(default=())  # trained timesteps (none: the student_steps trailing grid)
+    init_from: str | None = None  # start from this earlier student of the same network instead of the teacher
 
     def __post_init__(self):
         if not self.ema_decays:
@@ -123,10 +132,14 @@ class Student:
 
     @classmethod
     def new(cls, cfg: DistillConfig, teacher: LoadedWeights) -> Student:
-        """A copy of the teacher, its Adam and its EMAs (no EMA warm-up: there is no initialisation to forget)."""
+        """A copy of the teacher (or of ``cfg.init_from``, an earlier student of the same network and
+        diffusion), its Adam and its EMAs (no EMA warm-up: there is no initialisation to forget)."""
         torch.manual_seed(cfg.seed)
         model = UNet(UNetConfig(**teacher.card["unet"]))
-        model.load_state_dict(teacher.model.state_dict())
+        start = teacher.model
+        if cfg.init_from:
+            start = load_matching(cfg.init_from, teacher.model.config, teacher.card["diffusion"])
+        model.load_state_dict(start.state_dict())
         model.train().requires_grad_(True)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         return cls(model, opt, {d: EMA(model, d, warmup=False) for d in cfg.ema_decays})
@@ -282,6 +295,14 @@ def export(run_dir: Path, out: Path, ema_decay: float | None, name: str = "fashi
             "config": cfg,
         },
     }
+    if cfg.get("init_from"):  # a warm start: the earlier student's distillation is part of what these weights cost
+        earlier = read_card(Path(cfg["init_from"])).get("training", {})
+        card["training"]["initialised_from"] = {"weights": Path(cfg["init_from"]).name, "training": earlier}
+        card["training"]["cumulative_cpu_minutes"] = round(
+            card["training"]["total_cpu_minutes"]
+            + earlier.get("cumulative_cpu_minutes", earlier.get("total_cpu_minutes", 0)),
+            1,
+        )
     card_path = save_weights(model, card, out)
     print(f"exported {out} and {card_path}")
     return card_path

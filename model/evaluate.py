@@ -278,6 +278,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clip-pretrained", default=None, help="open_clip pretrained tag (default laion2b_s34b_b79k)")
     p.add_argument("--clip-checkpoint", default=None, help="local open_clip checkpoint file")
     p.add_argument("--clip-cache-dir", default=None, help="where downloaded CLIP weights are cached")
+    p.add_argument(
+        "--baseline",
+        nargs="+",
+        default=[],
+        help="earlier weights measured beside --weights in the same run, each at its own card's sampling",
+    )
     p.add_argument("--student", default=None, help="a distilled student's weights, measured beside the teacher")
     p.add_argument("--student-steps", type=int, nargs="+", default=None, help="default: the student card's steps")
     p.add_argument(
@@ -318,6 +324,12 @@ def main(argv: list[str] | None = None) -> int:
             cache_dir=a.clip_cache_dir,
             device=a.device,
         )
+    baselines = []
+    for path in a.baseline:
+        try:
+            baselines.append((path, card_sampling(read_card(Path(path)))))
+        except (WeightsError, TypeError, ValueError) as err:
+            p.error(f"--baseline {path}: {err}")
     student = None
     if a.student:
         try:
@@ -349,6 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     results = [run(a.weights, sampler, steps, g, interval, guide) for guide in guides for g in guidances]
     rows = [(Path(a.weights).stem, r) for r in results]
     teacher_runs = len(results)
+    for path, theirs in baselines:  # at their cards' sampling, classifier-free unless the card says otherwise
+        their_guide = card_guide_path(path, read_card(Path(path))) if theirs.guidance_method == "autoguidance" else None
+        r = run(path, theirs.sampler, theirs.steps, theirs.guidance, theirs.guidance_interval, their_guide)
+        results.append(r)
+        rows.append((Path(path).stem, r))
     if student is not None:
         for n in a.student_steps or [student.steps]:
             r = run(a.student, student.sampler, n, student.guidance, student.guidance_interval)
@@ -360,7 +377,9 @@ def main(argv: list[str] | None = None) -> int:
         Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
     if a.write_card:
         print(f"wrote quality figures to {write_card(a.weights, results[teacher_runs - 1])}")
-        mine = [r for r in results[teacher_runs:] if student is not None and r["steps"] == student.steps]
+        mine = [
+            r for r in results[teacher_runs + len(baselines) :] if student is not None and r["steps"] == student.steps
+        ]
         if mine:
             print(f"wrote quality figures to {write_card(a.student, mine[0])}")
     return 0

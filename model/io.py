@@ -183,3 +183,20 @@ def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     except ValueError as err:
         raise WeightsError(f"{path.with_suffix('.json')}: invalid sampling.guidance_interval ({err})") from err
     return LoadedWeights(denoiser, card, path)
+
+
+def load_matching(path: str | os.PathLike, unet: UNetConfig, diffusion: dict[str, object]) -> UNet:
+    """The network at ``path`` for a warm start, checked to have this architecture and these diffusion
+    settings (e.g. schedule, T, prediction). The rebuilt network's config is compared, not the card's
+    dict: a card written before a field existed holds no entry for it, and its network has the default."""
+
+    def as_json(config: UNetConfig) -> dict:  # tuples as the card's lists
+        return json.loads(json.dumps(config.to_dict()))
+
+    loaded = load_weights(path, "cpu")
+    if as_json(loaded.model.config) != as_json(unet):
+        raise ValueError(f"{path}: its UNetConfig {loaded.card.get('unet')} differs from this run's")
+    for key, wanted in diffusion.items():
+        if loaded.card["diffusion"].get(key) != wanted:
+            raise ValueError(f"{path}: trained with {key}={loaded.card['diffusion'].get(key)!r}, not {wanted!r}")
+    return loaded.model

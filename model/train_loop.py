@@ -12,7 +12,6 @@ checkpoint. Under torchrun each rank computes its share of every batch and rank 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from model.data import NUM_CLASSES, FashionMNIST, to_model_range
 from model.diffusion import Schedule, draw_timesteps, training_loss
 from model.distributed import World
 from model.images import grid
-from model.io import atomic_torch_save, load_weights
+from model.io import atomic_torch_save, load_matching
 from model.machine import describe
 from model.samplers import Denoiser, generators_from_seeds, sample, to_uint8
 from model.training import (
@@ -43,7 +42,7 @@ from model.training import (
     training_autocast,
     warmup,
 )
-from model.unet import UNet, UNetConfig, count_parameters
+from model.unet import UNet, count_parameters
 
 if TYPE_CHECKING:  # model.train imports this module: the config is only named here, never built
     from model.train import TrainConfig
@@ -55,20 +54,9 @@ def memory_format(cfg: TrainConfig) -> torch.memory_format:
 
 def initial_weights(cfg: TrainConfig) -> UNet:
     """The network of ``cfg.init_from``, checked to match this run's architecture and diffusion."""
-    loaded = load_weights(cfg.init_from or "", "cpu")
-    diffusion = loaded.card.get("diffusion", {})
-
-    def as_json(config: UNetConfig) -> dict:  # tuples as the card's lists
-        return json.loads(json.dumps(config.to_dict()))
-
-    # The rebuilt network's config, not the card's dict: a card written before a field existed
-    # holds no entry for it, and its network has the field's default.
-    if as_json(loaded.model.config) != as_json(cfg.unet):
-        raise ValueError(f"{cfg.init_from}: its UNetConfig {loaded.card.get('unet')} differs from this run's")
-    for key in ("schedule", "T", "prediction"):
-        if diffusion.get(key) != getattr(cfg, key):
-            raise ValueError(f"{cfg.init_from}: trained with {key}={diffusion.get(key)!r}, not {getattr(cfg, key)!r}")
-    return loaded.model
+    return load_matching(
+        cfg.init_from or "", cfg.unet, {key: getattr(cfg, key) for key in ("schedule", "T", "prediction")}
+    )
 
 
 @dataclass

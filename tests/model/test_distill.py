@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from model import distill, trajectories
-from model.io import load_weights, save_weights
+from model.io import load_weights, read_card, save_weights
 from model.samplers import generators_from_seeds, initial_noise, sample
 from model.training import config_from_args
+from model.unet import UNet
+from testkit.weights import TINY_UNET, tiny_card
 
 
 @pytest.fixture
@@ -151,6 +154,33 @@ def test_the_exported_student_names_its_teacher_and_samples_in_its_steps(teacher
     assert x.shape == (2, 1, 28, 28) and len(calls) == 2  # one evaluation per step: no unconditional pass
     with pytest.raises(ValueError, match=r"keeps no EMA with decay 0.5; allowed: 0.9, 0 \(the raw weights\)"):
         distill.export(run, out, ema_decay=0.5)
+
+
+def test_a_warm_started_student_starts_from_the_earlier_one_and_its_card_counts_both(teacher, tmp_path):
+    """--init-from: the student starts from an earlier student (not the teacher); the card names it and
+    adds its CPU minutes to this distillation's. A student of another network is refused."""
+    run = tmp_path / "run"
+    make(teacher, run, count=12)
+    distill.distill(config(teacher, run))
+    earlier = tmp_path / "weights" / "earlier.safetensors"
+    distill.export(run, earlier, ema_decay=0, name="earlier")
+    again = tmp_path / "again"
+    make(teacher, again, count=12)
+    start = distill.Student.new(config(teacher, again, init_from=str(earlier)), load_weights(teacher))
+    for key, value in load_weights(earlier).model.state_dict().items():
+        assert torch.equal(start.model.state_dict()[key], value), key
+    distill.distill(config(teacher, again, init_from=str(earlier)))
+    out = tmp_path / "weights" / "warm.safetensors"
+    card = read_card(distill.export(again, out, ema_decay=0, name="warm"))["training"]
+    first = read_card(earlier)["training"]
+    assert card["initialised_from"] == {"weights": "earlier.safetensors", "training": first}
+    both = card["total_cpu_minutes"] + first["total_cpu_minutes"]
+    assert card["cumulative_cpu_minutes"] == pytest.approx(both, abs=0.1)
+
+    other, wider = tmp_path / "other.safetensors", replace(TINY_UNET, base_channels=16)
+    save_weights(UNet(wider), tiny_card(wider), other)
+    with pytest.raises(ValueError, match="UNetConfig .* differs"):
+        distill.Student.new(config(teacher, again, init_from=str(other)), load_weights(teacher))
 
 
 def test_each_stage_takes_one_option_per_field_of_its_config(teacher, tmp_path):

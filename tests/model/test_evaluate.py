@@ -207,6 +207,29 @@ def test_evaluate_cli_measures_a_student_beside_the_teacher(tmp_path, capsys, fa
     assert json.loads(student.with_suffix(".json").read_text())["quality"]["steps"] == 2
 
 
+def test_evaluate_cli_measures_earlier_weights_beside_at_their_own_cards_sampling(tmp_path, capsys, fashion_mnist_dir):
+    """--baseline: earlier weights in the same run (same seeds, one floor), each at its card's sampling,
+    while the flags (--guidance here) apply to --weights only; --write-card writes --weights' card."""
+    weights, clf = tiny_models(tmp_path)
+    card = json.loads(weights.with_suffix(".json").read_text())
+    earlier = tmp_path / "earlier.safetensors"
+    their = {"sampler": "ddim", "steps": 2, "guidance": 1.5}
+    save_weights(perturbed_unet(tiny_config(), seed=1), {**card, "name": "earlier", "sampling": their}, earlier)
+    common = ["--weights", str(weights), "--classifier", str(clf), "--data-dir", str(fashion_mnist_dir)]
+    common += ["--per-class", "2", "--steps", "3", "--guidance", "2", "--baseline", str(earlier)]
+    assert main([*common, "--json", str(tmp_path / "r.json"), "--write-card"]) == 0
+    out = capsys.readouterr().out
+    mine, theirs = json.loads((tmp_path / "r.json").read_text())
+    assert (mine["sampler"], mine["steps"], mine["guidance"]) == ("dpm++", 3, 2.0)
+    assert (theirs["sampler"], theirs["steps"], theirs["guidance"]) == ("ddim", 2, 1.5)
+    assert theirs["frechet_distance_real_train"] == mine["frechet_distance_real_train"]
+    assert "| earlier | ddim | 2 | 4 | 1.5 |" in out
+    assert json.loads(weights.with_suffix(".json").read_text())["quality"]["guidance"] == 2.0
+    assert "quality" not in json.loads(earlier.with_suffix(".json").read_text())
+    with pytest.raises(SystemExit):
+        main([*common[:-1], str(tmp_path / "missing.safetensors")])
+
+
 def test_evaluate_cli_autoguides_with_the_guides_it_is_given_or_its_cards(tmp_path, capsys, fashion_mnist_dir):
     weights, clf = tiny_models(tmp_path)
     card = json.loads(weights.with_suffix(".json").read_text())
