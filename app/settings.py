@@ -19,6 +19,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.fields import SamplerName
+from app.generation.lane import Policy
 from model.clip import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEFAULT_TEMPLATES
 from model.samplers import check_guidance_interval
 
@@ -155,19 +156,20 @@ class Settings(BaseSettings):
             "row, two while it is guided); a job needing more is refused with 422"
         ),
     )
-    scheduler: Literal["deadline", "fcfs"] = Field(
-        default="deadline",
+    scheduler: Policy = Field(
+        default="least-work",
         description=(
-            "how each model's jobs share its network evaluations. deadline: each job's deadline is its arrival "
-            "plus 3x its time alone; a tick evaluates the earliest deadlines first, up to tick_rows rows, so small "
-            "jobs stay fast beside large ones and a large job's turn still comes. fcfs: first come, first served, "
-            "every running job steps at every tick (docs/load.md measures both)"
+            "how each model's jobs share its network evaluations. least-work: a job's key is its arrival plus "
+            "3x its work (steps x its share of a chunk's rows); a tick evaluates the smallest keys first, up to "
+            "tick_rows rows, so small jobs stay fast beside large ones and a large job's turn still comes. "
+            "deadline: the same with the work counted in whole chunks. fcfs: first come, first served, every "
+            "running job steps at every tick (docs/speed.md measures them)"
         ),
     )
     tick_rows: int | None = Field(
         default=None,
         ge=1,
-        description="deadline scheduler: most rows one tick evaluates; None: two fixed-row chunks (32 on the CPU)",
+        description="least-work and deadline: most rows one tick evaluates; None: one fixed-row chunk (16 on the CPU)",
     )
     drain_seconds: float = Field(
         default=30.0,

@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -348,7 +348,8 @@ def main(argv: list[str] | None = None) -> None:
         "--engine",
         action="append",
         dest="engines",
-        help="fcfs, deadline (this checkout's FASHION_SCHEDULER) or old=DIR (another checkout); repeatable",
+        help="fcfs, deadline, least-work (this checkout's FASHION_SCHEDULER; POLICY:ROWS also sets FASHION_TICK_ROWS) "
+        "or old=DIR (another checkout); repeatable",
     )
     p.add_argument("--fractions", type=float, nargs="+", default=list(DEFAULT_FRACTIONS), help="of the capacity")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per rate")
@@ -358,12 +359,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--capacity", type=float, default=None, help="requests/s of the mix at saturation (skip measuring)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server (FASHION_THREADS)")
+    p.add_argument(
+        "--queue-size",
+        type=int,
+        default=None,
+        help="jobs waiting per model before 429 (FASHION_QUEUE_SIZE; small: to measure Retry-After)",
+    )
     p.add_argument("--tiny", action="store_true", help="a tiny random teacher and student (checks the script)")
     p.add_argument("--out", type=Path, default=None, help="also write the tables here (e.g. docs/bench_load.txt)")
     p.add_argument("--plot", type=Path, default=None, help="write the picture here (e.g. docs/load.png)")
     p.add_argument("--json", type=Path, default=None, help="write every outcome here")
     args = p.parse_args(argv)
     engines = [parse_engine(e) for e in (args.engines or ["fcfs", "deadline"])]
+    if args.queue_size is not None:
+        engines = [replace(e, settings={**e.settings, "queue_size": str(args.queue_size)}) for e in engines]
     mix = DEFAULT_MIX
 
     from bench.servers import machine_line, serve
@@ -396,7 +405,8 @@ def main(argv: list[str] | None = None) -> None:
 
     lines = [
         "# python -m bench.load: open-loop Poisson arrivals, "
-        f"{args.duration:g} s per rate, seed {args.seed}, server threads {args.threads}",
+        f"{args.duration:g} s per rate, seed {args.seed}, server threads {args.threads}"
+        + (f", queue size {args.queue_size}" if args.queue_size is not None else ""),
         f"# machine: {machine_line()}",
         f"# mix: {describe_mix(mix)}; the previous engine gets the teacher's kinds only",
         f"# capacity (100%): {capacity_line}",

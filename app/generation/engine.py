@@ -64,7 +64,7 @@ class Engine:
         *,
         queue_size: int = 64,
         max_rows: int = 128,
-        policy: Policy = "deadline",
+        policy: Policy = "least-work",
         tick_rows: int | None = None,
     ) -> None:
         if max_rows < 1:

@@ -9,15 +9,22 @@ under its lock only; docs/architecture.md explains the policies and why the budg
 ``fcfs``, first come, first served: the oldest waiting job enters when its rows fit beside the
 running jobs', nobody overtakes it, and every running job steps at every tick.
 
-``deadline`` (the default): each job gets a deadline, its arrival plus ``DEADLINE_SLACK`` times
+``deadline``: each job gets a deadline, its arrival plus ``DEADLINE_SLACK`` times
 the time it would take alone (its steps times the fixed-row chunks its rows fill, at the lane's
 measured seconds per chunk); a tick evaluates the running jobs in deadline order up to
-``tick_rows`` rows (the first always, then every one that still fits), and the waiting job with
+``tick_rows`` rows (the first always, then every one that still fits; beside a first job larger
+than ``tick_rows``, up to ``tick_rows`` more), and the waiting job with
 the earliest deadline is the next to enter, nobody overtaking it. A small job's deadline is near,
 so it steps at every tick and its ticks stay short instead of carrying every large job's rows; a
 large job's deadline is fixed when it arrives, so however many small jobs keep coming, its turn
 comes (aging). A job that skips a tick keeps its state; an image's bytes do not depend on which
 ticks it took (``app.generation.device.FixedRows``).
+
+``least-work`` (the default): the same, but a job's time alone is counted in its share of the rows rather than in
+whole chunks: its steps times its rows, at the lane's measured seconds per row. A 1-image job fills
+2 of a chunk's 16 rows, so its key is an eighth of what ``deadline`` gives it, and small jobs go
+first until a large job has waited ``DEADLINE_SLACK`` times its own work: least work first, aged
+by arrival.
 """
 
 from __future__ import annotations
@@ -36,8 +43,8 @@ from app.generation.device import Runtime
 from app.generation.jobs import Job
 from model.samplers import SamplerState
 
-Policy = Literal["fcfs", "deadline"]
-POLICIES: tuple[Policy, ...] = ("fcfs", "deadline")
+Policy = Literal["fcfs", "deadline", "least-work"]
+POLICIES: tuple[Policy, ...] = ("fcfs", "deadline", "least-work")
 DEFAULT_TICK_S = 0.1  # the tick time assumed for estimates before the first tick is measured
 DEADLINE_SLACK = 3.0  # a job's deadline: arrival + this many times its time alone
 
@@ -76,12 +83,15 @@ def admission_ticks(active: list[tuple[int, int]], queued: list[tuple[int, int]]
 
 
 def select(rows: Sequence[int], cap: int) -> list[int]:
-    """Which jobs one tick evaluates, given their rows in priority order: the first always (a job may
-    need more than the cap), then every later one that still fits within ``cap`` rows in all."""
+    """Which jobs one tick evaluates, given their rows in priority order: the first always, then every
+    later one that still fits within ``cap`` rows in all. A first job larger than the cap takes the
+    cap's worth of others beside it: its turn slows them instead of stopping them (a short job that
+    waited out a large one's whole run would pay many times its own time)."""
+    limit = cap if not rows or rows[0] <= cap else rows[0] + cap
     taken: list[int] = []
     used = 0
     for i, r in enumerate(rows):
-        if not taken or used + r <= cap:
+        if not taken or used + r <= limit:
             taken.append(i)
             used += r
     return taken
@@ -128,7 +138,7 @@ class Lane:
     runtime: Runtime
     budget: int
     queue_size: int
-    policy: Policy = "deadline"
+    policy: Policy = "least-work"
     tick_rows: int | None = None  # deadline: most rows one tick evaluates; None: two fixed-row chunks
     pending: deque[Job] = field(default_factory=deque)
     running: list[Running] = field(default_factory=list)
@@ -146,11 +156,12 @@ class Lane:
 
     @property
     def cap(self) -> int:
-        """Most rows one tick evaluates: ``tick_rows``, else two fixed-row chunks (on the CPU, 32 rows run at
-        the speed per row of 128; on CUDA the chunk is the whole budget), never more than the budget."""
+        """Most rows one tick evaluates: ``tick_rows``, else one fixed-row chunk (16 rows on the CPU, where
+        bench.load measured one chunk against two; on CUDA the chunk is the whole budget), never more
+        than the budget."""
         if self.policy == "fcfs":
             return self.budget
-        default = 2 * self.runtime.rows if self.runtime.rows else self.budget
+        default = self.runtime.rows or self.budget
         return min(self.budget, self.tick_rows or default)
 
     def chunks(self, rows: int) -> int:
@@ -162,10 +173,17 @@ class Lane:
         if self.policy == "fcfs":
             self.pending.append(job)
             return
-        alone = job.spec.steps * self.chunks(job.spec.rows) * (self.chunk_s or DEFAULT_TICK_S)
-        job.deadline = job.submitted + DEADLINE_SLACK * alone
+        job.deadline = job.submitted + DEADLINE_SLACK * self.work_s(job)
         keys = [j.deadline for j in self.pending]
         self.pending.insert(bisect.bisect_right(keys, job.deadline), job)
+
+    def work_s(self, job: Job) -> float:
+        """The seconds that order a job under ``deadline`` (its time alone, in whole chunks) or
+        ``least-work`` (its steps over its share of the chunks' rows)."""
+        chunk = self.chunk_s or DEFAULT_TICK_S
+        rows = job.spec.rows
+        share = rows / self.runtime.rows if self.policy == "least-work" and self.runtime.rows else self.chunks(rows)
+        return job.spec.steps * share * chunk
 
     def admissible(self) -> list[Job]:
         """Take the waiting jobs that may enter now: the head of the queue enters when its rows fit

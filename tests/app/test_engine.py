@@ -188,7 +188,8 @@ def test_a_compiled_network_keeps_solo_bytes_in_shared_ticks_and_draws_what_eage
         assert apart.mean() < 0.5 and apart.max() <= 8, (apart.mean(), apart.max())  # fused kernels round apart
 
 
-def test_jobs_taking_turns_under_the_deadline_policy_keep_their_solo_bytes(runtime: Runtime) -> None:
+@pytest.mark.parametrize("policy", ["deadline", "least-work"])
+def test_jobs_taking_turns_under_a_deadline_policy_keep_their_solo_bytes(runtime: Runtime, policy: str) -> None:
     """A tick of at most 6 rows cannot carry all three (4 + 1 + 6 rows): they step in turns, by deadline."""
     solo: list = []
     together: list = []
@@ -199,13 +200,14 @@ def test_jobs_taking_turns_under_the_deadline_policy_keep_their_solo_bytes(runti
         jobs = [engine.submit(s) for s in MIXED]
         together.extend(await asyncio.gather(*(job.future for job in jobs)))
 
-    recorder = scenario(runtime, body, policy="deadline", tick_rows=6)
+    recorder = scenario(runtime, body, policy=policy, tick_rows=6)
     assert max(rows for rows, _ in recorder.ticks) <= 6 and (11, 3) not in recorder.ticks
     for alone, shared in zip(solo, together, strict=True):
         assert np.array_equal(shared.images, alone.images)  # byte for byte
 
 
-def test_under_the_deadline_policy_a_small_job_skips_a_large_ones_ticks(runtime: Runtime) -> None:
+@pytest.mark.parametrize("policy", ["deadline", "least-work"])
+def test_under_a_deadline_policy_a_small_job_skips_a_large_ones_ticks(runtime: Runtime, policy: str) -> None:
     """Beside a 4-row job of 400 steps, a 1-row job of 4 steps has the nearer deadline: with ticks of 4
     rows it takes every tick alone until it is done, instead of sharing all of them."""
 
@@ -222,7 +224,7 @@ def test_under_the_deadline_policy_a_small_job_skips_a_large_ones_ticks(runtime:
         engine.cancel(large)
         await asyncio.gather(large.future, return_exceptions=True)
 
-    scenario(runtime, body, policy="deadline", tick_rows=4)
+    scenario(runtime, body, policy=policy, tick_rows=4)
 
 
 def test_a_job_joining_half_way_finishes_first_with_its_solo_bytes(runtime: Runtime) -> None:

@@ -13,7 +13,7 @@ from app.generation.lane import DEADLINE_SLACK, Lane, admission_ticks, deadline_
 
 def test_a_tick_takes_the_first_job_and_every_later_one_that_still_fits() -> None:
     assert select([2, 32, 8, 8, 20], cap=32) == [0, 2, 3]  # 2 + 8 + 8; 32 and 20 would not fit
-    assert select([40, 2], cap=32) == [0]  # the first goes alone, larger than the cap
+    assert select([40, 2, 32, 30], cap=32) == [0, 1, 3]  # larger than the cap: the cap's worth beside it
     assert select([], cap=32) == []
 
 
@@ -64,6 +64,30 @@ def test_a_small_job_goes_ahead_of_a_large_one_only_if_it_comes_early_enough() -
         for job in (big, early, late):
             fcfs.add(job)
         assert list(fcfs.pending) == [big, early, late]
+    finally:
+        loop.close()
+
+
+def test_least_work_counts_a_small_job_by_its_rows_and_still_ages_a_large_one() -> None:
+    """Under least-work a 1-image job's key is its steps over its 2 of a chunk's 16 rows: it overtakes
+    a large job that came well before it, where deadline would not, but not once the large job has
+    waited the slack times its own work."""
+    loop = asyncio.new_event_loop()
+    try:
+        big = _job(loop, 16, 20, submitted=0.0)  # 32 rows, 2 whole chunks: key 3 x 4 s under both
+        later = _job(loop, 1, 20, submitted=8.0)  # deadline: 8 + 3 x 2 s; least-work: 8 + 3 x 0.25 s
+        too_late = _job(loop, 1, 20, submitted=11.5)  # least-work: 11.5 + 0.75, past the large job's 12
+        orders = {}
+        for policy in ("deadline", "least-work"):
+            lane = _lane(policy)
+            lane.chunk_s = 0.1
+            for job in (big, later, too_late):
+                lane.add(job)
+            orders[policy] = list(lane.pending)
+        assert big.deadline == pytest.approx(DEADLINE_SLACK * 4.0)
+        assert later.deadline == pytest.approx(8.0 + DEADLINE_SLACK * 20 * 2 / 16 * 0.1)
+        assert orders["deadline"] == [big, later, too_late]
+        assert orders["least-work"] == [later, big, too_late]
     finally:
         loop.close()
 
