@@ -139,7 +139,7 @@ class Lane:
     budget: int
     queue_size: int
     policy: Policy = "least-work"
-    tick_rows: int | None = None  # deadline: most rows one tick evaluates; None: two fixed-row chunks
+    tick_rows: int | None = None  # least-work, deadline: most rows one tick evaluates; None: one fixed-row chunk
     pending: deque[Job] = field(default_factory=deque)
     running: list[Running] = field(default_factory=list)
     chunk_s: float = 0.0  # moving average of one fixed-row chunk's evaluation, for deadlines
