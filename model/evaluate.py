@@ -324,12 +324,15 @@ def main(argv: list[str] | None = None) -> int:
             cache_dir=a.clip_cache_dir,
             device=a.device,
         )
-    baselines = []
+    baselines = []  # (path, its card's sampling, its guide: autoguided only where its card says so)
     for path in a.baseline:
         try:
-            baselines.append((path, card_sampling(read_card(Path(path)))))
+            their_card = read_card(Path(path))
+            theirs = card_sampling(their_card)
+            their_guide = card_guide_path(path, their_card) if theirs.guidance_method == "autoguidance" else None
         except (WeightsError, TypeError, ValueError) as err:
             p.error(f"--baseline {path}: {err}")
+        baselines.append((path, theirs, their_guide))
     student = None
     if a.student:
         try:
@@ -361,8 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     results = [run(a.weights, sampler, steps, g, interval, guide) for guide in guides for g in guidances]
     rows = [(Path(a.weights).stem, r) for r in results]
     teacher_runs = len(results)
-    for path, theirs in baselines:  # at their cards' sampling, classifier-free unless the card says otherwise
-        their_guide = card_guide_path(path, read_card(Path(path))) if theirs.guidance_method == "autoguidance" else None
+    for path, theirs, their_guide in baselines:  # at their cards' sampling
         r = run(path, theirs.sampler, theirs.steps, theirs.guidance, theirs.guidance_interval, their_guide)
         results.append(r)
         rows.append((Path(path).stem, r))
