@@ -36,7 +36,7 @@ from testkit import servers
 
 @contextmanager
 def python_app(weights: Path, threads: int | None) -> Iterator[str]:
-    server, url = start_server(weights, "cpu", REPO, threads)
+    server, url = start_server(weights, "cpu", REPO, threads=threads)
     try:
         yield url
     finally:

@@ -206,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     if student is not None:
         s_guidance = float(student.card.get("sampling", {}).get("guidance", 1.0))
         rows += [Row("student", student.denoiser, sampler, steps, s_guidance) for sampler, steps in args.student_runs]
-    config = den.model.config
-    flops = flops_per_image(den.model, config, device)
+    assert isinstance(den.model, UNet)  # build_denoiser's, before serving_network lays it out
+    flops = flops_per_image(den.model, den.model.config, device)
     peak = matmul_peak(device, args.matmul_size)
 
     print(f"machine: {describe(device)}")

@@ -89,7 +89,7 @@ class InProcess:
 
 
 def start_server(
-    weights: Path, device: str, repo: Path, threads: int | None = None, **settings: str
+    weights: Path, device: str, repo: Path, *, threads: int | None = None, **settings: str
 ) -> tuple[subprocess.Popen[str], str]:
     """``python -m app`` from ``repo`` on a free port, once /readyz says 200 (``threads``: OMP_NUM_THREADS);
     the shell's other FASHION_* variables pass through, so a setting can be benched."""
@@ -211,8 +211,9 @@ def main(argv: list[str] | None = None) -> None:
 
         local = InProcess(weights, args.device, sampler, steps, guidance, args.precision)
         # The service in the same precision and layout as the in-process rows, so that row 3 is overhead alone.
-        same = {"precision": local.runtime.precision, "channels_last": str(local.runtime.layout == "channels_last")}
-        server, url = start_server(weights, args.device, args.server_repo.resolve(), **same)
+        precision, channels_last = local.runtime.precision, str(local.runtime.layout == "channels_last")
+        repo = args.server_repo.resolve()
+        server, url = start_server(weights, args.device, repo, precision=precision, channels_last=channels_last)
         try:
             body = {"class": 3, "sampler": sampler, "steps": steps, "guidance": guidance}
             runs = asyncio.run(measure(url, local, body, args.n, args.clients, args.repeats))
