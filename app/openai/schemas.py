@@ -2,7 +2,8 @@
 ``types/image_generate_params.py``, ``types/images_response.py`` and ``types/image_gen_stream_event.py``.
 
 Fields OpenAI has and this service cannot honour are refused with a 400 that says what is allowed,
-never silently ignored; the service's own parameters (``seed``, ``sampler``, ``steps``, ``guidance``)
+never silently ignored; the service's own parameters (``seed``, ``sampler``, ``steps``, ``guidance``,
+``guidance_method``)
 arrive through the SDK's ``extra_body``. As in ``app.generation.schemas``, the bounds that come from
 the settings are put in by ``request_model(limits)``; the static base is what code reads.
 """
@@ -24,7 +25,14 @@ from app.fields import (
     bounded_int,
     class_index,
 )
-from app.generation.schemas import MODEL_ALLOWED, Limits, ModelId, allowed_values
+from app.generation.schemas import (
+    GUIDANCE_METHOD_DESCRIPTION,
+    MODEL_ALLOWED,
+    GuidanceMethod,
+    Limits,
+    ModelId,
+    allowed_values,
+)
 from model.data import CLASS_NAMES, IMAGE_SIZE, class_allowed
 
 MAX_SIZE = 1024  # largest side a sample is resampled to
@@ -114,9 +122,8 @@ class ImageGenerateRequestBase(BaseModel):
     seed: Seed | None = Field(default=None, description="image i is drawn with seed + i; omitted: a random seed")
     sampler: SamplerName | None = Field(default=None, description="default: the model's")
     steps: PositiveInt | None = Field(default=None, description="sampler steps; default: the model's")
-    guidance: NonNegativeFloat | None = Field(
-        default=None, description="classifier-free guidance; default: the model's"
-    )
+    guidance: NonNegativeFloat | None = Field(default=None, description="the guidance scale; default: the model's")
+    guidance_method: GuidanceMethod | None = Field(default=None, description=GUIDANCE_METHOD_DESCRIPTION)
 
 
 def request_model(limits: Limits) -> type[ImageGenerateRequestBase]:
@@ -132,7 +139,7 @@ def request_model(limits: Limits) -> type[ImageGenerateRequestBase]:
         steps=(bounded_int(1, limits.max_steps) | None, Field(default=None, description="default: the model's")),
         guidance=(
             bounded_float(0.0, limits.max_guidance) | None,
-            Field(default=None, description="classifier-free guidance scale; default: the model's"),
+            Field(default=None, description="the guidance scale; default: the model's"),
         ),
     )
 
@@ -159,6 +166,7 @@ class ImageFileQuery(BaseModel):
     sampler: SamplerName
     steps: PositiveInt
     guidance: NonNegativeFloat
+    guidance_method: GuidanceMethod = "classifier-free"
     size: Annotated[int, Field(ge=IMAGE_SIZE, le=MAX_SIZE)] = Field(description="side in pixels")
     output_compression: Annotated[int, Field(ge=0, le=100)] | None = None
     sig: str | None = Field(default=None, description="the server's signature, when it has an API key")

@@ -182,6 +182,7 @@ def generation_fields(body: ImageGenerateRequestBase, serving: Serving) -> dict[
         "sampler": body.sampler,
         "steps": body.steps,
         "guidance": body.guidance,
+        "guidance_method": body.guidance_method,
     }
 
 
@@ -189,7 +190,7 @@ def recipe(generated: flow.Generated, seed: int, encoding: Encoding) -> Recipe:
     p = generated.params
     return Recipe(
         generated.model, p.class_, seed, p.sampler, p.steps, p.guidance, encoding.side, encoding.output_format,
-        encoding.compression,
+        encoding.compression, p.guidance_method,
     )  # fmt: skip
 
 
@@ -279,7 +280,7 @@ class ImagesServing:
         encoding = Encoding.checked(output_format, query.size, query.output_compression)
         wanted = Recipe(
             query.model, query.class_, seed, query.sampler, query.steps, query.guidance, query.size, output_format,
-            query.output_compression,
+            query.output_compression, query.guidance_method,
         )  # fmt: skip
         secret = _secret(settings)
         if secret is not None and not wanted.signed_by(secret, query.sig):
@@ -298,6 +299,7 @@ class ImagesServing:
             "sampler": query.sampler,
             "steps": query.steps,
             "guidance": query.guidance,
+            "guidance_method": query.guidance_method,
         }
         generated = await flow.generate(validated(self.generate_model, fields, "query"), request, serving, settings)
         files = await anyio.to_thread.run_sync(encoding.files, generated.chosen)

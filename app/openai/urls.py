@@ -3,8 +3,9 @@
 The service draws byte-identical images for the same model, seed and parameters, whichever replica
 and whatever else shares the device, so a URL can carry the recipe instead of a file id:
 ``GET /v1/images/files/{seed}.{format}?model=..&class=..&sampler=..&steps=..&guidance=..&size=..``
-draws the image again, on any replica behind Ray Serve's proxy or a load balancer, for as long as a
-replica serves a model of that name. Nothing is kept, so nothing expires or needs cleaning up.
+(and ``guidance_method=autoguidance`` for an autoguided image) draws the image again, on any replica
+behind Ray Serve's proxy or a load balancer, for as long as a replica serves a model of that name.
+Nothing is kept, so nothing expires or needs cleaning up.
 
 A browser fetching the URL sends no ``Authorization`` header, so the route needs no API key; when the
 server has one, the URL carries ``sig``, an HMAC-SHA256 of the recipe keyed by the API key, and only a
@@ -36,9 +37,13 @@ class Recipe:
     size: int  # side in pixels
     output_format: str
     output_compression: int | None
+    guidance_method: str = "classifier-free"
 
     def signature(self, secret: str) -> str:
-        message = _DOMAIN + json.dumps(astuple(self)).encode()
+        fields = astuple(self)
+        if self.guidance_method == "classifier-free":  # signed as before the field existed: old URLs stay valid
+            fields = fields[:-1]
+        message = _DOMAIN + json.dumps(fields).encode()
         digest = hmac.new(secret.encode(), message, hashlib.sha256).digest()
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
@@ -60,6 +65,8 @@ class Recipe:
         }
         if self.output_compression is not None:
             query["output_compression"] = str(self.output_compression)
+        if self.guidance_method != "classifier-free":
+            query["guidance_method"] = self.guidance_method
         if secret is not None:
             query["sig"] = self.signature(secret)
         return query

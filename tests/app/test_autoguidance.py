@@ -145,3 +145,41 @@ def test_a_guide_that_does_not_fit_is_refused_before_any_tensor_loads(
     with pytest.raises(WeightsError, match=match):
         models.load_models(make_settings(models=[tmp_path / "guided.safetensors"]), torch.device("cpu"))
     assert loaded == []
+
+
+def test_the_openai_images_api_takes_guidance_method_and_its_urls_redraw_the_same_bytes(
+    make_settings: Callable[..., Settings], guided_weights: Path, app_weights: Path
+) -> None:
+    """Through the official SDK (its HTTP client the in-process app): ``guidance_method`` in ``extra_body``
+    gives POST /generate's bytes, and a signed URL carries the method, so it redraws an autoguided image."""
+    import base64
+    from urllib.parse import parse_qs, urlencode, urlsplit
+
+    import openai
+
+    settings = make_settings(models=[guided_weights, app_weights], api_key="k")
+    with TestClient(create_app(settings), headers={"Authorization": "Bearer k"}) as c:
+        sdk = openai.OpenAI(base_url=f"{c.base_url}/v1", api_key="k", http_client=c, max_retries=0)
+        for method in ("autoguidance", "classifier-free"):
+            answer = sdk.images.generate(prompt="coat", n=2, extra_body={"seed": 11, "guidance_method": method})
+            files = [d.b64_json for d in answer.data or []]
+            assert files == images(
+                c.post("/generate", json={"class": 4, "n": 2, "seed": 11, "guidance_method": method})
+            )
+            [linked] = (
+                sdk.images.generate(
+                    prompt="coat", response_format="url", extra_body={"seed": 11, "guidance_method": method}
+                ).data
+                or []
+            )
+            url = urlsplit(linked.url or "")
+            query = {k: v[0] for k, v in parse_qs(url.query).items()}
+            assert query.get("guidance_method") == (method if method == "autoguidance" else None)
+            assert base64.b64encode(c.get(f"{url.path}?{url.query}").content).decode() == files[0]
+            if method == "autoguidance":  # the signature covers the method: the other one is not drawn
+                tampered = c.get(f"{url.path}?{urlencode({**query, 'guidance_method': 'classifier-free'})}")
+                assert tampered.status_code == 401, tampered.text
+        err = c.post(
+            "/v1/images/generations", json={"prompt": "coat", "model": "tiny-test", "guidance_method": "autoguidance"}
+        )
+        assert err.status_code in (400, 422) and err.json()["error"]["param"] == "guidance_method", err.text
