@@ -37,6 +37,7 @@ function runSpecs() {
     sampler: $("[name=sampler]", row).value,
     steps: Number($("[name=steps]", row).value),
     guidance: Number($("[name=guidance]", row).value),
+    guidance_method: $("[name=guidance_method]", row).value,
   }));
 }
 
@@ -46,7 +47,7 @@ function addRunSpec(spec) {
   const last = rows[rows.length - 1];
   const row = last.cloneNode(true);
   row.dataset.run = String(rows.length);
-  for (const name of ["model", "sampler"]) $(`[name=${name}]`, row).value = $(`[name=${name}]`, last).value;
+  for (const name of ["model", "sampler", "guidance_method"]) $(`[name=${name}]`, row).value = $(`[name=${name}]`, last).value;
   if (spec) fillRunSpec(row, spec);
   $("#runs-spec").appendChild(row);
   syncRunButtons();
@@ -61,6 +62,7 @@ function fillRunSpec(row, spec) {
   if (spec.sampler) $("[name=sampler]", row).value = spec.sampler;
   if (spec.steps) $("[name=steps]", row).value = spec.steps;
   if (spec.guidance !== undefined && spec.guidance !== "") $("[name=guidance]", row).value = spec.guidance;
+  if (spec.guidance_method) $("[name=guidance_method]", row).value = spec.guidance_method;
 }
 
 // --- models ------------------------------------------------------------------------------------
@@ -81,6 +83,13 @@ function lockGuidance(row) {
   input.disabled = distilled;
   input.title = distilled ? `guidance ${model.distilled_guidance} is distilled into ${model.id}` : "";
   if (distilled) input.value = "1";
+  // Autoguidance needs the model's guide network; a distilled student is guided by neither.
+  const method = $("[name=guidance_method]", row);
+  const guided = Boolean(model && model.guide);
+  $("option[value=autoguidance]", method).disabled = !guided;
+  if (!guided) method.value = "classifier-free";
+  method.disabled = distilled;
+  method.title = model && !guided ? `${model.id} has no guide network` : "";
 }
 
 function showModelDefaults(row) {
@@ -89,6 +98,7 @@ function showModelDefaults(row) {
   $("[name=sampler]", row).value = model.sampler;
   $("[name=steps]", row).value = String(model.steps);
   $("[name=guidance]", row).value = String(model.guidance);
+  $("[name=guidance_method]", row).value = model.guidance_method;
   lockGuidance(row);
 }
 
@@ -147,6 +157,7 @@ function streamQuery(base, spec) {
     seed: String(base.seed),
     sampler: spec.sampler,
     guidance: String(spec.guidance),
+    guidance_method: spec.guidance_method,
     preview_every: String(base.preview_every),
   });
   if (spec.sampler !== "ddpm") q.set("steps", String(spec.steps)); // ddpm always runs every step
@@ -160,6 +171,7 @@ function writeUrl(base, specs) {
   q.set("sampler", specs.map((s) => s.sampler).join(","));
   q.set("steps", specs.map((s) => s.steps).join(","));
   q.set("guidance", specs.map((s) => s.guidance).join(","));
+  q.set("guidance_method", specs.map((s) => s.guidance_method).join(","));
   q.set("preview_every", String(base.preview_every));
   history.replaceState(null, "", "/?" + q.toString());
 }
@@ -174,10 +186,17 @@ function readUrl() {
   const samplers = (q.get("sampler") || "").split(",").filter(Boolean);
   const steps = (q.get("steps") || "").split(",");
   const guidance = (q.get("guidance") || "").split(",");
+  const methods = (q.get("guidance_method") || "").split(",");
   const chosen = (q.get("model") || "").split(",");
   samplers.slice(0, MAX_RUNS).forEach((sampler, i) => {
     const model = chosen[i] || chosen[0];
-    const spec = { model, sampler, steps: steps[i] || steps[0], guidance: guidance[i] || guidance[0] };
+    const spec = {
+      model,
+      sampler,
+      steps: steps[i] || steps[0],
+      guidance: guidance[i] || guidance[0],
+      guidance_method: methods[i] || methods[0],
+    };
     if (i === 0) fillRunSpec($(".run-spec"), spec);
     else addRunSpec(spec);
   });
@@ -215,7 +234,8 @@ function startRun(base, spec, i) {
   const el = $("#run-template").content.firstElementChild.cloneNode(true);
   const label = spec.sampler === "ddpm" ? "ddpm, 1000 steps" : `${spec.sampler}, ${spec.steps} steps`;
   const who = models.length > 1 && spec.model ? `${spec.model}: ` : "";
-  $(".run-title", el).textContent = `Run ${i + 1}: ${who}${label}, guidance ${spec.guidance}`;
+  const method = spec.guidance_method === "autoguidance" ? " (autoguidance)" : "";
+  $(".run-title", el).textContent = `Run ${i + 1}: ${who}${label}, guidance ${spec.guidance}${method}`;
   $("#runs").appendChild(el);
   const query = streamQuery(base, spec);
   const key = apiKey();

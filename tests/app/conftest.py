@@ -41,6 +41,16 @@ def student_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_weights(tmp_path_factory.mktemp("student") / "student.safetensors", seed=1, **STUDENT_CARD)
 
 
+@pytest.fixture(scope="session")
+def guided_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny teacher whose card names a guide (so autoguidance is its default), the guide beside it: another
+    tiny network named ``tiny-guide``."""
+    folder = tmp_path_factory.mktemp("guided")
+    tiny_weights(folder / "guide.safetensors", seed=3, name="tiny-guide")
+    sampling = {"sampler": "dpm++", "steps": 3, "guidance": 2.0, "guide": "guide"}
+    return tiny_weights(folder / "guided.safetensors", seed=2, name="tiny-guided", sampling=sampling)
+
+
 @pytest.fixture
 def student_steps() -> int:
     return int(STUDENT_CARD["sampling"]["steps"])

@@ -15,23 +15,8 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.settings import Settings
 from model.io import WeightsError
-from testkit.weights import tiny_weights
 
 GUIDE = "tiny-guide"
-
-
-@pytest.fixture(scope="module")
-def guided_weights(tmp_path_factory: pytest.TempPathFactory, test_steps_module: int) -> Path:
-    """A tiny teacher whose card names a guide, the guide beside it (another tiny network)."""
-    folder = tmp_path_factory.mktemp("guided")
-    tiny_weights(folder / "guide.safetensors", seed=3, name=GUIDE)
-    sampling = {"sampler": "dpm++", "steps": test_steps_module, "guidance": 2.0, "guide": "guide"}
-    return tiny_weights(folder / "guided.safetensors", seed=2, name="tiny-guided", sampling=sampling)
-
-
-@pytest.fixture(scope="module")
-def test_steps_module() -> int:
-    return 3
 
 
 @pytest.fixture

@@ -41,6 +41,14 @@ def two_models(app_weights: Path, student_weights: Path, serve_in_thread: Callab
 
 
 @pytest.fixture(scope="module")
+def guided_and_plain(guided_weights: Path, app_weights: Path, serve_in_thread: Callable) -> Iterator[str]:
+    """A tiny teacher with a guide (autoguided by default) beside the tiny teacher without one."""
+    settings = Settings(models=[guided_weights, app_weights], device="cpu", api_key=None)
+    with serve_in_thread(settings) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
 def keyed(app_weights: Path, serve_in_thread: Callable) -> Iterator[str]:
     with serve_in_thread(Settings(weights=app_weights, device="cpu", api_key=KEY), log_level="info") as url:
         yield url
@@ -277,5 +285,40 @@ def test_the_model_selector_lists_the_models_and_a_chosen_student_draws(two_mode
     assert [src.split(",", 1)[1] for src in finals] == [img["png"] for img in api["images"]]
     # The page's link reruns the same two runs on their models.
     page.goto(page.url)
+    assert finished_titles(page, 4) == titles
+    assert page.errors == []
+
+
+@pytest_browser
+def test_runs_compare_autoguidance_with_classifier_free_guidance(guided_and_plain: str, page) -> None:  # type: ignore[no-untyped-def]
+    url = guided_and_plain
+    page.goto(f"{url}/")
+    page.wait_for_function("document.querySelectorAll('.run-spec [name=model] option').length === 2", timeout=30_000)
+    row = page.locator(".run-spec").nth(0)
+    method = row.locator("[name=guidance_method]")
+    autoguidance = method.locator("option[value=autoguidance]")
+    assert method.input_value() == "autoguidance" and not autoguidance.is_disabled()  # the guided card's default
+    row.locator("[name=model]").select_option("tiny-test")  # no guide: only classifier-free can be chosen
+    assert method.input_value() == "classifier-free" and autoguidance.is_disabled()
+    row.locator("[name=model]").select_option("tiny-guided")
+    assert method.input_value() == "autoguidance"
+    page.click("#add-run")
+    page.locator(".run-spec").nth(1).locator("[name=guidance_method]").select_option("classifier-free")
+    page.select_option("#class", "coat")
+    page.fill("#seed", "4")
+    page.fill("#n", "2")
+    page.click("#go")
+    titles = finished_titles(page, 4)
+    assert titles == [
+        "Run 1: tiny-guided: dpm++, 3 steps, guidance 2 (autoguidance)",
+        "Run 2: tiny-guided: dpm++, 3 steps, guidance 2",
+    ]
+    assert "guidance_method=autoguidance%2Cclassifier-free" in page.url
+    for i, chosen in enumerate(("autoguidance", "classifier-free")):
+        finals = page.eval_on_selector_all(f".run:nth-child({i + 1}) .finals img.final", "imgs => imgs.map(i => i.src)")
+        body = {"model": "tiny-guided", "class": "coat", "n": 2, "seed": 4, "guidance_method": chosen}
+        api = httpx.post(f"{url}/generate", json=body, timeout=60).json()
+        assert [src.split(",", 1)[1] for src in finals] == [img["png"] for img in api["images"]]
+    page.goto(page.url)  # the link keeps each run's method
     assert finished_titles(page, 4) == titles
     assert page.errors == []
