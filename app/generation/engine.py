@@ -257,7 +257,8 @@ class Engine:
             job.state, job.admitted = "running", now
             self._output.admitted(job)
         if lane.pending:  # the ones still waiting, when their place changed
-            for position, (job, eta) in enumerate(zip(lane.pending, lane.forecast(self._tick_s), strict=True), 1):
+            _, starts = lane.forecast(self._tick_s)
+            for position, (job, eta) in enumerate(zip(lane.pending, starts, strict=True), 1):
                 if job.position != position:
                     job.position = position
                     self._output.queued(job, Queued(position, eta))

@@ -99,33 +99,40 @@ def select(rows: Sequence[int], cap: int) -> list[int]:
 
 def deadline_ticks(
     active: list[tuple[int, int, float]], queued: list[tuple[int, int, float]], budget: int, cap: int
-) -> list[int]:
-    """Ticks from now until each queued job is admitted under the ``deadline`` policy.
+) -> tuple[list[int], list[int]]:
+    """Ticks from now until each queued job is admitted, and until it first steps, under the keyed
+    policies (``deadline``, ``least-work``).
 
-    ``active``: (rows, steps left, deadline) of each running job; ``queued``: (rows, steps, deadline)
-    of each waiting job, earliest deadline first. Event by event: the selected jobs (``select`` in
-    deadline order) all step until the first of them finishes, which frees its rows; the head of the
-    queue then enters if it fits."""
-    running: list[list[float]] = sorted(([d, r, left] for r, left, d in active), key=lambda j: j[0])
+    ``active``: (rows, steps left, key) of each running job; ``queued``: (rows, steps, key) of each
+    waiting job, smallest key first. Event by event: the selected jobs (``select`` in key order) all
+    step until the first of them finishes, which frees its rows; the head of the queue then enters if
+    it fits. An admitted job steps only once a tick selects it, which may be later than it entered:
+    admission frees a place in the queue (Retry-After), the first step is when the job starts."""
+    running: list[list[float]] = sorted(([d, r, left, -1] for r, left, d in active), key=lambda j: j[0])
     used = sum(r for r, _, _ in active)
-    now, out = 0, []
-    waiting = deque(queued)
-    while waiting:
-        while waiting and (used + waiting[0][0] <= budget or not running):
-            rows, steps, d = waiting.popleft()
-            out.append(now)
-            bisect.insort(running, [d, rows, steps], key=lambda j: j[0])
+    now = 0
+    admitted: list[int] = [0] * len(queued)
+    started: list[int | None] = [None] * len(queued)
+    waiting = deque(enumerate(queued))
+    while waiting or None in started:
+        while waiting and (used + waiting[0][1][0] <= budget or not running):
+            i, (rows, steps, d) = waiting.popleft()
+            admitted[i] = now
+            bisect.insort(running, [d, rows, steps, i], key=lambda j: j[0])
             used += rows
-        if not waiting:
-            break
         chosen = [running[i] for i in select([int(j[1]) for j in running], cap)]
+        for j in chosen:
+            if j[3] >= 0 and started[int(j[3])] is None:
+                started[int(j[3])] = now
+        if not waiting and None not in started:
+            break
         k = int(min(j[2] for j in chosen))
         now += k
         for j in chosen:
             j[2] -= k
         used -= sum(int(j[1]) for j in running if j[2] == 0)
         running = [j for j in running if j[2] > 0]
-    return out
+    return admitted, [now if t is None else t for t in started]  # every one has started by now
 
 
 @dataclass
@@ -208,21 +215,22 @@ class Lane:
         per_chunk = seconds / max(1, self.chunks(rows))
         self.chunk_s = per_chunk if self.chunk_s == 0 else 0.8 * self.chunk_s + 0.2 * per_chunk
 
-    def forecast(self, tick_s: float) -> list[float]:
-        """Seconds from now until each waiting job is admitted by this lane's policy, at ``tick_s``
-        per tick (the measured tick time; 0 before the first tick), if no other job arrived."""
+    def forecast(self, tick_s: float) -> tuple[list[float], list[float]]:
+        """Seconds from now until each waiting job is admitted by this lane's policy, and until its first
+        step (its start), at ``tick_s`` per tick (the measured tick time; 0 before the first tick), if
+        no other job arrived. Under ``fcfs`` every running job steps at every tick, so the two agree."""
         tick = tick_s or DEFAULT_TICK_S
         if self.policy == "fcfs":
             active = [(r.job.spec.rows, r.steps_left) for r in self.running]
             queued = [(job.spec.rows, job.spec.steps) for job in self.pending]
-            ticks = admission_ticks(active, queued, self.budget)
+            admitted = started = admission_ticks(active, queued, self.budget)
         else:
             running = [(r.job.spec.rows, r.steps_left, r.job.deadline) for r in self.running]
             waiting = [(job.spec.rows, job.spec.steps, job.deadline) for job in self.pending]
-            ticks = deadline_ticks(running, waiting, self.budget, self.cap)
-        return [t * tick for t in ticks]
+            admitted, started = deadline_ticks(running, waiting, self.budget, self.cap)
+        return [t * tick for t in admitted], [t * tick for t in started]
 
     def retry_after(self, tick_s: float) -> int:
         """Whole seconds until the head of the queue is admitted, which frees a place in the queue."""
-        estimates = self.forecast(tick_s)
-        return max(1, math.ceil(estimates[0] if estimates else tick_s))
+        admitted, _ = self.forecast(tick_s)
+        return max(1, math.ceil(admitted[0] if admitted else tick_s))

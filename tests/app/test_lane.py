@@ -21,7 +21,7 @@ def test_the_deadline_forecast_with_no_cap_is_first_come_first_served() -> None:
     # The case worked out in test_engine's FCFS forecast, with deadlines in arrival order.
     running = [(4, 10, 0.0), (2, 3, 1.0)]
     queued = [(4, 5, 2.0), (2, 1, 3.0), (8, 1, 4.0)]
-    assert deadline_ticks(running, queued, budget=8, cap=8) == [3, 8, 10]
+    assert deadline_ticks(running, queued, budget=8, cap=8) == ([3, 8, 10], [3, 8, 10])  # all step at once
     assert admission_ticks([(4, 10), (2, 3)], [(4, 5), (2, 1), (8, 1)], 8) == [3, 8, 10]
 
 
@@ -30,9 +30,19 @@ def test_the_deadline_forecast_steps_only_what_a_tick_takes() -> None:
     # 2-row one with 5 (deadline 1); waiting: 100 rows. The 2-row job goes first and the 32-row one
     # does not fit beside it, so it waits 5 ticks, then runs alone for 20: the queued job enters at
     # 25, where first come first served, every job stepping at every tick, would say 20.
-    assert deadline_ticks([(32, 20, 10.0), (2, 5, 1.0)], [(100, 4, 20.0)], budget=128, cap=32) == [25]
+    assert deadline_ticks([(32, 20, 10.0), (2, 5, 1.0)], [(100, 4, 20.0)], budget=128, cap=32) == ([25], [25])
     assert admission_ticks([(32, 20), (2, 5)], [(100, 4)], 128) == [20]
-    assert deadline_ticks([], [(2, 5, 0.0), (2, 5, 1.0)], budget=128, cap=32) == [0, 0]
+    assert deadline_ticks([], [(2, 5, 0.0), (2, 5, 1.0)], budget=128, cap=32) == ([0, 0], [0, 0])
+
+
+def test_a_job_that_enters_starts_only_when_a_tick_selects_it() -> None:
+    # Budget 128, a tick of 16 rows. Running: 16 rows, 10 steps left, key 1. Waiting: 16 rows, 4 steps,
+    # key 5, then 2 rows, 3 steps, key 6. Both fit the budget and enter at once, freeing their places;
+    # the running job fills every tick until it ends at 10, then the 16-row job steps alone for 4
+    # ticks, and the 2-row one (it does not fit beside it) starts at 14.
+    running, queued = [(16, 10, 1.0)], [(16, 4, 5.0), (2, 3, 6.0)]
+    assert deadline_ticks(running, queued, budget=128, cap=16) == ([0, 0], [10, 14])
+    assert admission_ticks([(16, 10)], [(16, 4), (2, 3)], 128) == [0, 0]  # fcfs: every job steps at once
 
 
 def _lane(policy: str) -> Lane:

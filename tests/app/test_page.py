@@ -143,6 +143,15 @@ def decode(src: str) -> np.ndarray:
 pytest_browser = pytest.mark.browser
 
 
+def draw(page, cls: str, seed: int, n: int) -> list[str]:  # type: ignore[no-untyped-def]
+    """Fill in what to draw, press Generate and wait for every run's finals; the runs' titles then."""
+    page.select_option("#class", cls)
+    page.fill("#seed", str(seed))
+    page.fill("#n", str(n))
+    page.click("#go")
+    return finished_titles(page, n * page.locator(".run-spec").count())
+
+
 def finished_titles(page, finals: int, timeout: int = 120_000) -> list[str]:  # type: ignore[no-untyped-def]
     """Wait until the page shows ``finals`` final images; the runs' titles then."""
     page.wait_for_function(f"document.querySelectorAll('.finals img.final').length === {finals}", timeout=timeout)
@@ -191,9 +200,6 @@ def test_cancel_stops_the_job_on_the_server(live: str, page, metric: Callable) -
 @pytest_browser
 def test_a_comparison_streams_three_runs_side_by_side(live: str, page) -> None:  # type: ignore[no-untyped-def]
     page.goto(f"{live}/")
-    page.select_option("#class", "sneaker")
-    page.fill("#seed", "3")
-    page.fill("#n", "2")
     page.click("#add-run")
     page.click("#add-run")
     rows = page.locator(".run-spec")
@@ -203,8 +209,7 @@ def test_a_comparison_streams_three_runs_side_by_side(live: str, page) -> None: 
         rows.nth(i).locator("[name=sampler]").select_option(sampler)
         rows.nth(i).locator("[name=steps]").fill(steps)
         rows.nth(i).locator("[name=guidance]").fill(guidance)
-    page.click("#go")
-    assert finished_titles(page, 6) == [
+    assert draw(page, "sneaker", 3, 2) == [
         "Run 1: ddim, 8 steps, guidance 1.35",
         "Run 2: dpm++, 4 steps, guidance 1.35",
         "Run 3: dpm++, 4 steps, guidance 3",
@@ -268,11 +273,7 @@ def test_the_model_selector_lists_the_models_and_a_chosen_student_draws(two_mode
     assert shown(second)[:2] == ("tiny-student", "consistency")  # a new run starts as a copy of the last
     second.locator("[name=model]").select_option("tiny-test")
     assert shown(second) == ("tiny-test", "dpm++", "3", "2", False)
-    page.select_option("#class", "pullover")
-    page.fill("#seed", "11")
-    page.fill("#n", "2")
-    page.click("#go")
-    titles = finished_titles(page, 4)
+    titles = draw(page, "pullover", 11, 2)
     assert titles == [
         "Run 1: tiny-student: consistency, 4 steps, guidance 1",
         "Run 2: tiny-test: dpm++, 3 steps, guidance 2",
@@ -304,11 +305,7 @@ def test_runs_compare_autoguidance_with_classifier_free_guidance(guided_and_plai
     assert method.input_value() == "autoguidance"
     page.click("#add-run")
     page.locator(".run-spec").nth(1).locator("[name=guidance_method]").select_option("classifier-free")
-    page.select_option("#class", "coat")
-    page.fill("#seed", "4")
-    page.fill("#n", "2")
-    page.click("#go")
-    titles = finished_titles(page, 4)
+    titles = draw(page, "coat", 4, 2)
     assert titles == [
         "Run 1: tiny-guided: dpm++, 3 steps, guidance 2 (autoguidance)",
         "Run 2: tiny-guided: dpm++, 3 steps, guidance 2",
