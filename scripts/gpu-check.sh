@@ -48,7 +48,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c 'import torch; assert torch.cuda.is_available(), "no CUDA"; print(torch.__version__, torch.cuda.get_device_name(0))'
 
 step "tests on cuda"
-python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/app/test_engine.py 2>&1 | tee "$out/tests.txt"
+python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/app/generation/test_engine.py 2>&1 | tee "$out/tests.txt"
 
 step "bench/sampling.py on cuda"
 python3 -m bench.sampling --device cuda --repeats 5 2>&1 | tee "$out/bench_sampling_cuda.md"

@@ -25,7 +25,7 @@ import pytest
 import yaml  # comes with ray (the ray extra, part of dev)
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 KEY = "ray-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -95,7 +95,7 @@ def test_shorthand_and_default_candidates(clip_client: TestClient, clip_settings
 
 
 def test_shipped_classifier_ranks_too(make_settings: Callable[..., Settings], decode_png: Callable) -> None:
-    shipped = Path(__file__).resolve().parents[2] / "weights" / "classifier.safetensors"
+    shipped = Path(__file__).resolve().parents[3] / "weights" / "classifier.safetensors"
     with TestClient(create_app(make_settings(clip_enabled=False))) as c:  # the default classifier path
         ready = c.get("/readyz").json()
         assert ready["classifier"] == {"status": "ready", "model": str(shipped)}
