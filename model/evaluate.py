@@ -92,21 +92,26 @@ def evaluate(
     val_size: int = 5_000,
     precision: str = "float32",
     guide: str | Path | None = None,
+    guide_weight: float = 1.0,
 ) -> dict:
     """Generate, classify and measure; returns the figures as a dict (see ``format_table``).
     ``guidance_interval`` replaces the card's (None: guidance at every step). ``reference``: the real
     images the distance is measured against, "test" or "val" (the ``val_size`` images training held out).
-    ``guide``: autoguide with these weights instead of the null class (None: classifier-free guidance)."""
+    ``guide``: autoguide with these weights instead of the null class (None: classifier-free guidance);
+    with a ``guide_weight`` other than 1, guide with both (combined guidance, ``Denoiser.guide_weight``)."""
     if reference not in REFERENCES:
         raise ValueError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
     if precision not in DTYPES:
         raise ValueError(f"precision must be one of {', '.join(DTYPES)}, got {precision!r}")
+    if guide is None and guide_weight != 1.0:
+        raise ValueError("guide_weight (combined guidance) needs a guide")
     weights = load_weights(weights_path, device)
-    weights = dataclasses.replace(
-        weights, denoiser=dataclasses.replace(weights.denoiser, guidance_interval=guidance_interval)
-    )
     if guide is not None:
         weights = with_guide(weights, load_weights(guide, device))
+    weights = dataclasses.replace(
+        weights,
+        denoiser=dataclasses.replace(weights.denoiser, guidance_interval=guidance_interval, guide_weight=guide_weight),
+    )
     classifier = load_classifier(classifier_path, device)
     data = FashionMNIST.load(data_dir)
 
@@ -138,6 +143,7 @@ def evaluate(
         "guidance": guidance,
         "guidance_interval": list(guidance_interval) if guidance_interval else None,
         "guide": Path(guide).stem if guide is not None else None,
+        **({"guide_weight": guide_weight} if guide_weight != 1.0 else {}),
         "precision": precision,
         "per_class": per_class,
         "accuracy": float((pred == labels).mean()),
@@ -265,6 +271,14 @@ def main(argv: list[str] | None = None) -> int:
         help="autoguide with these weights (several: one run each); 'none': classifier-free; default: the card's guide "
         "when its sampling.guidance_method is autoguidance",
     )
+    p.add_argument(
+        "--guide-weight",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        help="with --guide: combined guidance, classifier-free at --guidance plus the guide at each of these "
+        "weights (several: one run each); 1: autoguidance alone",
+    )
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--precision", choices=list(DTYPES), default="float32", help="the network's autocast dtype")
     p.add_argument(
@@ -340,7 +354,10 @@ def main(argv: list[str] | None = None) -> int:
         except (WeightsError, TypeError, ValueError) as err:
             p.error(f"--student: {err}")
 
-    def run(weights: str, sampler: str, steps: int, guidance: float, interval, guide=None) -> dict:
+    if a.guide_weight != [1.0] and not any(guides):
+        p.error("--guide-weight (combined guidance) needs --guide WEIGHTS")
+
+    def run(weights: str, sampler: str, steps: int, guidance: float, interval, guide=None, guide_weight=1.0) -> dict:
         r = evaluate(
             weights,
             a.classifier,
@@ -357,11 +374,17 @@ def main(argv: list[str] | None = None) -> int:
             a.reference,
             precision=a.precision,
             guide=guide,
+            guide_weight=guide_weight,
         )
         print(format_table(r), end="\n\n", flush=True)
         return r
 
-    results = [run(a.weights, sampler, steps, g, interval, guide) for guide in guides for g in guidances]
+    results = [
+        run(a.weights, sampler, steps, g, interval, guide, w if guide is not None else 1.0)
+        for guide in guides
+        for w in (a.guide_weight if guide is not None else [1.0])
+        for g in guidances
+    ]
     rows = [(Path(a.weights).stem, r) for r in results]
     teacher_runs = len(results)
     for path, theirs, their_guide in baselines:  # at their cards' sampling

@@ -5,7 +5,8 @@ the frontier of several runs as a picture:
 
 reads the ``--json`` files of ``model.evaluate`` runs, prints them side by side, and draws accuracy
 against Frechet distance and precision against recall, one line per kind of guidance (classifier-free,
-classifier-free inside an interval, autoguidance by each guide), one point per guidance scale.
+classifier-free inside an interval, autoguidance by each guide; and by network, when the files hold
+several), one point per guidance scale.
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ def describe_interval(interval) -> str:
     return f" for {interval[0]:g} < sigma <= {interval[1]:g}" if interval else ""
 
 
-def describe_guide(guide: str | None) -> str:
+def describe_guide(r: dict) -> str:
+    """A run's guide: autoguided by it, or (combined guidance) added at its weight."""
+    guide, weight = r.get("guide"), r.get("guide_weight", 1.0)
+    if guide and weight != 1.0:
+        return f" plus {guide} at {weight:g}"
     return f", autoguided by {guide}" if guide else ""
 
 
@@ -27,7 +32,7 @@ def format_table(r: dict) -> str:
     ref = r.get("reference", "test").split(" ")[0]
     lines = [
         f"samples: {r['per_class']} per class, {r['sampler']} {r['steps']} steps, guidance {r['guidance']}"
-        f"{describe_interval(r.get('guidance_interval'))}{describe_guide(r.get('guide'))}, "
+        f"{describe_interval(r.get('guidance_interval'))}{describe_guide(r)}, "
         f"{r.get('precision', 'float32')}  ({r['generation_seconds']} s on {r['machine']})",
         "",
         f"{'class':<14}{'accuracy':>10}{'Frechet':>10}{'floor':>8}",
@@ -65,9 +70,9 @@ def format_table(r: dict) -> str:
 
 
 def evaluations_per_image(r: dict) -> int:
-    """Network evaluations per image: two per step while guided (the conditional and the null branch;
-    a guidance interval makes it fewer)."""
-    return r["steps"] * (1 if r["guidance"] == 1.0 else 2)
+    """Network evaluations per image: two per step while guided (the conditional and the null branch, or
+    the guide), three under combined guidance (a guidance interval makes it fewer)."""
+    return r["steps"] * (1 if r["guidance"] == 1.0 else 3 if r.get("guide_weight", 1.0) != 1.0 else 2)
 
 
 def format_comparison(rows: list[tuple[str, dict]]) -> str:
@@ -82,7 +87,7 @@ def format_comparison(rows: list[tuple[str, dict]]) -> str:
     for name, r in rows:
         lines.append(
             f"| {name} | {r['sampler']} | {r['steps']} | {evaluations_per_image(r)} | {r['guidance']:g}"
-            f"{describe_interval(r.get('guidance_interval'))}{describe_guide(r.get('guide'))} | "
+            f"{describe_interval(r.get('guidance_interval'))}{describe_guide(r)} | "
             f"{r['accuracy']:.3f} | {r['frechet_distance']:.3f} | {r['frechet_ratio']:.2f} | "
             f"{r['frechet_distance'] / base:.2f}x | {r['precision_recall']['precision']:.3f} | "
             f"{r['precision_recall']['recall']:.3f} |"
@@ -92,7 +97,9 @@ def format_comparison(rows: list[tuple[str, dict]]) -> str:
 
 def guidance_kind(r: dict) -> str:
     """The line a run belongs to in the frontier: its kind of guidance, without the scale."""
-    if r.get("guide"):
+    if r.get("guide") and r.get("guide_weight", 1.0) != 1.0:
+        kind = f"classifier-free plus {r['guide']} at {r['guide_weight']:g}"
+    elif r.get("guide"):
         kind = f"autoguidance ({r['guide']})"
     elif r["guidance"] == 1.0:
         kind = "no guidance"
@@ -101,16 +108,25 @@ def guidance_kind(r: dict) -> str:
     return kind + describe_interval(r.get("guidance_interval"))
 
 
+def network(r: dict) -> str:
+    """The name of the network a run sampled (its weights file's stem)."""
+    return Path(r.get("weights") or "teacher").stem
+
+
 def frontier_lines(results: list[dict]) -> dict[str, list[dict]]:
-    """The runs grouped by kind of guidance (``guidance_kind``), each group ordered by guidance scale.
-    Unguided runs join every group as its w = 1 end, where the curves meet."""
-    lines: dict[str, list[dict]] = {}
+    """The runs grouped by network and kind of guidance (``guidance_kind``), each group ordered by
+    guidance scale; the network names the group only when there are several. A network's unguided
+    runs join each of its groups as the w = 1 end, where its curves meet."""
+    several = len({network(r) for r in results}) > 1
+    by_network: dict[str, dict[str, list[dict]]] = {}
     for r in results:
-        lines.setdefault(guidance_kind(r), []).append(r)
-    plain = lines.pop("no guidance", [])
-    return {kind: sorted(runs + plain, key=lambda r: r["guidance"]) for kind, runs in lines.items()} or (
-        {"no guidance": plain} if plain else {}
-    )
+        by_network.setdefault(network(r), {}).setdefault(guidance_kind(r), []).append(r)
+    lines: dict[str, list[dict]] = {}
+    for name, kinds in by_network.items():
+        plain = kinds.pop("no guidance", [])
+        for kind, runs in (kinds or {"no guidance": []}).items():
+            lines[f"{name}: {kind}" if several else kind] = sorted(runs + plain, key=lambda r: r["guidance"])
+    return lines
 
 
 def plot_frontier(results: list[dict], out: Path, title: str = "") -> None:
@@ -156,10 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     results = [r for path in a.results for r in json.loads(Path(path).read_text())]
     if not results:
         p.error("the files hold no results")
-    names = [Path(r.get("weights") or "teacher").stem for r in results]
-    print(format_comparison(list(zip(names, results, strict=True))))
-    if a.plot:  # the first run's network: a student's runs are points of another model
-        plot_frontier([r for r, n in zip(results, names, strict=True) if n == names[0]], Path(a.plot), a.title)
+    print(format_comparison([(network(r), r) for r in results]))
+    if a.plot:
+        plot_frontier(results, Path(a.plot), a.title)
         print(f"wrote {a.plot}")
     return 0
 

@@ -80,10 +80,16 @@ class Denoiser:
     # Autoguidance (Karras et al. 2024): a smaller, less-trained conditional network of the same schedule
     # and target. Guided rows then take their reference from it instead of from the null class.
     guide: torch.nn.Module | None = None
+    # Combined guidance: with a guide, a weight w_a != 1 keeps every row's reference the null class and adds
+    # autoguidance on top, out_cfg + (w_a - 1)(out_cond - out_guide): classifier-free guidance for the class,
+    # the guide for variety (three evaluations per guided row). 1: autoguidance or classifier-free alone.
+    guide_weight: float = 1.0
 
     def __post_init__(self):
         if self.guidance_interval is not None:
             check_guidance_interval(*self.guidance_interval)
+        if not np.isfinite(self.guide_weight) or self.guide_weight < 0:
+            raise ValueError(f"guide_weight must be a finite number >= 0, got {self.guide_weight}")
 
     def guides_at(self, t: int) -> bool:
         """Whether guidance applies at timestep t (Kynkaanniemi et al. 2024: guidance at high noise
@@ -103,7 +109,7 @@ class Denoiser:
         """Per row, whether its reference is the guide network: ``autoguide`` as given (None: every row,
         when there is a guide), refused where there is none."""
         if autoguide is None:
-            return [self.guide is not None] * rows
+            return [self.guide is not None and self.guide_weight == 1.0] * rows
         if len(autoguide) != rows:
             raise ValueError(f"need one autoguide flag per row: {rows} rows, {len(autoguide)} flags")
         if self.guide is None and any(autoguide):
@@ -126,7 +132,8 @@ class Denoiser:
         Ho & Salimans 2022, eq. 6: out = out_ref + w (out_cond - out_ref) with out_ref the null-class
         output; Karras et al. 2024, eq. 2: the same with out_ref the guide's conditional output. w = 1 is
         the plain conditional model. The output is linear in eps and v alike, so guiding the raw output is
-        the same as guiding eps. Outside ``guidance_interval`` w is 1.
+        the same as guiding eps. Outside ``guidance_interval`` w is 1. With a ``guide_weight`` the
+        classifier-free rows also take the guide's term (combined guidance, see the field).
         """
         b = len(x_t)
         if not len(t) == len(guidance) == b:
@@ -143,6 +150,9 @@ class Denoiser:
             null = torch.full((len(nulls),), self.null_class, device=y.device, dtype=y.dtype)
             both = self.model(torch.cat([x_t, x_t[n]]), torch.cat([tt, tt[n]]), torch.cat([y, null])).float()
             out = blend(both[:b].clone(), nulls, both[b:], guidance)
+            if self.guide is not None and self.guide_weight != 1.0:  # combined guidance
+                cond = both[:b][n]
+                out[n] += (self.guide_weight - 1.0) * (cond - self.guide(x_t[n], tt[n], y[n]).float())
         if autos:
             a = torch.tensor(autos, device=x_t.device)  # (A,)
             assert self.guide is not None  # autoguided() refuses otherwise

@@ -252,6 +252,15 @@ def test_evaluate_cli_autoguides_with_the_guides_it_is_given_or_its_cards(tmp_pa
     assert main(common) == 0
     assert json.loads((tmp_path / "r.json").read_text())[0]["frechet_distance"] == auto["frechet_distance"]
 
+    # Combined guidance: classifier-free at --guidance plus the guide at each --guide-weight, 3 evaluations a step.
+    assert main([*common, "--guide", str(guide), "--guide-weight", "1.5"]) == 0
+    (both,) = json.loads((tmp_path / "r.json").read_text())
+    assert both["guide_weight"] == 1.5
+    assert both["frechet_distance"] not in (auto["frechet_distance"], cfg["frechet_distance"])
+    assert "guidance 2.0 plus guide at 1.5, float32" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # nothing to combine with
+        main([*common, "--guide", "none", "--guide-weight", "1.5"])
+
     # A guide must be a model of the same diffusion: its outputs are compared with the main network's.
     save_weights(
         perturbed_unet(tiny_config()), {**card, "diffusion": {**card["diffusion"], "prediction": "eps"}}, guide

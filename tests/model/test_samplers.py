@@ -288,6 +288,22 @@ def test_rows_mix_autoguidance_classifier_free_guidance_and_none_in_one_evaluati
     assert guide.calls == [(2, [1, 4])]  # one pass over the autoguided rows that guide
 
 
+def test_combined_guidance_adds_the_guides_term_to_classifier_free_guidance():
+    main, guide = ConstantPerLabel(VALUES), ConstantPerLabel(GUIDE_VALUES)
+    den = Denoiser(main, Schedule.named("cosine"), "eps", NULL, guide=guide, guide_weight=1.5)
+    y = torch.tensor([2, 7, 4])
+    eps, _ = den.rows(torch.zeros(3, 1, 28, 28), [500] * 3, y, [2.0, 2.0, 1.0])
+    want = [
+        -0.5 + 2.0 * (0.1 * c + 0.5) + 0.5 * (0.1 * c - 0.05 * c)  # D_cfg + (w_a - 1)(D_cond - D_guide)
+        for c in (2, 7)
+    ] + [0.4]  # guidance 1: the conditional model alone, the guide not asked
+    torch.testing.assert_close(eps[:, 0, 0, 0], torch.tensor(want), atol=1e-6, rtol=0)
+    assert main.calls == [(5, [2, 7, 4, NULL, NULL])]
+    assert guide.calls == [(2, [2, 7])]
+    with pytest.raises(ValueError, match="guide_weight must be a finite number >= 0"):
+        Denoiser(main, Schedule.named("cosine"), "eps", NULL, guide=guide, guide_weight=float("nan"))
+
+
 def test_autoguidance_follows_the_guidance_interval():
     sch = Schedule.named("cosine")
     sigma = sch.noise_level()
