@@ -155,10 +155,14 @@ def plot_frontier(results: list[dict], out: Path, title: str = "") -> None:
     right.set(xlabel="recall (coverage of the real images)", ylabel="precision (samples on the real manifold)")
     for ax in (left, right):
         ax.grid(alpha=0.3)
-    right.legend(fontsize=8, loc="lower right")
+    # The legend goes below both panels, where it hides no point.
+    handles, labels = right.get_legend_handles_labels()
+    rows = -(-len(labels) // 2)
+    fig.set_size_inches(11, 4.5 + 0.2 * rows)
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.2 * rows / (4.5 + 0.2 * rows), 1, 1))
     fig.savefig(out, dpi=120)
     plt.close(fig)
 
