@@ -16,7 +16,7 @@ from model.data import CLASS_NAMES, NUM_CLASSES, class_allowed, parse_class
 
 SEED_MAX = 2**32 - 1
 # model.samplers.SAMPLERS as a type, so mypy and the OpenAPI page know the names (a test keeps them equal).
-SamplerName = Literal["ddpm", "ddim", "dpm++", "consistency"]
+SamplerName = Literal["ddpm", "ddim", "dpm++", "heun", "consistency"]
 
 CLASS_ALLOWED = class_allowed()
 

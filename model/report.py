@@ -15,6 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
+from model.samplers import evaluations
+
 
 def describe_interval(interval) -> str:
     return f" for {interval[0]:g} < sigma <= {interval[1]:g}" if interval else ""
@@ -72,7 +74,8 @@ def format_table(r: dict) -> str:
 def evaluations_per_image(r: dict) -> int:
     """Network evaluations per image: two per step while guided (the conditional and the null branch, or
     the guide), three under combined guidance (a guidance interval makes it fewer)."""
-    return r["steps"] * (1 if r["guidance"] == 1.0 else 3 if r.get("guide_weight", 1.0) != 1.0 else 2)
+    per_step = 1 if r["guidance"] == 1.0 else 3 if r.get("guide_weight", 1.0) != 1.0 else 2
+    return evaluations(r["sampler"], r["steps"]) * per_step
 
 
 def format_comparison(rows: list[tuple[str, dict]]) -> str:

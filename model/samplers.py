@@ -1,5 +1,5 @@
-"""Samplers: ancestral DDPM, DDIM, DPM-Solver++(2M) and multistep consistency sampling, with
-classifier-free guidance or autoguidance.
+"""Samplers: ancestral DDPM, DDIM, DPM-Solver++(2M), EDM's Heun on Karras noise levels and multistep
+consistency sampling, with classifier-free guidance or autoguidance.
 
 A sampler is an explicit per-trajectory state (``SamplerState``: x_t, the step index, the
 sampler's memory, the per-image generators) and a pure step function
@@ -24,7 +24,9 @@ import torch
 
 from model.diffusion import Schedule, split_prediction
 
-SAMPLERS = ("ddpm", "ddim", "dpm++", "consistency")
+SAMPLERS = ("ddpm", "ddim", "dpm++", "heun", "consistency")
+KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5: the spacing of Heun's noise levels
+EDM_SIGMA_MAX = 80.0  # and its highest one after the first step from pure noise
 # What a guided row is guided away from: the null class (Ho & Salimans 2022) or a guide network (Karras et al. 2024).
 GUIDANCE_METHODS = ("classifier-free", "autoguidance")
 
@@ -178,6 +180,46 @@ def _noise_like(x: torch.Tensor, generators: Sequence[torch.Generator]) -> torch
     return torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators]).to(x.device, x.dtype)
 
 
+def check_steps(sampler: str, steps: int, T: int) -> None:
+    """Refuse a step count ``sampler`` cannot take on a schedule of T timesteps, saying what it can."""
+    if sampler == "ddpm":
+        if steps != T:
+            raise ValueError(f"ddpm runs all {T} steps; got steps={steps}")
+        return
+    top = T - 1 if sampler == "heun" else T  # Heun's levels come after x_T's own
+    if not 1 <= steps <= top:
+        raise ValueError(f"steps must be in 1..{top} for {sampler}, got {steps}")
+
+
+def evaluations(sampler: str, steps: int) -> int:
+    """Network evaluations per image (before guidance's reference rows) of ``steps`` steps: Heun's take
+    two each (``karras_timesteps``), every other sampler's one."""
+    return 2 * steps if sampler == "heun" else steps
+
+
+def karras_timesteps(schedule: Schedule, steps: int) -> list[int]:
+    """Heun's noise levels as timesteps, descending: T-1 (pure noise), then ``steps`` levels spaced as
+    Karras et al. 2022 space them (eq. 5, rho = 7) from EDM's sigma_max = 80 down to sigma at t = 0.
+
+    EDM starts at sigma 80. The cosine schedule's x_T is at sigma 2e4, where the spacing would spend
+    most of its steps, so the sampler first jumps to 80 with one Euler step (exact while the denoiser
+    is constant, as it is that far up). Each level becomes the timestep nearest it in log sigma (the
+    network knows integer timesteps only, as k-diffusion's quantised discrete denoisers); where
+    rounding would repeat one, the next lower is taken, so the levels are always distinct and end at 0."""
+    T = schedule.T
+    check_steps("heun", steps, T)
+    log_sigma = np.log(schedule.noise_level())  # increasing in t
+    lo, hi = float(np.exp(log_sigma[0])), min(EDM_SIGMA_MAX, float(np.exp(log_sigma[T - 2])))
+    ramp = np.linspace(0, 1, steps) if steps > 1 else np.ones(1)
+    inv = 1 / KARRAS_RHO
+    sigmas = (hi**inv + ramp * (lo**inv - hi**inv)) ** KARRAS_RHO
+    nearest = np.rint(np.interp(np.log(sigmas), log_sigma, np.arange(T))).astype(int)
+    ts = [T - 1]
+    for k, t in enumerate(nearest.tolist(), start=1):
+        ts.append(min(max(t, steps - k), ts[-1] - 1))
+    return ts
+
+
 def spaced_timesteps(T: int, steps: int) -> list[int]:
     """``steps`` evaluation timesteps from T-1 downwards, evenly spaced ("trailing" spacing,
     Lin et al. 2024, table 2), so the first step always starts from pure noise."""
@@ -201,6 +243,9 @@ class SamplerState:
     eta: float = 0.0  # DDIM's stochasticity
     x0_prev: torch.Tensor | None = None  # DPM-Solver++(2M): the previous step's x0 prediction
     h_prev: float | None = None  # and that step's size in half log-SNR
+    # Heun, between its Euler step and the correction: x/sqrt(ab) at the step's start plus half the step along
+    # its slope, to which the correction adds the other half along the slope at the step's end.
+    heun_half: torch.Tensor | None = None
 
     @property
     def total(self) -> int:
@@ -226,15 +271,18 @@ def start(
     eta: float = 0.0,
 ) -> SamplerState:
     """The state before the first step: x_T drawn from each image's generator. ``ddpm`` always
-    runs all T steps and requires steps == T."""
-    if sampler == "ddpm":
-        if steps != schedule.T:
-            raise ValueError(f"ddpm runs all {schedule.T} steps; got steps={steps}")
-        timesteps = list(range(schedule.T - 1, -1, -1))
-    elif sampler in ("ddim", "dpm++", "consistency"):
-        timesteps = spaced_timesteps(schedule.T, steps)
-    else:
+    runs all T steps and requires steps == T. ``heun``'s timesteps are its evaluations: the jump from
+    pure noise, then each level but the first twice (the correction ending at it, the Euler step from it)."""
+    if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
+    check_steps(sampler, steps, schedule.T)
+    if sampler == "ddpm":
+        timesteps = list(range(schedule.T - 1, -1, -1))
+    elif sampler == "heun":
+        levels = karras_timesteps(schedule, steps)
+        timesteps = [*levels[:2], *(t for t in levels[2:] for _ in (0, 1))]
+    else:
+        timesteps = spaced_timesteps(schedule.T, steps)
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta}")
     x = initial_noise(generators, shape, device)
@@ -251,6 +299,8 @@ def step(state: SamplerState, schedule: Schedule, eps: torch.Tensor, x0: torch.T
         return _ddim_step(state, schedule, eps, x0)
     if state.sampler == "consistency":
         return _consistency_step(state, schedule, x0)
+    if state.sampler == "heun":
+        return _heun_step(state, schedule, eps, x0)
     return _dpm_solver_pp_step(state, schedule, x0)
 
 
@@ -322,6 +372,26 @@ def _dpm_solver_pp_step(state: SamplerState, schedule: Schedule, x0: torch.Tenso
     # 2. x_s = (sigma_s / sigma_t) x_t - alpha_s (e^{-h} - 1) D.
     x = float(sigma[1] / sigma[0]) * state.x - float(alpha[1] * np.expm1(-h)) * d
     return replace(state, x=x, index=i + 1, x0_prev=x0, h_prev=h)
+
+
+def _heun_step(state: SamplerState, schedule: Schedule, eps: torch.Tensor, x0: torch.Tensor) -> SamplerState:
+    """One evaluation of EDM's deterministic sampler (Karras et al. 2022, alg. 1): Heun's second-order
+    method on the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma in x = x_t / sqrt(ab),
+    whose slope is the network's eps. An Euler step goes from each level to the next, and the next
+    evaluation corrects it with the slope found there; the jump from pure noise and the last step, to
+    sigma = 0 (x0 itself), stay Euler."""
+    i, ts = state.index, state.timesteps
+    if i + 1 == len(ts):
+        return replace(state, x=x0, index=i + 1)
+    sigma, ab = schedule.noise_level(), schedule.alpha_bar
+    if state.heun_half is None:  # Euler from ts[i] to ts[i + 1]: x0 + sigma eps, DDIM's step
+        s_cur, s_next = float(sigma[ts[i]]), float(sigma[ts[i + 1]])
+        x = float(np.sqrt(ab[ts[i + 1]])) * (x0 + s_next * eps)
+        half = None if i == 0 else state.x / float(np.sqrt(ab[ts[i]])) + 0.5 * (s_next - s_cur) * eps
+        return replace(state, x=x, index=i + 1, heun_half=half)
+    s_prev, s_cur = float(sigma[ts[i - 1]]), float(sigma[ts[i]])
+    x = float(np.sqrt(ab[ts[i]])) * (state.heun_half + 0.5 * (s_cur - s_prev) * eps)
+    return replace(state, x=x, index=i + 1, heun_half=None)
 
 
 # --- the loop driver -----------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from model.samplers import evaluations
+
 
 class QueueFull(Exception):
     """The queue holds ``queue_size`` jobs already; try again in ``retry_after`` seconds."""
@@ -65,6 +67,11 @@ class JobSpec:
     @property
     def n(self) -> int:
         return len(self.seeds)
+
+    @property
+    def evaluations(self) -> int:
+        """The network evaluations it takes, a tick each: its steps, Heun's two per step."""
+        return evaluations(self.sampler, self.steps)
 
     @property
     def rows(self) -> int:

@@ -190,7 +190,7 @@ class Lane:
         chunk = self.chunk_s or DEFAULT_TICK_S
         rows = job.spec.rows
         share = rows / self.runtime.rows if self.policy == "least-work" and self.runtime.rows else self.chunks(rows)
-        return job.spec.steps * share * chunk
+        return job.spec.evaluations * share * chunk
 
     def admissible(self) -> list[Job]:
         """Take the waiting jobs that may enter now: the head of the queue enters when its rows fit
@@ -222,11 +222,11 @@ class Lane:
         tick = tick_s or DEFAULT_TICK_S
         if self.policy == "fcfs":
             active = [(r.job.spec.rows, r.steps_left) for r in self.running]
-            queued = [(job.spec.rows, job.spec.steps) for job in self.pending]
+            queued = [(job.spec.rows, job.spec.evaluations) for job in self.pending]
             admitted = started = admission_ticks(active, queued, self.budget)
         else:
             running = [(r.job.spec.rows, r.steps_left, r.job.deadline) for r in self.running]
-            waiting = [(job.spec.rows, job.spec.steps, job.deadline) for job in self.pending]
+            waiting = [(job.spec.rows, job.spec.evaluations, job.deadline) for job in self.pending]
             admitted, started = deadline_ticks(running, waiting, self.budget, self.cap)
         return [t * tick for t in admitted], [t * tick for t in started]
 

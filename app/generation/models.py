@@ -30,7 +30,7 @@ from model.io import (
     read_card,
     with_guide,
 )
-from model.samplers import SAMPLERS
+from model.samplers import SAMPLERS, check_steps, evaluations
 
 
 @dataclass(frozen=True)
@@ -109,9 +109,14 @@ def sampling_defaults(
         steps = T
     if sampler not in SAMPLERS:
         raise WeightsError(f"card sampling.sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
-    if not 1 <= int(steps) <= min(T, settings.max_steps):
+    try:
+        check_steps(sampler, int(steps), T)
+    except ValueError as err:
+        raise WeightsError(f"default steps: {err} (FASHION_STEPS)") from err
+    if evaluations(sampler, int(steps)) > settings.max_steps:
         raise WeightsError(
-            f"default steps {steps} outside 1..{min(T, settings.max_steps)} (FASHION_STEPS / FASHION_MAX_STEPS)"
+            f"default steps {steps} of {sampler} take {evaluations(sampler, int(steps))} network evaluations, "
+            f"over FASHION_MAX_STEPS={settings.max_steps}"
         )
     if not 0 <= float(guidance) <= settings.max_guidance:
         raise WeightsError(f"default guidance {guidance} outside 0..{settings.max_guidance} (FASHION_GUIDANCE)")

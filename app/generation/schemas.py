@@ -86,7 +86,8 @@ class GenerateRequestBase(BaseModel):
     sampler: SamplerName | None = Field(
         default=None,
         description=(
-            "ddpm (ancestral), ddim, dpm++ (DPM-Solver++ 2M) or consistency (multistep consistency sampling, "
+            "ddpm (ancestral), ddim, dpm++ (DPM-Solver++ 2M), heun (EDM's second-order sampler on Karras "
+            "noise levels, two network evaluations per step) or consistency (multistep consistency sampling, "
             "for a distilled student); default: the model's"
         ),
     )

@@ -64,7 +64,7 @@ async def open_stream(
     accepted = time.monotonic()
     plan = rerank.plan(body.rerank, body.n, serving.scorers, settings)
     spec, params = resolve(body, serving, settings, candidates=plan.candidates if plan else None)
-    every = body.preview_every or max(1, math.ceil(spec.steps / PREVIEWS_PER_RUN))
+    every = body.preview_every or max(1, math.ceil(spec.evaluations / PREVIEWS_PER_RUN))
     events: asyncio.Queue[Any] = asyncio.Queue()
     job = await submit(serving, spec, on_event=events.put_nowait, preview_every=every)
     job.future.add_done_callback(lambda _: events.put_nowait(_DONE))

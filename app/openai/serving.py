@@ -266,7 +266,7 @@ class ImagesServing:
         asked = validated(self.stream_model, generation_fields(body, serving), "body")
         partials = body.partial_images or 0
         spec, _ = flow.resolve(asked, serving, settings)  # only for its steps, to space the partial images
-        every = max(1, spec.steps // (partials + 1)) if partials else spec.steps
+        every = max(1, spec.evaluations // (partials + 1)) if partials else spec.evaluations
         asked = asked.model_copy(update={"preview_every": every})
         async with streaming.open_stream(asked, request, serving, settings) as stream:
             quality = quality_of(body, serving.models[stream.job.model])

@@ -79,3 +79,6 @@ def test_sampling_defaults_precedence() -> None:
     assert sampling_defaults(Settings(guidance_interval="all"), card, 1000).guidance_interval is None
     with pytest.raises(WeightsError, match="steps"):
         sampling_defaults(Settings(max_steps=10), card, 1000)
+    heun = {"sampling": {"sampler": "heun", "steps": 600}}  # 1,200 evaluations
+    with pytest.raises(WeightsError, match="600 of heun take 1200 network evaluations, over FASHION_MAX_STEPS=1000"):
+        sampling_defaults(Settings(), heun, 1000)

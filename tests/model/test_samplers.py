@@ -23,7 +23,9 @@ from model.samplers import (
     Denoiser,
     SamplingStopped,
     Step,
+    evaluations,
     generators_from_seeds,
+    karras_timesteps,
     sample,
     spaced_timesteps,
     to_uint8,
@@ -36,9 +38,10 @@ RUNS = [
     ("ddim", 50, 1.0),
     ("dpm++", 10, 0.0),
     ("dpm++", 20, 0.0),
+    ("heun", 10, 0.0),
     ("consistency", 4, 0.0),
 ]
-RUN_IDS = ["ddpm-1000", "ddim-50-eta0", "ddim-50-eta1", "dpm++-10", "dpm++-20", "consistency-4"]
+RUN_IDS = ["ddpm-1000", "ddim-50-eta0", "ddim-50-eta1", "dpm++-10", "dpm++-20", "heun-10", "consistency-4"]
 
 
 class _Oracle(torch.nn.Module):
@@ -175,13 +178,17 @@ def test_deterministic_samplers_follow_the_exact_probability_flow(prediction):
     means = class_images(1)
     den = Denoiser(GaussianOracle(sch, prediction, means, sigma0), sch, prediction, NULL)
     errors = {}
-    for sampler, steps in [("ddim", 1000), ("ddim", 20), ("dpm++", 20)]:
+    for sampler, steps in [("ddim", 1000), ("ddim", 20), ("dpm++", 20), ("heun", 20), ("heun", 40), ("ddim", 40)]:
         x, trace = run(den, labels, [5, 6, 7, 8], sampler, steps)
         exact = exact_ode_solution(sch, trace[0], means[labels].double(), sigma0)
         errors[sampler, steps] = (x.double() - exact).abs().max().item()
     assert errors["ddim", 1000] < 0.01  # a fine Euler discretisation sits on the exact solution
     assert errors["dpm++", 20] < 0.05  # second order: close with 20 steps ...
     assert errors["dpm++", 20] < 0.5 * errors["ddim", 20]  # ... and much closer than first-order DDIM
+    # Heun is second order too: twice the steps cut its error about fourfold, DDIM's about twofold.
+    assert errors["heun", 20] < 0.05 and errors["heun", 20] < errors["ddim", 40]
+    assert errors["heun", 40] < 0.3 * errors["heun", 20]
+    assert errors["ddim", 40] > 0.4 * errors["ddim", 20]
 
 
 def test_ddpm_samples_the_exact_data_distribution():
@@ -357,7 +364,9 @@ def test_a_bad_guidance_interval_is_refused(interval):
 # --- seeds ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("sampler", "steps", "eta"), [("ddpm", 1000, 0.0), ("ddim", 20, 1.0), ("dpm++", 10, 0.0)])
+@pytest.mark.parametrize(
+    ("sampler", "steps", "eta"), [("ddpm", 1000, 0.0), ("ddim", 20, 1.0), ("dpm++", 10, 0.0), ("heun", 5, 0.0)]
+)
 def test_an_image_depends_only_on_its_seed_with_an_exact_model(sampler, steps, eta):
     sch = Schedule.named("cosine")
     den = Denoiser(GaussianOracle(sch, "v", class_images(4), 0.3), sch, "v", NULL)
@@ -402,6 +411,10 @@ def test_sampling_leaves_the_global_rng_alone():
         ("ddim", 10, [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]),
         ("dpm++", 3, [999, 666, 332]),
         ("dpm++", 1, [999]),
+        # the jump from pure noise to sigma 80, then at each level the correction ending there and the
+        # Euler step from it
+        ("heun", 3, [999, 991, 802, 802, 0, 0]),
+        ("heun", 1, [999, 0]),
     ],
 )
 def test_callback_sees_every_step_in_order(sampler, steps, expected_t):
@@ -409,8 +422,8 @@ def test_callback_sees_every_step_in_order(sampler, steps, expected_t):
     images = class_images()
     oracle = DeltaOracle(sch, "eps", images)
     x, trace = run(Denoiser(oracle, sch, "eps", NULL), [2, 6], [0, 1], sampler, steps)
-    assert [st.index for st in trace] == list(range(steps))
-    assert {st.total for st in trace} == {steps}
+    assert [st.index for st in trace] == list(range(evaluations(sampler, steps)))
+    assert {st.total for st in trace} == {evaluations(sampler, steps)}
     assert [st.t for st in trace] == expected_t
     assert [c[1][0] for c in oracle.calls] == expected_t  # the network ran at exactly these timesteps
     for st in trace:
@@ -450,8 +463,9 @@ def test_callback_can_stop_the_run(sampler, steps):
     [
         ({"sampler": "euler"}, r"unknown sampler 'euler'; allowed: ddpm, ddim, dpm\+\+"),
         ({"sampler": "ddpm", "steps": 50}, r"ddpm runs all 1000 steps; got steps=50"),
-        ({"sampler": "ddim", "steps": 0}, r"steps must be in 1\.\.1000, got 0"),
-        ({"sampler": "dpm++", "steps": 1001}, r"steps must be in 1\.\.1000, got 1001"),
+        ({"sampler": "ddim", "steps": 0}, r"steps must be in 1\.\.1000 for ddim, got 0"),
+        ({"sampler": "dpm++", "steps": 1001}, r"steps must be in 1\.\.1000 for dpm\+\+, got 1001"),
+        ({"sampler": "heun", "steps": 1000}, r"steps must be in 1\.\.999 for heun, got 1000"),
         ({"guidance": -1.0}, r"guidance must be a finite number >= 0, got -1\.0"),
         ({"guidance": float("nan")}, r"guidance must be a finite number >= 0"),
         ({"guidance": float("inf")}, r"guidance must be a finite number >= 0"),
@@ -491,6 +505,25 @@ def test_spaced_timesteps_start_from_pure_noise_and_descend():
         ts = spaced_timesteps(1000, steps)
         assert len(ts) == steps and ts[0] == 999 and ts[-1] >= 0
         assert all(a > b for a, b in zip(ts, ts[1:], strict=False))
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_karras_timesteps_follow_edms_levels_and_never_repeat(schedule):
+    sch = Schedule.named(schedule)
+    sigma = sch.noise_level()
+    ts = karras_timesteps(sch, 18)
+    assert ts[0] == 999 and ts[-1] == 0 and len(ts) == 19
+    # After pure noise, rho = 7 spacing from sigma 80 (or the schedule's highest below T-1) to sigma at
+    # t = 0: each level's sigma is the nearest a timestep has to it.
+    hi = min(80.0, sigma[998])
+    inv = 1 / 7
+    wanted = (hi**inv + np.linspace(0, 1, 18) * (sigma[0] ** inv - hi**inv)) ** 7
+    grid_step = np.abs(np.diff(np.log(sigma))).max()
+    assert np.abs(np.log(sigma[ts[1:]]) - np.log(wanted)).max() <= grid_step
+    for steps in (1, 2, 50, 500, 999):
+        ts = karras_timesteps(sch, steps)
+        assert len(ts) == steps + 1 and ts[0] == 999 and ts[-1] == 0
+        assert all(a > b for a, b in zip(ts, ts[1:], strict=False))  # crowded low levels move down, not repeat
 
 
 def test_to_uint8_maps_minus_one_one_to_0_255_and_clamps():

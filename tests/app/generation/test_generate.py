@@ -172,6 +172,17 @@ def test_the_cards_guidance_interval_is_used_and_reported(
     assert narrow != everywhere
 
 
+def test_heuns_steps_count_two_evaluations_against_max_steps(make_settings: Callable[..., Settings], error_of) -> None:
+    with TestClient(create_app(make_settings(max_steps=100))) as c:
+        err = error_of(c.post("/generate", json={"class": 1, "sampler": "heun", "steps": 60}), 422)
+        assert err["param"] == "steps" and "120 network evaluations" in err["message"]
+        assert "at most 50 steps of heun" in err["message"]
+        assert c.post("/generate", json={"class": 1, "n": 1, "sampler": "heun", "steps": 2}).status_code == 200
+    with TestClient(create_app(make_settings())) as c:  # max_steps 1000, the schedule's T
+        err = error_of(c.post("/generate", json={"class": 1, "sampler": "heun", "steps": 1000}), 422)
+        assert err["param"] == "steps" and "1..999 for heun" in err["message"]
+
+
 def test_ddpm_runs_all_T_steps_only(make_settings: Callable[..., Settings], error_of) -> None:
     with TestClient(create_app(make_settings())) as c:
         err = error_of(c.post("/generate", json={"class": 1, "sampler": "ddpm", "steps": 50}), 422)

@@ -10,6 +10,8 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
+from model.diffusion import Schedule
+from model.samplers import karras_timesteps
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -57,6 +59,20 @@ def test_event_sequence_is_complete_and_ordered(client: TestClient, parse_sse: C
     # The last preview of x0 is the final image (ddim's last step returns x0_pred).
     last = decode_png(steps[-1]["x0_png"])
     assert (last[2:30, 2:30] == decode_png(done["images"][0]["png"])).all()
+
+
+def test_a_heun_stream_shows_every_evaluation_at_its_noise_level(client: TestClient, parse_sse: Callable) -> None:
+    """Heun's steps take two evaluations (the correction, then the Euler step from the level reached); the
+    stream shows each, and its t, and the default previews are spread over all of them."""
+    body = {"class": 2, "n": 1, "seed": 5, "sampler": "heun", "steps": 3}
+    events = parse_sse(client.post("/generate/stream", json=body).text)
+    steps = [data for name, data in events if name == "step"]
+    pure_noise, first, *levels = karras_timesteps(Schedule.named("cosine"), 3)  # the test weights' schedule
+    assert [s["t"] for s in steps] == [pure_noise, first, *(t for t in levels for _ in (0, 1))]
+    assert [s["index"] for s in steps] == list(range(6)) and {s["total"] for s in steps} == {6}
+    assert events[0][1]["params"]["steps"] == 3
+    plain = client.post("/generate", json=body).json()
+    assert [i["png"] for i in events[-1][1]["images"]] == [i["png"] for i in plain["images"]]
 
 
 def test_get_for_eventsource_matches_post(client: TestClient, parse_sse: Callable) -> None:
