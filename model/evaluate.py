@@ -60,9 +60,11 @@ def generate(
     batch_size: int,
     seed: int = 0,
     precision: str = "float32",
+    sigma_min: float | None = None,
 ):
     """uint8 (10 * per_class, 28, 28) samples and their labels, class by class; seeds are seed, seed+1, ...
-    ``precision``: the network's autocast dtype, as the service's FASHION_PRECISION (the sampler stays float32)."""
+    ``precision``: the network's autocast dtype, as the service's FASHION_PRECISION (the sampler stays float32).
+    ``sigma_min``: Heun's lowest noise level (None: the sampler's default)."""
     den = dataclasses.replace(weights.denoiser, model=serving_network(weights.model, DTYPES[precision]))  # as served
     device = next(den.model.parameters()).device
     labels = np.repeat(np.arange(NUM_CLASSES), per_class)
@@ -71,7 +73,7 @@ def generate(
         y = torch.from_numpy(labels[i : i + batch_size]).to(device)
         gens = generators_from_seeds(range(seed + i, seed + i + len(y)))
         with autocast(device.type, DTYPES[precision]):
-            out.append(to_uint8(sample(den, y, gens, sampler, steps, guidance)))
+            out.append(to_uint8(sample(den, y, gens, sampler, steps, guidance, sigma_min=sigma_min)))
     return np.concatenate(out), labels
 
 
@@ -93,6 +95,7 @@ def evaluate(
     precision: str = "float32",
     guide: str | Path | None = None,
     guide_weight: float = 1.0,
+    sigma_min: float | None = None,
 ) -> dict:
     """Generate, classify and measure; returns the figures as a dict (see ``format_table``).
     ``guidance_interval`` replaces the card's (None: guidance at every step). ``reference``: the real
@@ -116,7 +119,7 @@ def evaluate(
     data = FashionMNIST.load(data_dir)
 
     start = time.perf_counter()
-    images, labels = generate(weights, per_class, sampler, steps, guidance, batch_size, seed, precision)
+    images, labels = generate(weights, per_class, sampler, steps, guidance, batch_size, seed, precision, sigma_min)
     gen_seconds = time.perf_counter() - start
 
     probs, feats = predict(classifier, to_model_range(images).to(device))
@@ -144,6 +147,7 @@ def evaluate(
         "guidance_interval": list(guidance_interval) if guidance_interval else None,
         "guide": Path(guide).stem if guide is not None else None,
         **({"guide_weight": guide_weight} if guide_weight != 1.0 else {}),
+        **({"sigma_min": sigma_min} if sigma_min is not None else {}),
         "precision": precision,
         "per_class": per_class,
         "accuracy": float((pred == labels).mean()),
@@ -279,6 +283,14 @@ def main(argv: list[str] | None = None) -> int:
         help="with --guide: combined guidance, classifier-free at --guidance plus the guide at each of these "
         "weights (several: one run each); 1: autoguidance alone",
     )
+    p.add_argument(
+        "--sigma-min",
+        type=float,
+        nargs="+",
+        default=None,
+        help="with --sampler heun: its lowest noise level, from which it jumps to x0 (several: one run each); "
+        "default: the card's sampling.sigma_min, else the schedule's lowest",
+    )
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--precision", choices=list(DTYPES), default="float32", help="the network's autocast dtype")
     p.add_argument(
@@ -357,7 +369,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.guide_weight != [1.0] and not any(guides):
         p.error("--guide-weight (combined guidance) needs --guide WEIGHTS")
 
-    def run(weights: str, sampler: str, steps: int, guidance: float, interval, guide=None, guide_weight=1.0) -> dict:
+    if a.sigma_min is not None and sampler != "heun":
+        p.error(f"--sigma-min is Heun's lowest noise level; the sampler is {sampler}")
+    sigma_mins = a.sigma_min or [from_card.sigma_min if sampler == "heun" else None]
+
+    def run(
+        weights: str, sampler: str, steps: int, guidance: float, interval, guide=None, guide_weight=1.0, sigma_min=None
+    ) -> dict:
         r = evaluate(
             weights,
             a.classifier,
@@ -375,12 +393,14 @@ def main(argv: list[str] | None = None) -> int:
             precision=a.precision,
             guide=guide,
             guide_weight=guide_weight,
+            sigma_min=sigma_min,
         )
         print(format_table(r), end="\n\n", flush=True)
         return r
 
     results = [
-        run(a.weights, sampler, steps, g, interval, guide, w if guide is not None else 1.0)
+        run(a.weights, sampler, steps, g, interval, guide, w if guide is not None else 1.0, s)
+        for s in sigma_mins
         for guide in guides
         for w in (a.guide_weight if guide is not None else [1.0])
         for g in guidances

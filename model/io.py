@@ -89,6 +89,7 @@ class CardSampling:
     guidance_interval: tuple[float, float] | None = None  # guide every step
     guide: str | None = None  # a guide network's weights file, beside these, for autoguidance (None: none)
     guidance_method: str = "classifier-free"  # one of GUIDANCE_METHODS; "autoguidance" when a guide is named
+    sigma_min: float | None = None  # Heun's lowest noise level (model.samplers.karras_timesteps); None: the schedule's
 
 
 def card_sampling(card: dict) -> CardSampling:
@@ -109,6 +110,7 @@ def card_sampling(card: dict) -> CardSampling:
         guidance_interval=card_guidance_interval(card),
         guide=guide,
         guidance_method=method,
+        sigma_min=None if section.get("sigma_min") is None else float(section["sigma_min"]),
     )
 
 

@@ -33,7 +33,7 @@ def describe_guide(r: dict) -> str:
 def format_table(r: dict) -> str:
     ref = r.get("reference", "test").split(" ")[0]
     lines = [
-        f"samples: {r['per_class']} per class, {r['sampler']} {r['steps']} steps, guidance {r['guidance']}"
+        f"samples: {r['per_class']} per class, {describe_sampler(r)}, guidance {r['guidance']}"
         f"{describe_interval(r.get('guidance_interval'))}{describe_guide(r)}, "
         f"{r.get('precision', 'float32')}  ({r['generation_seconds']} s on {r['machine']})",
         "",
@@ -116,19 +116,28 @@ def network(r: dict) -> str:
     return Path(r.get("weights") or "teacher").stem
 
 
+def describe_sampler(r: dict) -> str:
+    """A run's sampler and steps, and Heun's lowest noise level where it was set."""
+    sigma_min = r.get("sigma_min")
+    return f"{r['sampler']} {r['steps']} steps" + (f" to sigma {sigma_min:g}" if sigma_min is not None else "")
+
+
 def frontier_lines(results: list[dict]) -> dict[str, list[dict]]:
-    """The runs grouped by network and kind of guidance (``guidance_kind``), each group ordered by
-    guidance scale; the network names the group only when there are several. A network's unguided
-    runs join each of its groups as the w = 1 end, where its curves meet."""
-    several = len({network(r) for r in results}) > 1
-    by_network: dict[str, dict[str, list[dict]]] = {}
+    """The runs grouped by network, sampler and kind of guidance (``guidance_kind``), each group ordered
+    by guidance scale; the network and the sampler name the group only where the runs have several. A
+    network's unguided runs join each of its groups of the same sampler as the w = 1 end, where its
+    curves meet."""
+    several_networks = len({network(r) for r in results}) > 1
+    several_samplers = len({describe_sampler(r) for r in results}) > 1
+    by_source: dict[tuple[str, str], dict[str, list[dict]]] = {}
     for r in results:
-        by_network.setdefault(network(r), {}).setdefault(guidance_kind(r), []).append(r)
+        by_source.setdefault((network(r), describe_sampler(r)), {}).setdefault(guidance_kind(r), []).append(r)
     lines: dict[str, list[dict]] = {}
-    for name, kinds in by_network.items():
+    for (name, sampler), kinds in by_source.items():
         plain = kinds.pop("no guidance", [])
+        source = ", ".join([name] * several_networks + [sampler] * several_samplers)
         for kind, runs in (kinds or {"no guidance": []}).items():
-            lines[f"{name}: {kind}" if several else kind] = sorted(runs + plain, key=lambda r: r["guidance"])
+            lines[f"{source}: {kind}" if source else kind] = sorted(runs + plain, key=lambda r: r["guidance"])
     return lines
 
 

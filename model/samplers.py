@@ -197,9 +197,10 @@ def evaluations(sampler: str, steps: int) -> int:
     return 2 * steps if sampler == "heun" else steps
 
 
-def karras_timesteps(schedule: Schedule, steps: int) -> list[int]:
+def karras_timesteps(schedule: Schedule, steps: int, sigma_min: float | None = None) -> list[int]:
     """Heun's noise levels as timesteps, descending: T-1 (pure noise), then ``steps`` levels spaced as
-    Karras et al. 2022 space them (eq. 5, rho = 7) from EDM's sigma_max = 80 down to sigma at t = 0.
+    Karras et al. 2022 space them (eq. 5, rho = 7) from EDM's sigma_max = 80 down to ``sigma_min``
+    (None: sigma at t = 0, the schedule's lowest), from which the last step jumps to x0.
 
     EDM starts at sigma 80. The cosine schedule's x_T is at sigma 2e4, where the spacing would spend
     most of its steps, so the sampler first jumps to 80 with one Euler step (exact while the denoiser
@@ -210,6 +211,10 @@ def karras_timesteps(schedule: Schedule, steps: int) -> list[int]:
     check_steps("heun", steps, T)
     log_sigma = np.log(schedule.noise_level())  # increasing in t
     lo, hi = float(np.exp(log_sigma[0])), min(EDM_SIGMA_MAX, float(np.exp(log_sigma[T - 2])))
+    if sigma_min is not None:
+        if not (np.isfinite(sigma_min) and lo <= sigma_min < hi):
+            raise ValueError(f"sigma_min must be in [{lo:.4g}, {hi:.4g}) for this schedule, got {sigma_min}")
+        lo = float(sigma_min)
     ramp = np.linspace(0, 1, steps) if steps > 1 else np.ones(1)
     inv = 1 / KARRAS_RHO
     sigmas = (hi**inv + ramp * (lo**inv - hi**inv)) ** KARRAS_RHO
@@ -269,17 +274,21 @@ def start(
     shape: tuple[int, ...] = (1, 28, 28),
     device: torch.device | str = "cpu",
     eta: float = 0.0,
+    sigma_min: float | None = None,
 ) -> SamplerState:
     """The state before the first step: x_T drawn from each image's generator. ``ddpm`` always
     runs all T steps and requires steps == T. ``heun``'s timesteps are its evaluations: the jump from
-    pure noise, then each level but the first twice (the correction ending at it, the Euler step from it)."""
+    pure noise, then each level but the first twice (the correction ending at it, the Euler step from it);
+    ``sigma_min`` (heun only) is its lowest level (``karras_timesteps``)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
     check_steps(sampler, steps, schedule.T)
+    if sigma_min is not None and sampler != "heun":
+        raise ValueError(f"sigma_min applies to heun only, not {sampler}")
     if sampler == "ddpm":
         timesteps = list(range(schedule.T - 1, -1, -1))
     elif sampler == "heun":
-        levels = karras_timesteps(schedule, steps)
+        levels = karras_timesteps(schedule, steps, sigma_min)
         timesteps = [*levels[:2], *(t for t in levels[2:] for _ in (0, 1))]
     else:
         timesteps = spaced_timesteps(schedule.T, steps)
@@ -424,10 +433,11 @@ def sample(
     callback: StepCallback | None = None,
     eta: float = 0.0,
     shape: tuple[int, ...] = (1, 28, 28),
+    sigma_min: float | None = None,
 ) -> torch.Tensor:
     """Run ``start`` and ``step`` to the end for one batch; ``callback`` sees every step and may stop it."""
     _check(denoiser, labels, generators, guidance)
-    state = start(sampler, denoiser.schedule, steps, generators, shape, labels.device, eta)
+    state = start(sampler, denoiser.schedule, steps, generators, shape, labels.device, eta, sigma_min)
     while not state.done:
         eps, x0 = denoiser(state.x, state.t, labels, guidance)
         if callback is not None and callback(Step(state.index, state.total, state.t, state.x, x0)):

@@ -251,7 +251,8 @@ class Engine:
         for job in admitted:
             spec = job.spec
             schedule, device = lane.runtime.denoiser.schedule, lane.runtime.device
-            state = start(spec.sampler, schedule, spec.steps, generators_from_seeds(spec.seeds), device=device)
+            gens = generators_from_seeds(spec.seeds)
+            state = start(spec.sampler, schedule, spec.steps, gens, device=device, sigma_min=spec.sigma_min)
             labels = torch.full((spec.n,), spec.label, dtype=torch.long, device=device)
             lane.running.append(Running(job, state, labels))
             job.state, job.admitted = "running", now

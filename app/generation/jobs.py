@@ -63,6 +63,7 @@ class JobSpec:
     guidance: float
     model: str | None = None  # a model the engine serves; None: its first (Engine.submit fills it in)
     autoguide: bool = False  # guided rows take their reference from the model's guide network, not the null class
+    sigma_min: float | None = None  # heun only: its lowest noise level (None: the schedule's lowest)
 
     @property
     def n(self) -> int:

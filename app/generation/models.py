@@ -30,7 +30,7 @@ from model.io import (
     read_card,
     with_guide,
 )
-from model.samplers import SAMPLERS, check_steps, evaluations
+from model.samplers import SAMPLERS, check_steps, evaluations, karras_timesteps
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class Defaults:
     guidance: float
     guidance_interval: tuple[float, float] | None = None  # noise levels where guidance applies; None: all
     guidance_method: str = "classifier-free"  # or "autoguidance", with the model's guide (model.samplers)
+    sigma_min: float | None = None  # Heun's lowest noise level, the card's; None: the schedule's lowest
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ def sampling_defaults(
         interval = from_card.guidance_interval
     else:
         interval = None if settings.guidance_interval == "all" else settings.guidance_interval
-    return Defaults(sampler, int(steps), float(guidance), interval, from_card.guidance_method)
+    return Defaults(sampler, int(steps), float(guidance), interval, from_card.guidance_method, from_card.sigma_min)
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,10 @@ def check_cards(settings: Settings) -> list[CheckedCard]:
         T = schedule_steps(card, path)
         try:
             defaults = sampling_defaults(settings, card, T, overrides=i == 0, distilled=distilled)
+            if defaults.sigma_min is not None:
+                karras_timesteps(Schedule.named(card["diffusion"]["schedule"], T), 1, defaults.sigma_min)
+        except ValueError as err:
+            raise WeightsError(f"{path.with_suffix('.json')}: sampling.sigma_min: {err}") from err
         except WeightsError as err:
             raise WeightsError(f"{path.with_suffix('.json')}: {err}") from err
         checked.append(CheckedCard(path, card, name, defaults, distilled, check_guide(path, card, name)))

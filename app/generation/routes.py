@@ -88,6 +88,7 @@ def model_out(model: ServedModel, default: bool, device: str) -> ModelOut:
             "distilled_guidance": model.distilled_guidance,
             "guide": model.guide,
             "guidance_method": d.guidance_method,
+            "sigma_min": d.sigma_min,
             "samplers": list(SAMPLERS),
             "T": model.T,
             "parameters": model.runtime.parameters,

@@ -178,6 +178,9 @@ class Params(BaseModel):
     )
     guidance_method: GuidanceMethod = "classifier-free"
     guide: str | None = Field(default=None, description="with autoguidance: the guide network it steered from")
+    sigma_min: float | None = Field(
+        default=None, description="with heun: its lowest noise level, the model's (null: the schedule's lowest)"
+    )
     seed: int = Field(description="base seed; image i used seed + i")
 
 
@@ -229,6 +232,9 @@ class ModelOut(BaseModel):
         default=None, description="its guide network for autoguidance (Karras et al. 2024); null: it has none"
     )
     guidance_method: GuidanceMethod = Field(description="the default guidance_method of its requests")
+    sigma_min: float | None = Field(
+        default=None, description="heun's lowest noise level for it, from which it jumps to x0; null: the schedule's"
+    )
     samplers: list[SamplerName] = Field(description="the samplers it can be asked for")
     T: int = Field(description="diffusion timesteps of its schedule")
     parameters: int

@@ -208,6 +208,7 @@ def resolve(
         guidance=float(guidance),
         model=model.name,
         autoguide=method == "autoguidance",
+        sigma_min=defaults.sigma_min if sampler == "heun" else None,
     )
     params = Params.model_validate(
         {
@@ -220,6 +221,7 @@ def resolve(
             "guidance_interval": defaults.guidance_interval,
             "guidance_method": method,
             "guide": model.guide if method == "autoguidance" else None,
+            "sigma_min": spec.sigma_min,
             "seed": base,
         }
     )

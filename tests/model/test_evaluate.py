@@ -230,6 +230,20 @@ def test_evaluate_cli_measures_earlier_weights_beside_at_their_own_cards_samplin
         main([*common[:-1], str(tmp_path / "missing.safetensors")])
 
 
+def test_evaluate_cli_screens_heuns_lowest_noise_level(tmp_path, capsys, fashion_mnist_dir):
+    weights, clf = tiny_models(tmp_path)
+    common = ["--weights", str(weights), "--classifier", str(clf), "--data-dir", str(fashion_mnist_dir)]
+    common += ["--per-class", "2", "--steps", "2", "--guidance", "1", "--json", str(tmp_path / "r.json")]
+    assert main([*common, "--sampler", "heun", "--sigma-min", "0.05", "0.5"]) == 0
+    low, high = json.loads((tmp_path / "r.json").read_text())
+    assert (low["sigma_min"], high["sigma_min"]) == (0.05, 0.5)
+    assert low["frechet_distance"] != high["frechet_distance"]  # other levels, other samples
+    out = capsys.readouterr().out
+    assert "heun 2 steps to sigma 0.05, guidance 1.0" in out and "| tiny | heun | 2 | 4 | 1 |" in out
+    with pytest.raises(SystemExit):  # only Heun has a lowest level to set
+        main([*common, "--sampler", "ddim", "--sigma-min", "0.05"])
+
+
 def test_evaluate_cli_autoguides_with_the_guides_it_is_given_or_its_cards(tmp_path, capsys, fashion_mnist_dir):
     weights, clf = tiny_models(tmp_path)
     card = json.loads(weights.with_suffix(".json").read_text())

@@ -7,13 +7,12 @@ from PIL import Image
 from model.report import frontier_lines, main
 
 
-def run(guidance, guide=None, interval=None, ratio=5.0, weights="fashion-unet", guide_weight=1.0):
+def run(guidance, guide=None, interval=None, ratio=5.0, weights="fashion-unet", guide_weight=1.0, sampler=None):
     pr = {"k": 3, "precision": 0.9, "recall": 0.7, "precision_real_train": 0.86, "recall_real_train": 0.84}
     return {
         "weights": weights,
         "guide_weight": guide_weight,
-        "sampler": "dpm++",
-        "steps": 20,
+        **(sampler or {"sampler": "dpm++", "steps": 20}),
         "guidance": guidance,
         "guidance_interval": interval,
         "guide": guide,
@@ -51,6 +50,15 @@ def test_several_networks_get_a_line_each_named_and_each_unguided_run_ends_only_
     assert [r["guidance"] for r in lines["fashion-unet: classifier-free"]] == [1.0, 1.35]
     assert [r["guidance"] for r in lines["fashion-unet-ln: classifier-free"]] == [1.6]
     assert lines["student: no guidance"] == [run(1.0, weights="student")]
+
+
+def test_several_samplers_get_a_line_each_and_the_unguided_run_ends_only_its_samplers():
+    heun = {"sampler": "heun", "steps": 18, "sigma_min": 0.09}
+    runs = [run(1.35), run(1.0), run(1.35, sampler=heun), run(1.6, sampler=heun)]
+    lines = frontier_lines(runs)
+    assert list(lines) == ["dpm++ 20 steps: classifier-free", "heun 18 steps to sigma 0.09: classifier-free"]
+    assert [r["guidance"] for r in lines["dpm++ 20 steps: classifier-free"]] == [1.0, 1.35]
+    assert [r["guidance"] for r in lines["heun 18 steps to sigma 0.09: classifier-free"]] == [1.35, 1.6]
 
 
 def test_the_cli_tables_the_runs_and_draws_their_frontier(tmp_path, capsys):

@@ -526,6 +526,27 @@ def test_karras_timesteps_follow_edms_levels_and_never_repeat(schedule):
         assert all(a > b for a, b in zip(ts, ts[1:], strict=False))  # crowded low levels move down, not repeat
 
 
+def test_heuns_lowest_level_is_where_it_jumps_to_x0():
+    sch = Schedule.named("cosine")
+    sigma = sch.noise_level()
+    ts = karras_timesteps(sch, 18, sigma_min=0.09)
+    assert len(ts) == 19 and abs(np.log(sigma[ts[-1]] / 0.09)) <= np.abs(np.diff(np.log(sigma))).max()
+    images = class_images()
+    oracle = DeltaOracle(sch, "v", images)
+    x = sample(
+        Denoiser(oracle, sch, "v", NULL), torch.tensor([3]), generators_from_seeds([0]), "heun", 4, sigma_min=0.2
+    )
+    assert oracle.calls[-1][1] == [karras_timesteps(sch, 4, sigma_min=0.2)[-1]]  # the jump starts at sigma 0.2
+    torch.testing.assert_close(x[0], images[3], atol=2e-5, rtol=0)
+    for bad in (0.001, 80.0, float("nan")):
+        with pytest.raises(ValueError, match="sigma_min must be in"):
+            karras_timesteps(sch, 4, sigma_min=bad)
+    with pytest.raises(ValueError, match="sigma_min applies to heun only"):
+        sample(
+            Denoiser(oracle, sch, "v", NULL), torch.tensor([3]), generators_from_seeds([0]), "ddim", 4, sigma_min=0.2
+        )
+
+
 def test_to_uint8_maps_minus_one_one_to_0_255_and_clamps():
     x = torch.tensor([-3.0, -1.0, 0.0, 0.5, 1.0, 2.0]).reshape(1, 1, 1, 6)
     out = to_uint8(x)

@@ -16,7 +16,8 @@ from fastapi.testclient import TestClient
 from app.fields import SamplerName
 from app.main import create_app
 from app.settings import Settings
-from model.samplers import SAMPLERS
+from model.diffusion import Schedule
+from model.samplers import SAMPLERS, karras_timesteps
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -145,6 +146,34 @@ def test_every_sampler_of_model_samplers_is_served(client: TestClient, metric: C
         assert (r.json()["params"]["sampler"], r.json()["params"]["steps"]) == (sampler, steps)
     text = client.get("/metrics").text
     assert all(metric(text, "fashion_images_generated_total", sampler=s) == 1 for s in SAMPLERS)
+
+
+def test_heun_jumps_to_x0_from_the_cards_sigma_min(
+    app_weights: Path, tmp_path: Path, make_settings: Callable[..., Settings], parse_sse: Callable
+) -> None:
+    """A card's sampling.sigma_min is Heun's lowest noise level: the last evaluation is there, the answer and
+    GET /models say so, and other samplers are untouched by it."""
+    weights = tmp_path / "low.safetensors"
+    shutil.copy(app_weights, weights)
+    card = json.loads(app_weights.with_suffix(".json").read_text())
+    card["sampling"]["sigma_min"] = 0.2
+    weights.with_suffix(".json").write_text(json.dumps(card))
+    body = {"class": 4, "n": 1, "seed": 11, "sampler": "heun", "steps": 3}
+    with TestClient(create_app(make_settings(weights=weights))) as c:
+        assert c.get("/models").json()["data"][0]["sigma_min"] == 0.2
+        events = parse_sse(c.post("/generate/stream", json=body).text)
+        assert events[0][1]["params"]["sigma_min"] == 0.2
+        last = [data["t"] for name, data in events if name == "step"][-1]
+        assert last == karras_timesteps(Schedule.named("cosine"), 3, sigma_min=0.2)[-1] > 0
+        low = c.post("/generate", json=body).json()
+        ddim = c.post("/generate", json={**body, "sampler": "ddim"}).json()
+    assert "sigma_min" not in ddim["params"]
+    with TestClient(create_app(make_settings())) as c:
+        full = c.post("/generate", json=body).json()
+        plain_ddim = c.post("/generate", json={**body, "sampler": "ddim"}).json()
+    assert "sigma_min" not in full["params"]
+    assert low["images"][0]["png"] != full["images"][0]["png"]
+    assert ddim["images"][0]["png"] == plain_ddim["images"][0]["png"]
 
 
 def test_the_cards_guidance_interval_is_used_and_reported(

@@ -241,6 +241,7 @@ def test_startup_refuses_two_models_with_one_name_or_a_missing_file(
         ({"sampling": {"sampler": "euler"}}, "sampling.sampler 'euler'"),
         ({"diffusion": {"schedule": "sigmoid", "T": 1000, "prediction": "v"}}, "unknown schedule 'sigmoid'"),
         ({"distillation": {"teacher": "tiny-test", "guidance": -1}}, "distillation.guidance must be >= 0"),
+        ({"sampling": {"sigma_min": 100}}, r"sampling.sigma_min: sigma_min must be in \[0.006425, 80\)"),
     ],
 )
 def test_every_card_is_checked_before_any_tensor_loads(

@@ -36,6 +36,7 @@ def test_event_sequence_is_complete_and_ordered(client: TestClient, parse_sse: C
         "guidance_interval": None,
         "guidance_method": "classifier-free",
         "guide": None,
+        "sigma_min": None,
         "seed": 11,
     }
     assert start["job"] and start["queue_depth"] >= 0
