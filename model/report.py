@@ -89,7 +89,8 @@ def format_comparison(rows: list[tuple[str, dict]]) -> str:
     ]
     for name, r in rows:
         lines.append(
-            f"| {name} | {r['sampler']} | {r['steps']} | {evaluations_per_image(r)} | {r['guidance']:g}"
+            f"| {name} | {r['sampler']}{describe_sigma_min(r)} | {r['steps']} | {evaluations_per_image(r)} "
+            f"| {r['guidance']:g}"
             f"{describe_interval(r.get('guidance_interval'))}{describe_guide(r)} | "
             f"{r['accuracy']:.3f} | {r['frechet_distance']:.3f} | {r['frechet_ratio']:.2f} | "
             f"{r['frechet_distance'] / base:.2f}x | {r['precision_recall']['precision']:.3f} | "
@@ -116,10 +117,14 @@ def network(r: dict) -> str:
     return Path(r.get("weights") or "teacher").stem
 
 
+def describe_sigma_min(r: dict) -> str:
+    """Heun's lowest noise level, where a run set it."""
+    return f" to sigma {r['sigma_min']:g}" if r.get("sigma_min") is not None else ""
+
+
 def describe_sampler(r: dict) -> str:
     """A run's sampler and steps, and Heun's lowest noise level where it was set."""
-    sigma_min = r.get("sigma_min")
-    return f"{r['sampler']} {r['steps']} steps" + (f" to sigma {sigma_min:g}" if sigma_min is not None else "")
+    return f"{r['sampler']} {r['steps']} steps{describe_sigma_min(r)}"
 
 
 def frontier_lines(results: list[dict]) -> dict[str, list[dict]]:

@@ -239,7 +239,7 @@ def test_evaluate_cli_screens_heuns_lowest_noise_level(tmp_path, capsys, fashion
     assert (low["sigma_min"], high["sigma_min"]) == (0.05, 0.5)
     assert low["frechet_distance"] != high["frechet_distance"]  # other levels, other samples
     out = capsys.readouterr().out
-    assert "heun 2 steps to sigma 0.05, guidance 1.0" in out and "| tiny | heun | 2 | 4 | 1 |" in out
+    assert "heun 2 steps to sigma 0.05, guidance 1.0" in out and "| tiny | heun to sigma 0.05 | 2 | 4 | 1 |" in out
     with pytest.raises(SystemExit):  # only Heun has a lowest level to set
         main([*common, "--sampler", "ddim", "--sigma-min", "0.05"])
 
