@@ -210,6 +210,9 @@ def test_heuns_steps_count_two_evaluations_against_max_steps(make_settings: Call
     with TestClient(create_app(make_settings())) as c:  # max_steps 1000, the schedule's T
         err = error_of(c.post("/generate", json={"class": 1, "sampler": "heun", "steps": 1000}), 422)
         assert err["param"] == "steps" and "1..999 for heun" in err["message"]
+    with TestClient(create_app(make_settings(max_steps=3000))) as c:  # a limit above what the schedule has
+        err = error_of(c.post("/generate", json={"class": 1, "sampler": "ddim", "steps": 1500}), 422)
+        assert err["param"] == "steps" and "1..1000 for ddim, got 1500" in err["message"]
 
 
 def test_ddpm_runs_all_T_steps_only(make_settings: Callable[..., Settings], error_of) -> None:
