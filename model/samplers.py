@@ -180,15 +180,31 @@ def _noise_like(x: torch.Tensor, generators: Sequence[torch.Generator]) -> torch
     return torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators]).to(x.device, x.dtype)
 
 
-def check_steps(sampler: str, steps: int, T: int) -> None:
-    """Refuse a step count ``sampler`` cannot take on a schedule of T timesteps, saying what it can."""
+def check_steps(sampler: str, steps: int, T: int, max_evaluations: int | None = None) -> None:
+    """Refuse a step count ``sampler`` cannot take on a schedule of T timesteps, or one that takes more
+    than ``max_evaluations`` network evaluations, saying what it can."""
     if sampler == "ddpm":
         if steps != T:
             raise ValueError(f"ddpm runs all {T} steps; got steps={steps}")
-        return
-    top = T - 1 if sampler == "heun" else T  # Heun's levels come after x_T's own
-    if not 1 <= steps <= top:
-        raise ValueError(f"steps must be in 1..{top} for {sampler}, got {steps}")
+    else:
+        top = T - 1 if sampler == "heun" else T  # Heun's levels come after x_T's own
+        if not 1 <= steps <= top:
+            raise ValueError(f"steps must be in 1..{top} for {sampler}, got {steps}")
+    if max_evaluations is not None and evaluations(sampler, steps) > max_evaluations:
+        most = max_evaluations // evaluations(sampler, 1)
+        allowed = "a sampler of fewer steps" if sampler == "ddpm" else f"at most {most} steps of {sampler}"
+        raise ValueError(
+            f"{steps} steps of {sampler} take {evaluations(sampler, steps)} network evaluations, over the "
+            f"{max_evaluations} allowed; allowed: {allowed}"
+        )
+
+
+def check_sigma_min(schedule: Schedule, sigma_min: float) -> None:
+    """Refuse a lowest noise level for Heun that the schedule's levels below EDM's sigma_max do not span."""
+    sigma = schedule.noise_level()
+    lo, hi = float(sigma[0]), min(EDM_SIGMA_MAX, float(sigma[schedule.T - 2]))
+    if not (np.isfinite(sigma_min) and lo <= sigma_min < hi):
+        raise ValueError(f"sigma_min must be in [{lo:.4g}, {hi:.4g}) for this schedule, got {sigma_min}")
 
 
 def evaluations(sampler: str, steps: int) -> int:
@@ -212,8 +228,7 @@ def karras_timesteps(schedule: Schedule, steps: int, sigma_min: float | None = N
     log_sigma = np.log(schedule.noise_level())  # increasing in t
     lo, hi = float(np.exp(log_sigma[0])), min(EDM_SIGMA_MAX, float(np.exp(log_sigma[T - 2])))
     if sigma_min is not None:
-        if not (np.isfinite(sigma_min) and lo <= sigma_min < hi):
-            raise ValueError(f"sigma_min must be in [{lo:.4g}, {hi:.4g}) for this schedule, got {sigma_min}")
+        check_sigma_min(schedule, sigma_min)
         lo = float(sigma_min)
     ramp = np.linspace(0, 1, steps) if steps > 1 else np.ones(1)
     inv = 1 / KARRAS_RHO

@@ -30,7 +30,7 @@ from model.io import (
     read_card,
     with_guide,
 )
-from model.samplers import SAMPLERS, check_steps, evaluations, karras_timesteps
+from model.samplers import SAMPLERS, check_sigma_min, check_steps
 
 
 @dataclass(frozen=True)
@@ -111,14 +111,9 @@ def sampling_defaults(
     if sampler not in SAMPLERS:
         raise WeightsError(f"card sampling.sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
     try:
-        check_steps(sampler, int(steps), T)
+        check_steps(sampler, int(steps), T, settings.max_steps)
     except ValueError as err:
-        raise WeightsError(f"default steps: {err} (FASHION_STEPS)") from err
-    if evaluations(sampler, int(steps)) > settings.max_steps:
-        raise WeightsError(
-            f"default steps {steps} of {sampler} take {evaluations(sampler, int(steps))} network evaluations, "
-            f"over FASHION_MAX_STEPS={settings.max_steps}"
-        )
+        raise WeightsError(f"default steps: {err} (FASHION_STEPS / FASHION_MAX_STEPS)") from err
     if not 0 <= float(guidance) <= settings.max_guidance:
         raise WeightsError(f"default guidance {guidance} outside 0..{settings.max_guidance} (FASHION_GUIDANCE)")
     if distilled not in (None, 1.0) and float(guidance) != 1.0:
@@ -175,7 +170,7 @@ def check_cards(settings: Settings) -> list[CheckedCard]:
         try:
             defaults = sampling_defaults(settings, card, T, overrides=i == 0, distilled=distilled)
             if defaults.sigma_min is not None:
-                karras_timesteps(Schedule.named(card["diffusion"]["schedule"], T), 1, defaults.sigma_min)
+                check_sigma_min(Schedule.named(card["diffusion"]["schedule"], T), defaults.sigma_min)
         except ValueError as err:
             raise WeightsError(f"{path.with_suffix('.json')}: sampling.sigma_min: {err}") from err
         except WeightsError as err:

@@ -46,7 +46,7 @@ from app.metrics import Metrics
 from app.settings import Settings
 from model import images
 from model.data import CLASS_NAMES
-from model.samplers import check_steps, evaluations
+from model.samplers import check_steps
 
 
 @dataclass
@@ -152,17 +152,9 @@ def _ddpm_steps(asked: int | None, total: int, settings: Settings) -> int:
 def _check_steps(sampler: str, steps: int, T: int, settings: Settings) -> None:
     """What the schedule allows the sampler, and at most ``max_steps`` network evaluations (Heun's steps take two)."""
     try:
-        check_steps(sampler, steps, T)
+        check_steps(sampler, steps, T, settings.max_steps)
     except ValueError as err:
         raise ApiError(422, f"steps: {err}", code="steps_for_sampler", param="steps") from err
-    if evaluations(sampler, steps) > settings.max_steps:  # only Heun's steps take more than one
-        raise ApiError(
-            422,
-            f"steps: {steps} steps of {sampler} take {evaluations(sampler, steps)} network evaluations and this "
-            f"server allows at most {settings.max_steps}; allowed: at most {settings.max_steps // 2} steps of heun",
-            code="steps_for_sampler",
-            param="steps",
-        )
 
 
 def resolve(

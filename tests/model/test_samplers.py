@@ -23,6 +23,7 @@ from model.samplers import (
     Denoiser,
     SamplingStopped,
     Step,
+    check_steps,
     evaluations,
     generators_from_seeds,
     karras_timesteps,
@@ -524,6 +525,20 @@ def test_karras_timesteps_follow_edms_levels_and_never_repeat(schedule):
         ts = karras_timesteps(sch, steps)
         assert len(ts) == steps + 1 and ts[0] == 999 and ts[-1] == 0
         assert all(a > b for a, b in zip(ts, ts[1:], strict=False))  # crowded low levels move down, not repeat
+
+
+@pytest.mark.parametrize(
+    ("sampler", "steps", "message"),
+    [
+        ("heun", 60, r"60 steps of heun take 120 network evaluations, over the 100 allowed; allowed: at most 50 steps"),
+        ("ddim", 101, r"101 steps of ddim take 101 network evaluations, over the 100 allowed; allowed: at most 100"),
+        ("ddpm", 1000, r"1000 steps of ddpm take 1000 network evaluations, .*allowed: a sampler of fewer steps"),
+    ],
+)
+def test_check_steps_counts_network_evaluations_against_the_limit(sampler, steps, message):
+    check_steps(sampler, 50 if sampler == "heun" else 100 if sampler == "ddim" else 1000, 1000, 1000)
+    with pytest.raises(ValueError, match=message):
+        check_steps(sampler, steps, 1000, 100)
 
 
 def test_heuns_lowest_level_is_where_it_jumps_to_x0():
