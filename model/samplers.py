@@ -199,10 +199,16 @@ def check_steps(sampler: str, steps: int, T: int, max_evaluations: int | None = 
         )
 
 
+def _heun_range(schedule: Schedule) -> tuple[float, float]:
+    """The noise levels Heun's Karras spacing spans by default: the schedule's lowest, and EDM's sigma_max
+    (or the highest below x_T's own, where that is lower)."""
+    sigma = schedule.noise_level()
+    return float(sigma[0]), min(EDM_SIGMA_MAX, float(sigma[schedule.T - 2]))
+
+
 def check_sigma_min(schedule: Schedule, sigma_min: float) -> None:
     """Refuse a lowest noise level for Heun that the schedule's levels below EDM's sigma_max do not span."""
-    sigma = schedule.noise_level()
-    lo, hi = float(sigma[0]), min(EDM_SIGMA_MAX, float(sigma[schedule.T - 2]))
+    lo, hi = _heun_range(schedule)
     if not (np.isfinite(sigma_min) and lo <= sigma_min < hi):
         raise ValueError(f"sigma_min must be in [{lo:.4g}, {hi:.4g}) for this schedule, got {sigma_min}")
 
@@ -226,7 +232,7 @@ def karras_timesteps(schedule: Schedule, steps: int, sigma_min: float | None = N
     T = schedule.T
     check_steps("heun", steps, T)
     log_sigma = np.log(schedule.noise_level())  # increasing in t
-    lo, hi = float(np.exp(log_sigma[0])), min(EDM_SIGMA_MAX, float(np.exp(log_sigma[T - 2])))
+    lo, hi = _heun_range(schedule)
     if sigma_min is not None:
         check_sigma_min(schedule, sigma_min)
         lo = float(sigma_min)
