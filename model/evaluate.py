@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ import torch
 from model.classifier import load_classifier, predict
 from model.data import CLASS_NAMES, NUM_CLASSES, FashionMNIST, to_model_range
 from model.io import (
+    CardSampling,
     WeightsError,
     atomic_write_bytes,
     card_guide_path,
@@ -122,23 +124,15 @@ def evaluate(
     images, labels = generate(weights, per_class, sampler, steps, guidance, batch_size, seed, precision, sigma_min)
     gen_seconds = time.perf_counter() - start
 
-    probs, feats = predict(classifier, to_model_range(images).to(device))
-    pred = probs.argmax(1)
-    test_probs, test_feats = predict(classifier, to_model_range(data.test_images).to(device))
-    if reference == "val":  # the split training used (its default seed): never seen by the network
-        (pool, pool_labels), (ref_images, ref_labels) = data.split(val_size)
-        _, ref_feats = predict(classifier, to_model_range(ref_images).to(device))
-    else:
-        pool, pool_labels, ref_feats, ref_labels = data.train_images, data.train_labels, test_feats, data.test_labels
-    # The floor: as many real training images as samples, drawn without replacement.
-    rng = np.random.default_rng(seed)
-    real_idx = rng.choice(len(pool), size=len(images), replace=False)
-    _, real_feats = predict(classifier, to_model_range(pool[real_idx]).to(device))
-    distance, floor = frechet_distance(feats, ref_feats), frechet_distance(real_feats, ref_feats)
-    # Each class's floor: as many real training images of that class as samples of it.
-    balanced = [rng.choice(np.flatnonzero(pool_labels == c), size=per_class, replace=False) for c in range(NUM_CLASSES)]
-    per_class_floor = [predict(classifier, to_model_range(pool[idx]).to(device))[1] for idx in balanced]
+    def features(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return predict(classifier, to_model_range(x).to(device))
 
+    probs, feats = features(images)
+    test_probs, _ = features(data.test_images)
+    rng = np.random.default_rng(seed)
+    ref = real_references(features, data, reference, val_size, per_class, rng)
+    distance, floor = frechet_distance(feats, ref.feats), frechet_distance(ref.floor_feats, ref.feats)
+    pred = probs.argmax(1)
     result = {
         "weights": Path(weights_path).stem,
         "sampler": sampler,
@@ -156,7 +150,7 @@ def evaluate(
         "frechet_distance": distance,
         "frechet_distance_real_train": floor,
         "frechet_ratio": distance / floor,
-        **coverage(feats, labels, real_feats, ref_feats, ref_labels, per_class_floor, rng),
+        **coverage(feats, labels, ref, rng),
         "reference": reference if reference == "test" else f"val ({val_size} held-out training images)",
         "generation_seconds": round(gen_seconds, 1),
         "machine": describe(device),
@@ -175,28 +169,59 @@ def evaluate(
     return result
 
 
-def coverage(
-    feats: np.ndarray,
-    labels: np.ndarray,
-    real_feats: np.ndarray,
-    ref_feats: np.ndarray,
-    ref_labels: np.ndarray,
-    per_class_floor: list[np.ndarray],
+@dataclasses.dataclass(frozen=True)
+class References:
+    """The real images a run is measured against, in the judge's features."""
+
+    feats: np.ndarray  # (N, F) the reference set: the test set, or the validation split training held out
+    labels: np.ndarray  # (N,) their classes
+    floor_feats: np.ndarray  # (10 * per_class, F) as many real training images as samples, none in the reference
+    floor_per_class: list[np.ndarray]  # [c]: (per_class, F) as many real training images of class c as samples of it
+
+
+def real_references(
+    features: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+    data: FashionMNIST,
+    reference: str,
+    val_size: int,
+    per_class: int,
     rng: np.random.Generator,
-) -> dict:
+) -> References:
+    """The reference set and the floor sets, drawn without replacement from the training images that
+    are not in the reference. ``features(uint8 images) -> (probabilities, features)`` is the judge."""
+    if reference == "val":  # the split training used (its default seed): never seen by the network
+        (pool, pool_labels), (ref_images, ref_labels) = data.split(val_size)
+    else:
+        pool, pool_labels, ref_images, ref_labels = (
+            data.train_images,
+            data.train_labels,
+            data.test_images,
+            data.test_labels,
+        )
+    floor_idx = rng.choice(len(pool), size=NUM_CLASSES * per_class, replace=False)
+    balanced = [rng.choice(np.flatnonzero(pool_labels == c), size=per_class, replace=False) for c in range(NUM_CLASSES)]
+    return References(
+        feats=features(ref_images)[1],
+        labels=ref_labels,
+        floor_feats=features(pool[floor_idx])[1],
+        floor_per_class=[features(pool[idx])[1] for idx in balanced],
+    )
+
+
+def coverage(feats: np.ndarray, labels: np.ndarray, ref: References, rng: np.random.Generator) -> dict:
     """Which way the samples are off, in the judge's features: precision and recall against as many
     reference images as samples (the measures depend on the set sizes), for the samples and for the
     real floor set, and the Frechet distance of each class to the reference's images of that class,
-    beside that of as many real training images of the class (``per_class_floor[c]``)."""
-    sub = rng.choice(len(ref_feats), size=min(len(feats), len(ref_feats)), replace=False)
-    precision, recall = precision_recall(ref_feats[sub], feats)
-    real_precision, real_recall = precision_recall(ref_feats[sub], real_feats)
+    beside that of as many real training images of the class."""
+    sub = rng.choice(len(ref.feats), size=min(len(feats), len(ref.feats)), replace=False)
+    precision, recall = precision_recall(ref.feats[sub], feats)
+    real_precision, real_recall = precision_recall(ref.feats[sub], ref.floor_feats)
     per_class = {}
     for c in range(NUM_CLASSES):
-        ref_c = ref_feats[ref_labels == c]
+        ref_c = ref.feats[ref.labels == c]
         per_class[CLASS_NAMES[c]] = {
             "frechet_distance": frechet_distance(feats[labels == c], ref_c),
-            "frechet_distance_real_train": frechet_distance(per_class_floor[c], ref_c),
+            "frechet_distance_real_train": frechet_distance(ref.floor_per_class[c], ref_c),
         }
     return {
         "precision_recall": {
@@ -211,20 +236,38 @@ def coverage(
 
 
 def write_card(weights_path: str | Path, result: dict) -> Path:
+    """Store a result in the weights card: its figures as the card's ``quality``, and its sampling as the
+    card's default over the rest of the card's ``sampling`` section, which stays (a guide the card names
+    for requests that ask for autoguidance, Heun's lowest noise level where the result did not set one).
+    An autoguided result makes autoguidance the default; its guide must lie beside the weights."""
+    if result.get("guide_weight", 1.0) != 1.0:
+        raise ValueError(
+            "a card's default guidance is classifier-free or autoguidance, not combined (guide_weight "
+            f"{result['guide_weight']}): the service serves no combined guidance"
+        )
     card_path = Path(weights_path).with_suffix(".json")
     card = json.loads(card_path.read_text())
+    sampling = {
+        **(card.get("sampling") or {}),
+        "sampler": result["sampler"],
+        "steps": result["steps"],
+        "guidance": result["guidance"],
+        "guidance_interval": result.get("guidance_interval"),
+        "guidance_method": "autoguidance" if result.get("guide") else "classifier-free",
+    }
+    if result.get("guide"):
+        guide = Path(weights_path).with_name(result["guide"]).with_suffix(".safetensors")
+        if not guide.is_file():
+            raise ValueError(f"{card_path} can name only a guide beside the weights, and {guide} is not there")
+        sampling["guide"] = result["guide"]
+    if result.get("sigma_min") is not None:
+        sampling["sigma_min"] = result["sigma_min"]
+    card["sampling"] = sampling
     card["quality"] = {k: v for k, v in result.items() if k != "clip"} | {
         "measured_with": "python -m model.evaluate (see README)",
     }
     if "clip" in result:
         card["quality"]["clip"] = result["clip"]
-    card["sampling"] = {
-        "sampler": result["sampler"],
-        "steps": result["steps"],
-        "guidance": result["guidance"],
-        "guidance_interval": result.get("guidance_interval"),
-        **({"guide": result["guide"]} if result.get("guide") else {}),
-    }
     atomic_write_bytes(card_path, (json.dumps(card, indent=2) + "\n").encode())
     return card_path
 
@@ -246,7 +289,7 @@ def parse_interval(parser: argparse.ArgumentParser, values: list[str] | None, ca
     return lo, hi
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m model.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--weights", default="weights/fashion-unet.safetensors")
     p.add_argument("--classifier", default="weights/classifier.safetensors")
@@ -255,11 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sampler", default=None, choices=SAMPLERS, help="default: the card's, else dpm++")
     p.add_argument("--steps", type=int, default=None, help="default: the card's, else 20")
     p.add_argument(
-        "--guidance",
-        type=float,
-        nargs="+",
-        default=None,
-        help="one or more scales to compare; default: the card's, else 1",
+        "--guidance", type=float, nargs="+", default=None, help="one or more scales; default: the card's, else 1"
     )
     p.add_argument(
         "--guidance-interval",
@@ -318,115 +357,125 @@ def main(argv: list[str] | None = None) -> int:
         help="store the (last) result in the weights card, and the student's at its card's steps in its card",
     )
     p.add_argument("--json", default=None, help="also write all results to this JSON file")
+    return p
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One measurement that ``main`` makes: ``evaluate``'s sampling arguments for one network."""
+
+    weights: str  # the network's weights file
+    sampler: str
+    steps: int
+    guidance: float  # the guidance scale
+    guidance_interval: tuple[float, float] | None  # where guidance applies (None: every step)
+    guide: str | Path | None = None  # the autoguide's weights (None: classifier-free)
+    guide_weight: float = 1.0  # the guide's weight beside classifier-free guidance (1: autoguidance alone)
+    sigma_min: float | None = None  # Heun's lowest noise level (None: the schedule's)
+    into_card: bool = False  # --write-card stores this run's result in the network's card
+
+
+def read_sampling(p: argparse.ArgumentParser, path: str, flag: str) -> tuple[CardSampling, Path | None]:
+    """A card's sampling section and the guide it autoguides with by default (None: classifier-free);
+    a bad card stops the CLI with a message naming ``flag``."""
+    try:
+        card = read_card(Path(path))
+        sampling = card_sampling(card)
+        guide = card_guide_path(path, card)
+    except (WeightsError, TypeError, ValueError) as err:
+        p.error(f"{flag} {path}: {err}")
+    return sampling, guide if sampling.guidance_method == "autoguidance" else None
+
+
+def plan(p: argparse.ArgumentParser, a: argparse.Namespace) -> list[Run]:
+    """Every run the flags ask for, in order: --weights at each combination of the flags (each unset
+    flag at the card's value), then each --baseline and the --student at their own cards' sampling."""
+    card, card_guide = read_sampling(p, a.weights, "--weights")
+    sampler = a.sampler or card.sampler
+    if a.sigma_min is not None and sampler != "heun":
+        p.error(f"--sigma-min is Heun's lowest noise level; the sampler is {sampler}")
+    guides = [card_guide] if a.guide is None else [None if g == "none" else g for g in a.guide]
+    if a.guide_weight != [1.0] and not any(guides):
+        p.error("--guide-weight (combined guidance) needs --guide WEIGHTS")
+    interval = parse_interval(p, a.guidance_interval, card.guidance_interval)
+    runs = [
+        Run(a.weights, sampler, a.steps or card.steps, g, interval, guide, w if guide is not None else 1.0, s)
+        for s in a.sigma_min or [card.sigma_min if sampler == "heun" else None]
+        for guide in guides
+        for w in (a.guide_weight if guide is not None else [1.0])
+        for g in a.guidance or [card.guidance]
+    ]
+    if a.write_card and runs[-1].guide_weight != 1.0:
+        p.error("--write-card stores the last run as the card's default, which cannot be combined guidance")
+    runs[-1] = dataclasses.replace(runs[-1], into_card=a.write_card)
+    for path in a.baseline:
+        theirs, their_guide = read_sampling(p, path, "--baseline")
+        runs.append(Run(path, theirs.sampler, theirs.steps, theirs.guidance, theirs.guidance_interval, their_guide))
+    if a.student:
+        student, _ = read_sampling(p, a.student, "--student")
+        steps = a.student_steps or [student.steps]
+        mine = steps.index(student.steps) if student.steps in steps else None  # its card takes the card's steps
+        for i, n in enumerate(steps):
+            into_card = a.write_card and i == mine
+            runs.append(
+                Run(a.student, student.sampler, n, student.guidance, student.guidance_interval, into_card=into_card)
+            )
+    return runs
+
+
+def clip_spec(a: argparse.Namespace):
+    """The CLIP model that --clip asks for (None without --clip)."""
+    if not a.clip:
+        return None
+    from model.clip import DEFAULT_MODEL, DEFAULT_PRETRAINED, ClipSpec
+
+    return ClipSpec(
+        model=a.clip_model or DEFAULT_MODEL,
+        pretrained=a.clip_pretrained or DEFAULT_PRETRAINED,
+        checkpoint=a.clip_checkpoint,
+        cache_dir=a.clip_cache_dir,
+        device=a.device,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    try:
-        card = read_card(Path(a.weights))
-    except WeightsError as err:
-        p.error(str(err))
-    try:
-        from_card = card_sampling(card)
-    except (TypeError, ValueError) as err:
-        p.error(f"the weights card's sampling section is invalid ({err})")
-    interval = parse_interval(p, a.guidance_interval, from_card.guidance_interval)
-    sampler = a.sampler or from_card.sampler
-    steps = a.steps or from_card.steps
-    guidances = a.guidance or [from_card.guidance]
-    try:
-        card_guide = card_guide_path(a.weights, card)
-    except WeightsError as err:
-        p.error(str(err))
-    by_card = card_guide if from_card.guidance_method == "autoguidance" else None
-    guides: list[str | Path | None] = [by_card] if a.guide is None else [None if g == "none" else g for g in a.guide]
-    clip_spec = None
-    if a.clip:
-        from model.clip import DEFAULT_MODEL, DEFAULT_PRETRAINED, ClipSpec
-
-        clip_spec = ClipSpec(
-            model=a.clip_model or DEFAULT_MODEL,
-            pretrained=a.clip_pretrained or DEFAULT_PRETRAINED,
-            checkpoint=a.clip_checkpoint,
-            cache_dir=a.clip_cache_dir,
-            device=a.device,
-        )
-    baselines = []  # (path, its card's sampling, its guide: autoguided only where its card says so)
-    for path in a.baseline:
-        try:
-            their_card = read_card(Path(path))
-            theirs = card_sampling(their_card)
-            their_guide = card_guide_path(path, their_card) if theirs.guidance_method == "autoguidance" else None
-        except (WeightsError, TypeError, ValueError) as err:
-            p.error(f"--baseline {path}: {err}")
-        baselines.append((path, theirs, their_guide))
-    student = None
-    if a.student:
-        try:
-            student = card_sampling(read_card(Path(a.student)))
-        except (WeightsError, TypeError, ValueError) as err:
-            p.error(f"--student: {err}")
-
-    if a.guide_weight != [1.0] and not any(guides):
-        p.error("--guide-weight (combined guidance) needs --guide WEIGHTS")
-
-    if a.sigma_min is not None and sampler != "heun":
-        p.error(f"--sigma-min is Heun's lowest noise level; the sampler is {sampler}")
-    sigma_mins = a.sigma_min or [from_card.sigma_min if sampler == "heun" else None]
-
-    def run(
-        weights: str, sampler: str, steps: int, guidance: float, interval, guide=None, guide_weight=1.0, sigma_min=None
-    ) -> dict:
+    runs, clip = plan(p, a), clip_spec(a)
+    results = []
+    for run in runs:
         r = evaluate(
-            weights,
+            run.weights,
             a.classifier,
             a.data_dir,
             a.per_class,
-            sampler,
-            steps,
-            guidance,
+            run.sampler,
+            run.steps,
+            run.guidance,
             a.batch_size,
             a.device,
             a.seed,
-            clip_spec,
-            interval,
+            clip,
+            run.guidance_interval,
             a.reference,
             precision=a.precision,
-            guide=guide,
-            guide_weight=guide_weight,
-            sigma_min=sigma_min,
+            guide=run.guide,
+            guide_weight=run.guide_weight,
+            sigma_min=run.sigma_min,
         )
         print(format_table(r), end="\n\n", flush=True)
-        return r
-
-    results = [
-        run(a.weights, sampler, steps, g, interval, guide, w if guide is not None else 1.0, s)
-        for s in sigma_mins
-        for guide in guides
-        for w in (a.guide_weight if guide is not None else [1.0])
-        for g in guidances
-    ]
-    rows = [(Path(a.weights).stem, r) for r in results]
-    teacher_runs = len(results)
-    for path, theirs, their_guide in baselines:  # at their cards' sampling
-        r = run(path, theirs.sampler, theirs.steps, theirs.guidance, theirs.guidance_interval, their_guide)
         results.append(r)
-        rows.append((Path(path).stem, r))
-    if student is not None:
-        for n in a.student_steps or [student.steps]:
-            r = run(a.student, student.sampler, n, student.guidance, student.guidance_interval)
-            results.append(r)
-            rows.append((Path(a.student).stem, r))
-    if len(rows) > 1:
-        print(format_comparison(rows), end="\n\n")
+    if len(results) > 1:
+        print(
+            format_comparison([(Path(run.weights).stem, r) for run, r in zip(runs, results, strict=True)]), end="\n\n"
+        )
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
-    if a.write_card:
-        print(f"wrote quality figures to {write_card(a.weights, results[teacher_runs - 1])}")
-        mine = [
-            r for r in results[teacher_runs + len(baselines) :] if student is not None and r["steps"] == student.steps
-        ]
-        if mine:
-            print(f"wrote quality figures to {write_card(a.student, mine[0])}")
+    for run, r in zip(runs, results, strict=True):
+        if run.into_card:
+            print(f"wrote quality figures to {write_card(run.weights, r)}")
     return 0
 
 

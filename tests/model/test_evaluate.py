@@ -10,7 +10,7 @@ import torch
 from model.classifier import Classifier, ClassifierConfig, load_classifier, predict, random_shift, train_classifier
 from model.clip import TINY_MODEL, ClipSpec
 from model.evaluate import evaluate, generate, main, write_card
-from model.io import WeightsError, load_weights, save_weights, save_weights_file
+from model.io import WeightsError, card_sampling, load_weights, save_weights, save_weights_file
 from model.report import format_table
 from model.unet import UNet, perturbed_unet, tiny_config
 
@@ -130,7 +130,48 @@ def test_evaluate_end_to_end_with_tiny_models(tmp_path, fashion_mnist_dir):
     written = json.loads(write_card(weights, r).read_text())
     assert written["quality"]["accuracy"] == r["accuracy"]
     assert written["quality"]["clip"]["per_class"] == r["clip"]["per_class"]
-    assert written["sampling"] == {"sampler": "dpm++", "steps": 2, "guidance": 1.5, "guidance_interval": None}
+    assert written["sampling"] == {
+        "sampler": "dpm++",
+        "steps": 2,
+        "guidance": 1.5,
+        "guidance_interval": None,
+        "guidance_method": "classifier-free",
+    }
+
+
+def test_write_card_sets_the_measured_default_and_keeps_the_rest_of_the_sampling_section(tmp_path):
+    weights, _ = tiny_models(tmp_path)
+    card_path = weights.with_suffix(".json")
+    card = json.loads(card_path.read_text())
+    card["sampling"] = {"sampler": "heun", "steps": 18, "guidance": 1.35, "guide": "guide", "sigma_min": 0.09}
+    card_path.write_text(json.dumps(card))
+    save_weights(UNet(tiny_config()), {**card, "name": "guide"}, tmp_path / "guide.safetensors")
+    measured = {"sampler": "dpm++", "steps": 20, "guidance": 1.5, "guidance_interval": [0.3, 5.0], "guide": None}
+
+    # Classifier-free: the card's guide stays there for requests that ask for autoguidance, and Heun's level.
+    sampling = json.loads(write_card(weights, measured).read_text())["sampling"]
+    assert sampling == {
+        "sampler": "dpm++",
+        "steps": 20,
+        "guidance": 1.5,
+        "guidance_interval": [0.3, 5.0],
+        "guide": "guide",
+        "sigma_min": 0.09,
+        "guidance_method": "classifier-free",
+    }
+    assert card_sampling(json.loads(card_path.read_text())).guide == "guide"
+    # Autoguided, at a Heun level of its own: both become the default.
+    sampling = json.loads(write_card(weights, {**measured, "guide": "guide", "sigma_min": 0.05}).read_text())[
+        "sampling"
+    ]
+    assert (sampling["guidance_method"], sampling["guide"], sampling["sigma_min"]) == ("autoguidance", "guide", 0.05)
+    # What no card can say is refused, and the card is left as it was.
+    before = card_path.read_text()
+    with pytest.raises(ValueError, match="not combined"):
+        write_card(weights, {**measured, "guide": "guide", "guide_weight": 1.5})
+    with pytest.raises(ValueError, match="only a guide beside the weights"):
+        write_card(weights, {**measured, "guide": "elsewhere"})
+    assert card_path.read_text() == before
 
 
 def test_evaluate_cli_takes_a_guidance_interval_and_keeps_it_in_the_card(tmp_path, capsys, fashion_mnist_dir):
@@ -274,6 +315,9 @@ def test_evaluate_cli_autoguides_with_the_guides_it_is_given_or_its_cards(tmp_pa
     assert "guidance 2.0 plus guide at 1.5, float32" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # nothing to combine with
         main([*common, "--guide", "none", "--guide-weight", "1.5"])
+    with pytest.raises(SystemExit):  # a card's default is one kind of guidance, checked before any run
+        main([*common, "--guide", str(guide), "--guide-weight", "1.5", "--write-card"])
+    assert "cannot be combined guidance" in capsys.readouterr().err
 
     # A guide must be a model of the same diffusion: its outputs are compared with the main network's.
     save_weights(
