@@ -19,7 +19,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.fields import SamplerName
-from app.generation.lane import Policy
+from app.generation.lane import DEFAULT_POLICY, Policy
 from model.clip import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEFAULT_TEMPLATES
 from model.samplers import check_guidance_interval
 
@@ -157,7 +157,7 @@ class Settings(BaseSettings):
         ),
     )
     scheduler: Policy = Field(
-        default="least-work",
+        default=DEFAULT_POLICY,
         description=(
             "how each model's jobs share its network evaluations. least-work: a job's key is its arrival plus "
             "3x its work (steps x its share of a chunk's rows); a tick evaluates the smallest keys first, up to "

@@ -1,7 +1,7 @@
 """Open-loop load: latency, slowdown, SLO attainment and goodput of the service under Poisson traffic.
 
     taskset -c 1 python -m bench.load                                # this checkout, FCFS and the default policy
-    taskset -c 1 python -m bench.load --engine fcfs --engine deadline --engine old=/tmp/engine-390f4af
+    taskset -c 1 python -m bench.load --engine fcfs --engine least-work --engine old=/tmp/engine-390f4af
     python -m bench.load --tiny --duration 5 --fractions 0.5 1.0     # a tiny random network: checks the script
 
 For each engine it starts the real service (``python -m app`` of this checkout, or of another
@@ -40,6 +40,7 @@ from pathlib import Path
 
 import httpx
 
+from app.generation.lane import DEFAULT_POLICY
 from bench.workload import (
     DEFAULT_MIX,
     GOODPUT_SLO,
@@ -70,9 +71,9 @@ class Engine:
 
 
 def parse_engine(text: str) -> Engine:
-    """``fcfs`` / ``deadline`` (this checkout with that FASHION_SCHEDULER), ``POLICY@DIR`` (another
-    checkout of this engine), ``old=DIR`` (another checkout that serves one model and schedules its
-    own way: the previous engine); ``POLICY:ROWS`` also sets FASHION_TICK_ROWS."""
+    """``POLICY``: ``fcfs``, ``deadline`` or ``least-work`` (this checkout with that FASHION_SCHEDULER);
+    ``POLICY@DIR`` (another checkout of this engine), ``old=DIR`` (another checkout that serves one model
+    and schedules its own way: the previous engine); ``POLICY:ROWS`` also sets FASHION_TICK_ROWS."""
     if text.startswith("old="):
         return Engine("previous engine (390f4af)", Path(text[4:]).resolve(), {}, multi_model=False)
     name, _, where = text.partition("@")
@@ -370,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--plot", type=Path, default=None, help="write the picture here (e.g. docs/load.png)")
     p.add_argument("--json", type=Path, default=None, help="write every outcome here")
     args = p.parse_args(argv)
-    engines = [parse_engine(e) for e in (args.engines or ["fcfs", "deadline"])]
+    engines = [parse_engine(e) for e in (args.engines or ["fcfs", DEFAULT_POLICY])]
     if args.queue_size is not None:
         engines = [replace(e, settings={**e.settings, "queue_size": str(args.queue_size)}) for e in engines]
     mix = DEFAULT_MIX

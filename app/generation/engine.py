@@ -45,7 +45,7 @@ from app.generation.jobs import (
     Queued,
     QueueFull,
 )
-from app.generation.lane import Lane, Policy, Running
+from app.generation.lane import DEFAULT_POLICY, Lane, Policy, Running
 from app.generation.output import Output
 from app.metrics import Evaluation, Observer
 from model.samplers import generators_from_seeds, start, step, to_uint8
@@ -64,7 +64,7 @@ class Engine:
         *,
         queue_size: int = 64,
         max_rows: int = 128,
-        policy: Policy = "least-work",
+        policy: Policy = DEFAULT_POLICY,
         tick_rows: int | None = None,
     ) -> None:
         if max_rows < 1:

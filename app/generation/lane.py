@@ -45,6 +45,7 @@ from model.samplers import SamplerState
 
 Policy = Literal["fcfs", "deadline", "least-work"]
 POLICIES: tuple[Policy, ...] = ("fcfs", "deadline", "least-work")
+DEFAULT_POLICY: Policy = "least-work"  # measured best under load (docs/speed.md)
 DEFAULT_TICK_S = 0.1  # the tick time assumed for estimates before the first tick is measured
 DEADLINE_SLACK = 3.0  # a job's deadline: arrival + this many times its time alone
 
@@ -145,7 +146,7 @@ class Lane:
     runtime: Runtime
     budget: int
     queue_size: int
-    policy: Policy = "least-work"
+    policy: Policy = DEFAULT_POLICY
     tick_rows: int | None = None  # least-work, deadline: most rows one tick evaluates; None: one fixed-row chunk
     pending: deque[Job] = field(default_factory=deque)
     running: list[Running] = field(default_factory=list)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,6 +38,16 @@ def stream_in_thread(url: str, body: dict, events: list) -> threading.Thread:
     return thread
 
 
+def listening(url: str) -> bool:
+    """Whether the server still accepts connections (a bare TCP connect: no request, so no job)."""
+    host, port = httpx.URL(url).host, httpx.URL(url).port
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError:
+        return False
+    return True
+
+
 def post_in_thread(url: str, body: dict, answers: list) -> threading.Thread:
     thread = threading.Thread(target=lambda: answers.append(httpx.post(f"{url}/generate", json=body, timeout=120)))
     thread.start()
@@ -60,7 +70,7 @@ def test_sigterm_drains_a_running_stream_a_running_generate_and_a_queued_job(spa
     wait_for(lambda: gauge(url, "fashion_queue_depth") == 1, "the third job did not queue")
 
     proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
+    wait_for(lambda: not listening(url), "the listener did not close on SIGTERM")
     with pytest.raises(httpx.TransportError):  # the listener is closed: nothing new gets in
         httpx.post(f"{url}/generate", json={"class": 4, "n": 1}, timeout=5)
     for thread in threads:
