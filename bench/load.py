@@ -79,7 +79,10 @@ def parse_engine(text: str) -> Engine:
     name, _, where = text.partition("@")
     policy, _, rows = name.partition(":")
     settings = {"scheduler": policy, **({"tick_rows": rows} if rows else {})}
-    return Engine(name, Path(where).resolve() if where else REPO, settings, multi_model=True)
+    if not where:
+        return Engine(name, REPO, settings, multi_model=True)
+    repo = Path(where).resolve()
+    return Engine(f"{name}@{repo.name}", repo, settings, multi_model=True)  # apart from this checkout's
 
 
 @dataclass
