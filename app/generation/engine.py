@@ -8,7 +8,7 @@ network is evaluated in the same tick, over the guided rows of the jobs that ask
 A job that arrives joins at the next tick, a finished job leaves at once, a cancelled one at the
 next tick. Each model has its own *lane* (``app.generation.lane``): its queue, its running jobs, its
 row budget, and the scheduling policy (which job enters, which jobs a tick evaluates) with its
-forecast. docs/architecture.md explains the policies and why the budget is per model; docs/load.md
+forecast. docs/architecture.md explains the policies and why the budget is per model; docs/speed.md
 measures them.
 
 Each image keeps its own ``torch.Generator`` and each network runs on fixed-size chunks of rows
