@@ -159,17 +159,19 @@ class Settings(BaseSettings):
     scheduler: Policy = Field(
         default=DEFAULT_POLICY,
         description=(
-            "how each model's jobs share its network evaluations. least-work: a job's key is its arrival plus "
-            "3x its work (steps x its share of a chunk's rows); a tick evaluates the smallest keys first, up to "
-            "tick_rows rows, so small jobs stay fast beside large ones and a large job's turn still comes. "
-            "deadline: the same with the work counted in whole chunks. fcfs: first come, first served, every "
-            "running job steps at every tick (docs/speed.md measures them)"
+            "how the jobs share the network evaluations. narrow-first: a job's deadline is its arrival plus 3x "
+            "its time alone (7x for a job wider than tick_rows); a tick evaluates the earliest deadlines first, "
+            "up to tick_rows rows, so small jobs stay fast beside large ones and a large job's turn still comes, "
+            "and the models take turns (another model's network only runs in a tick when one of its jobs is "
+            "overdue). deadline: 3x for every job, every model at every tick. least-work: the same with the work "
+            "counted in a job's share of a chunk's rows. fcfs: first come, first served, every running job steps "
+            "at every tick (docs/speed.md measures them)"
         ),
     )
     tick_rows: int | None = Field(
         default=None,
         ge=1,
-        description="least-work and deadline: most rows one tick evaluates; None: one fixed-row chunk (16 on the CPU)",
+        description="every policy but fcfs: most rows one tick evaluates; None: one fixed-row chunk (16 on the CPU)",
     )
     drain_seconds: float = Field(
         default=30.0,

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import httpx
 
-from app.generation.lane import DEFAULT_POLICY
+from app.generation.lane import DEFAULT_POLICY, POLICIES
 from bench.workload import (
     DEFAULT_MIX,
     GOODPUT_SLO,
@@ -71,7 +71,7 @@ class Engine:
 
 
 def parse_engine(text: str) -> Engine:
-    """``POLICY``: ``fcfs``, ``deadline`` or ``least-work`` (this checkout with that FASHION_SCHEDULER);
+    """``POLICY``: one of ``app.generation.lane.POLICIES`` (this checkout with that FASHION_SCHEDULER);
     ``POLICY@DIR`` (another checkout of this engine), ``old=DIR`` (another checkout that serves one model
     and schedules its own way: the previous engine); ``POLICY:ROWS`` also sets FASHION_TICK_ROWS."""
     if text.startswith("old="):
@@ -352,8 +352,8 @@ def main(argv: list[str] | None = None) -> None:
         "--engine",
         action="append",
         dest="engines",
-        help="fcfs, deadline, least-work (this checkout's FASHION_SCHEDULER; POLICY:ROWS also sets FASHION_TICK_ROWS) "
-        "or old=DIR (another checkout); repeatable",
+        help=f"{', '.join(POLICIES)} (this checkout's FASHION_SCHEDULER; POLICY:ROWS also sets FASHION_TICK_ROWS), "
+        "POLICY@DIR (another checkout's), or old=DIR (the previous engine); repeatable",
     )
     p.add_argument("--fractions", type=float, nargs="+", default=list(DEFAULT_FRACTIONS), help="of the capacity")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per rate")

@@ -1,7 +1,8 @@
 """The step-level engine: every active job shares every network evaluation, whatever its parameters.
 
 One worker thread owns the device and serves one or more models. Each *tick* is one network
-evaluation per model that has active jobs, over the rows of all of that model's jobs, whatever their
+evaluation per model that has active jobs (under ``narrow-first`` the models take turns:
+``app.generation.lane.turns``), over the rows of all of that model's jobs, whatever their
 sampler, step count, guidance, class or progress (``model.samplers.Denoiser.rows``), and then every
 job advances one step of its own sampler (``model.samplers.step``). An autoguided model's guide
 network is evaluated in the same tick, over the guided rows of the jobs that ask for autoguidance.
@@ -45,7 +46,7 @@ from app.generation.jobs import (
     Queued,
     QueueFull,
 )
-from app.generation.lane import DEFAULT_POLICY, Lane, Policy, Running
+from app.generation.lane import DEFAULT_POLICY, Lane, Policy, Running, turns
 from app.generation.output import Output
 from app.metrics import Evaluation, Observer
 from model.samplers import generators_from_seeds, start, step, to_uint8
@@ -215,7 +216,8 @@ class Engine:
                 for lane in self._lanes.values():
                     self._release_cancelled_locked(lane)
                     self._admit_locked(lane)
-                batches = [(lane, lane.selected()) for lane in self._lanes.values() if lane.running]
+                selected = [(lane, lane.selected()) for lane in self._lanes.values() if lane.running]
+                batches = turns(selected, time.monotonic())
                 if not batches:
                     self._cond.wait(timeout=self._idle_wait_locked())
                     continue

@@ -20,11 +20,20 @@ large job's deadline is fixed when it arrives, so however many small jobs keep c
 comes (aging). A job that skips a tick keeps its state; an image's bytes do not depend on which
 ticks it took (``app.generation.device.FixedRows``).
 
-``least-work`` (the default): the same, but a job's time alone is counted in its share of the rows rather than in
+``least-work``: the same, but a job's time alone is counted in its share of the rows rather than in
 whole chunks: its steps times its rows, at the lane's measured seconds per row. A 1-image job fills
 2 of a chunk's 16 rows, so its key is an eighth of what ``deadline`` gives it, and small jobs go
 first until a large job has waited ``DEADLINE_SLACK`` times its own work: least work first, aged
 by arrival.
+
+``narrow-first`` (the default): ``deadline``'s keys, but a job wider than one tick's cap (more rows than
+a tick evaluates: a teacher n=16, 32 rows, on the CPU's 16-row chunk) gets ``WIDE_SLACK`` instead of
+``DEADLINE_SLACK``. A narrow job rides in a chunk beside others at almost no cost to them; a wide one
+lengthens every tick it takes (``select``), so it waits longer, within the 10x bound that
+docs/speed.md measures. And the models take turns (``turns``): a tick evaluates the model whose
+selected jobs hold the earliest deadline, and another model only if one of its jobs is overdue, so a
+student's 4-step job is not slowed by the teacher's chunk on every one of its ticks while the teacher's
+jobs still have time.
 """
 
 from __future__ import annotations
@@ -43,11 +52,12 @@ from app.generation.device import Runtime
 from app.generation.jobs import Job
 from model.samplers import SamplerState
 
-Policy = Literal["fcfs", "deadline", "least-work"]
-POLICIES: tuple[Policy, ...] = ("fcfs", "deadline", "least-work")
-DEFAULT_POLICY: Policy = "least-work"  # measured best under load (docs/speed.md)
+Policy = Literal["fcfs", "deadline", "least-work", "narrow-first"]
+POLICIES: tuple[Policy, ...] = ("fcfs", "deadline", "least-work", "narrow-first")
+DEFAULT_POLICY: Policy = "narrow-first"  # measured best under load (docs/speed.md)
 DEFAULT_TICK_S = 0.1  # the tick time assumed for estimates before the first tick is measured
 DEADLINE_SLACK = 3.0  # a job's deadline: arrival + this many times its time alone
+WIDE_SLACK = 7.0  # narrow-first: the slack of a job wider than a tick's cap
 
 
 @dataclass
@@ -102,7 +112,7 @@ def deadline_ticks(
     active: list[tuple[int, int, float]], queued: list[tuple[int, int, float]], budget: int, cap: int
 ) -> tuple[list[int], list[int]]:
     """Ticks from now until each queued job is admitted, and until it first steps, under the keyed
-    policies (``deadline``, ``least-work``).
+    policies (``deadline``, ``least-work``, ``narrow-first``).
 
     ``active``: (rows, steps left, key) of each running job; ``queued``: (rows, steps, key) of each
     waiting job, smallest key first. Event by event: the selected jobs (``select`` in key order) all
@@ -136,6 +146,18 @@ def deadline_ticks(
     return admitted, [now if t is None else t for t in started]  # every one has started by now
 
 
+def turns(batches: Sequence[tuple[Lane, list[Running]]], now: float) -> list[tuple[Lane, list[Running]]]:
+    """Which models one tick evaluates, given each model's lane and its selected jobs: every one, except
+    under ``narrow-first``, where the lane holding the earliest deadline goes, and another lane only if
+    one of its selected jobs is overdue (its deadline at or before ``now``). A lane left out waits at
+    most until its earliest deadline: then it is overdue and goes at every tick."""
+    if len(batches) < 2 or batches[0][0].policy != "narrow-first":
+        return list(batches)
+    heads = [min(r.job.deadline for r in batch) for _, batch in batches]
+    first = min(heads)
+    return [b for b, head in zip(batches, heads, strict=True) if head == first or head <= now]
+
+
 @dataclass
 class Lane:
     """A model's network, its waiting jobs (in the order the policy admits them) and its running ones,
@@ -147,7 +169,7 @@ class Lane:
     budget: int
     queue_size: int
     policy: Policy = DEFAULT_POLICY
-    tick_rows: int | None = None  # least-work, deadline: most rows one tick evaluates; None: one fixed-row chunk
+    tick_rows: int | None = None  # all but fcfs: most rows one tick evaluates; None: one fixed-row chunk
     pending: deque[Job] = field(default_factory=deque)
     running: list[Running] = field(default_factory=list)
     chunk_s: float = 0.0  # moving average of one fixed-row chunk's evaluation, for deadlines
@@ -177,17 +199,23 @@ class Lane:
         return math.ceil(rows / self.runtime.rows) if self.runtime.rows else rows
 
     def add(self, job: Job) -> None:
-        """Queue a job in the policy's order: by arrival (fcfs) or by deadline."""
+        """Queue a job in the policy's order: by arrival (fcfs) or by deadline (arrival + slack x work)."""
         if self.policy == "fcfs":
             self.pending.append(job)
             return
-        job.deadline = job.submitted + DEADLINE_SLACK * self.work_s(job)
+        job.deadline = job.submitted + self.slack(job) * self.work_s(job)
         keys = [j.deadline for j in self.pending]
         self.pending.insert(bisect.bisect_right(keys, job.deadline), job)
 
+    def slack(self, job: Job) -> float:
+        """How many times its work a job may wait: ``WIDE_SLACK`` for a job wider than a tick's cap under
+        ``narrow-first``, else ``DEADLINE_SLACK``."""
+        wide = self.policy == "narrow-first" and job.spec.rows > self.cap
+        return WIDE_SLACK if wide else DEADLINE_SLACK
+
     def work_s(self, job: Job) -> float:
-        """The seconds that order a job under ``deadline`` (its time alone, in whole chunks) or
-        ``least-work`` (its steps over its share of the chunks' rows)."""
+        """The seconds that order a job under ``deadline`` and ``narrow-first`` (its time alone, in whole
+        chunks) or ``least-work`` (its steps over its share of the chunks' rows)."""
         chunk = self.chunk_s or DEFAULT_TICK_S
         rows = job.spec.rows
         share = rows / self.runtime.rows if self.policy == "least-work" and self.runtime.rows else self.chunks(rows)
@@ -219,7 +247,9 @@ class Lane:
     def forecast(self, tick_s: float) -> tuple[list[float], list[float]]:
         """Seconds from now until each waiting job is admitted by this lane's policy, and until its first
         step (its start), at ``tick_s`` per tick (the measured tick time; 0 before the first tick), if
-        no other job arrived. Under ``fcfs`` every running job steps at every tick, so the two agree."""
+        no other job arrived. Under ``fcfs`` every running job steps at every tick, so the two agree. It
+        follows this lane alone: the ticks another model takes alone under ``narrow-first`` are in the
+        measured tick time, not in the replay."""
         tick = tick_s or DEFAULT_TICK_S
         if self.policy == "fcfs":
             active = [(r.job.spec.rows, r.steps_left) for r in self.running]

@@ -491,7 +491,10 @@ def student_spec(seeds: tuple[int, ...] = (7, 8), steps: int = 4) -> JobSpec:
     return spec(2, seeds, steps=steps, guidance=1.0, sampler="consistency", model="student")
 
 
-def test_every_tick_evaluates_each_model_with_active_jobs_once(runtime: Runtime, student_runtime: Runtime) -> None:
+@pytest.mark.parametrize("policy", ["fcfs", "deadline", "least-work"])
+def test_every_tick_evaluates_each_model_with_active_jobs_once(
+    runtime: Runtime, student_runtime: Runtime, policy: str
+) -> None:
     calls: list[str] = []
     models = {"teacher": counted(runtime, "teacher", calls), "student": counted(student_runtime, "student", calls)}
     results: dict[str, Any] = {}
@@ -504,7 +507,7 @@ def test_every_tick_evaluates_each_model_with_active_jobs_once(runtime: Runtime,
         assert not teacher.future.done()  # the student did not wait for the teacher's job
         results["teacher"] = await teacher.future
 
-    recorder = scenario(models, body)
+    recorder = scenario(models, body, policy=policy)
     ticks = [tuple(e.model for e in tick) for tick in recorder.evaluations]
     # Each of the student's 4 steps shared its tick with a teacher step: one evaluation of each network.
     assert [tick for tick in ticks if "student" in tick] == [("teacher", "student")] * 4
@@ -514,6 +517,33 @@ def test_every_tick_evaluates_each_model_with_active_jobs_once(runtime: Runtime,
     assert results["student"].batch_jobs == 1 and results["student"].batch_images == 2
     assert results["teacher"].batch_jobs == 1
     assert sum(e.rows for tick in recorder.evaluations for e in tick if e.model == "student") == 4 * 2  # unguided
+
+
+def test_under_narrow_first_a_short_job_takes_ticks_alone_while_the_other_models_jobs_have_time(
+    runtime: Runtime, student_runtime: Runtime
+) -> None:
+    """The teacher's 40-step job may wait 3x its time alone (at least 12 s at the estimate before the
+    first measured tick); the student's 4-step job holds the earlier deadline, so its ticks leave the
+    teacher's network out, and its images are the bytes it draws alone."""
+    calls: list[str] = []
+    models = {"teacher": counted(runtime, "teacher", calls), "student": counted(student_runtime, "student", calls)}
+    results: dict[str, Any] = {}
+
+    async def body(engine: Engine) -> None:
+        results["solo"] = await engine.run(student_spec())
+        events: list = []
+        teacher = engine.submit(spec(0, (1, 2), steps=40, sampler="ddim", model="teacher"), on_event=events.append)
+        await first_step(events)
+        results["student"] = await engine.run(student_spec())
+        assert not teacher.future.done()
+        results["teacher"] = await teacher.future
+
+    recorder = scenario(models, body, policy="narrow-first")
+    ticks = [tuple(e.model for e in tick) for tick in recorder.evaluations]
+    assert [tick for tick in ticks if "student" in tick] == [("student",)] * 8  # alone, then beside the teacher
+    assert ticks.count(("teacher",)) == 40  # the teacher lost no step, it only waited 4 ticks
+    assert calls == [model for tick in ticks for model in tick]
+    assert np.array_equal(results["student"].images, results["solo"].images)
 
 
 def test_a_job_of_one_model_never_waits_for_the_other_models_jobs(runtime: Runtime, student_runtime: Runtime) -> None:

@@ -8,7 +8,16 @@ from types import SimpleNamespace
 import pytest
 
 from app.generation.jobs import Job, JobSpec
-from app.generation.lane import DEADLINE_SLACK, Lane, admission_ticks, deadline_ticks, select
+from app.generation.lane import (
+    DEADLINE_SLACK,
+    WIDE_SLACK,
+    Lane,
+    Running,
+    admission_ticks,
+    deadline_ticks,
+    select,
+    turns,
+)
 
 
 def test_a_tick_takes_the_first_job_and_every_later_one_that_still_fits() -> None:
@@ -56,6 +65,16 @@ def _job(loop: asyncio.AbstractEventLoop, n: int, steps: int, submitted: float) 
     return job
 
 
+def _queued(policy: str, *jobs: Job) -> list[Job]:
+    """The jobs in the order a lane of this policy queues them, at 0.1 s a chunk; each job keeps the
+    deadline the last lane gave it."""
+    lane = _lane(policy)
+    lane.chunk_s = 0.1
+    for job in jobs:
+        lane.add(job)
+    return list(lane.pending)
+
+
 def test_a_small_job_goes_ahead_of_a_large_one_only_if_it_comes_early_enough() -> None:
     """Deadlines are arrival + slack x time alone, and fixed: a large job is overtaken by small ones
     that arrive soon after it, never by those that come later (no starvation)."""
@@ -87,17 +106,53 @@ def test_least_work_counts_a_small_job_by_its_rows_and_still_ages_a_large_one() 
         big = _job(loop, 16, 20, submitted=0.0)  # 32 rows, 2 whole chunks: key 3 x 4 s under both
         later = _job(loop, 1, 20, submitted=8.0)  # deadline: 8 + 3 x 2 s; least-work: 8 + 3 x 0.25 s
         too_late = _job(loop, 1, 20, submitted=11.5)  # least-work: 11.5 + 0.75, past the large job's 12
-        orders = {}
-        for policy in ("deadline", "least-work"):
-            lane = _lane(policy)
-            lane.chunk_s = 0.1
-            for job in (big, later, too_late):
-                lane.add(job)
-            orders[policy] = list(lane.pending)
+        orders = {policy: _queued(policy, big, later, too_late) for policy in ("deadline", "least-work")}
         assert big.deadline == pytest.approx(DEADLINE_SLACK * 4.0)
         assert later.deadline == pytest.approx(8.0 + DEADLINE_SLACK * 20 * 2 / 16 * 0.1)
         assert orders["deadline"] == [big, later, too_late]
         assert orders["least-work"] == [later, big, too_late]
+    finally:
+        loop.close()
+
+
+def test_narrow_first_lets_a_job_wider_than_a_tick_wait_longer() -> None:
+    """Under narrow-first a job wider than a tick's cap (32 rows against 16) may wait WIDE_SLACK times its
+    time alone: a 1-image job that comes after deadline's aging would have put the large job first
+    still goes ahead of it, and one that comes after the wide slack does not."""
+    loop = asyncio.new_event_loop()
+    try:
+        big = _job(loop, 16, 20, submitted=0.0)  # 32 rows: 2 chunks x 20 steps x 0.1 s = 4 s alone
+        later = _job(loop, 1, 20, submitted=12.0)  # 1 chunk x 20 steps x 0.1 s = 2 s alone
+        too_late = _job(loop, 1, 20, submitted=4.0 * WIDE_SLACK)
+        orders = {policy: _queued(policy, big, later, too_late) for policy in ("deadline", "narrow-first")}
+        assert big.deadline == pytest.approx(4.0 * WIDE_SLACK)
+        assert later.deadline == pytest.approx(12.0 + 2.0 * DEADLINE_SLACK)  # narrow: the usual slack
+        assert orders["deadline"] == [big, later, too_late]  # 12 < 18
+        assert orders["narrow-first"] == [later, big, too_late]  # 18 < 28
+    finally:
+        loop.close()
+
+
+def _running(loop: asyncio.AbstractEventLoop, deadline: float) -> Running:
+    job = _job(loop, 1, 4, submitted=0.0)
+    job.deadline = deadline
+    return Running(job, state=None, labels=None)  # type: ignore[arg-type]
+
+
+def test_models_take_turns_under_narrow_first_until_one_is_overdue() -> None:
+    """A tick evaluates the model that holds the earliest deadline, and another only once one of its
+    jobs is overdue; every other policy evaluates every model at every tick."""
+    loop = asyncio.new_event_loop()
+    try:
+        teacher, student = _lane("narrow-first"), _lane("narrow-first")
+        busy = (teacher, [_running(loop, 10.0), _running(loop, 30.0)])
+        short = (student, [_running(loop, 2.0)])
+        assert turns([busy, short], now=1.0) == [short]  # the teacher's jobs still have time
+        assert turns([busy, short], now=10.0) == [busy, short]  # its first deadline has come
+        assert turns([busy], now=1.0) == [busy]
+        for policy in ("fcfs", "deadline", "least-work"):
+            lanes = [(_lane(policy), busy[1]), (_lane(policy), short[1])]
+            assert turns(lanes, now=1.0) == lanes
     finally:
         loop.close()
 
