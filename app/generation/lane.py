@@ -1,10 +1,11 @@
 """One model's share of the engine: its queue, its running jobs, and the policy that schedules them.
 
-A policy decides two things, both here: which waiting job enters the row budget next (admission),
-and which running jobs a tick evaluates (selection). The forecast that queue positions, estimated
-starts and Retry-After come from simulates the same two rules, so it stays an honest estimate
-whatever the policy (it cannot know about jobs that have not arrived yet). The engine calls a lane
-under its lock only; docs/architecture.md explains the policies and why the budget is per model.
+A policy decides, here: which waiting job enters the row budget next (admission), which running jobs
+a tick evaluates (selection), and which models' lanes a tick evaluates (``turns``). The forecast
+that queue positions, estimated starts and Retry-After come from replays admission and selection,
+so it stays an honest estimate whatever the policy (it cannot know about jobs that have not arrived
+yet). The engine calls a lane under its lock only; docs/architecture.md explains the policies and
+why the budget is per model.
 
 ``fcfs``, first come, first served: the oldest waiting job enters when its rows fit beside the
 running jobs', nobody overtakes it, and every running job steps at every tick.
