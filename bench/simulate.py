@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import statistics
 from collections.abc import Sequence
@@ -32,15 +31,15 @@ from typing import cast
 
 import torch
 
-from app.generation.device import Runtime
+from app.generation.device import CPU_ROWS, Runtime
 from app.generation.jobs import Job, JobSpec
 from app.generation.lane import DEFAULT_POLICY, POLICIES, Lane, Policy, Running, turns
 from bench.workload import DEFAULT_MIX, GOODPUT_SLO, STUDENT, Kind, Outcome, arrivals, describe_mix, summarize
+from model.io import CardSampling, card_sampling, read_card
 from model.samplers import SamplerState
 
 REPO = Path(__file__).resolve().parent.parent
 TEACHER = "fashion-unet"
-CHUNK_ROWS = 16  # the CPU's fixed-row chunk (app.generation.device.CPU_ROWS)
 CHUNK_MS = {TEACHER: 135.0, STUDENT: 123.0}  # bench.load's idle latencies over their ticks, AVX2 EPYC, float32
 TARGET = 0.5  # issue 25: small requests' P99 slowdown at most this fraction of fcfs's
 BOUND = 10.0  # and no request slower than this many times its idle latency
@@ -54,14 +53,18 @@ class Steps:
     index: int = 0
 
 
-def spec_of(kind: Kind, seed: int, weights: Path) -> JobSpec:
+def card_defaults(weights: Path) -> dict[str, CardSampling]:
+    """Each model's sampling defaults, from its card in ``weights``."""
+    return {model: card_sampling(read_card(weights / f"{model}.safetensors")) for model in (TEACHER, STUDENT)}
+
+
+def spec_of(kind: Kind, seed: int, cards: dict[str, CardSampling]) -> JobSpec:
     """The job a request of this kind becomes: its model's card defaults, with the kind's own sampler
     and steps where it names them (what ``/generate`` does with a body that leaves them out)."""
     model = kind.model or TEACHER
-    sampling = json.loads((weights / f"{model}.json").read_text())["sampling"]
-    sampler = kind.sampler or sampling["sampler"]
-    steps = kind.steps or sampling["steps"]
-    return JobSpec(3, tuple(range(seed, seed + kind.n)), sampler, steps, float(sampling["guidance"]), model)
+    card = cards[model]
+    steps = kind.steps or card.steps
+    return JobSpec(3, tuple(range(seed, seed + kind.n)), kind.sampler or card.sampler, steps, card.guidance, model)
 
 
 def simulate(
@@ -75,7 +78,7 @@ def simulate(
     engine's loop under ``policy``: arrivals join at the next tick, a tick evaluates the jobs its lanes
     select (``turns`` between the models), costing each model's chunks times ``chunk_s``."""
     lanes = {
-        model: Lane(model, cast(Runtime, SimpleNamespace(rows=CHUNK_ROWS)), budget, len(requests) + 1, policy)
+        model: Lane(model, cast(Runtime, SimpleNamespace(rows=CPU_ROWS)), budget, len(requests) + 1, policy)
         for model in chunk_s
     }
     for model, lane in lanes.items():
@@ -134,7 +137,7 @@ def capacity(mix: Sequence[Kind], specs: dict[str, JobSpec], chunk_s: dict[str, 
     seconds = 0.0
     for k in mix:
         spec = specs[k.name]
-        seconds += k.weight / total * spec.evaluations * spec.rows / CHUNK_ROWS * chunk_s[cast(str, spec.model)]
+        seconds += k.weight / total * spec.evaluations * spec.rows / CPU_ROWS * chunk_s[cast(str, spec.model)]
     return 1.0 / seconds
 
 
@@ -155,12 +158,13 @@ def main() -> None:
         chunk_ms[model] = float(ms)
     chunk_s = {model: ms / 1000 for model, ms in chunk_ms.items()}
     mix = DEFAULT_MIX
-    specs = {k.name: spec_of(k, 0, args.weights) for k in mix}
+    cards = card_defaults(args.weights)
+    specs = {k.name: spec_of(k, 0, cards) for k in mix}
     small = {k.name for k in mix if k.small}
     loop = asyncio.new_event_loop()
 
     print(f"# python -m bench.simulate: {args.seeds} seeds x {args.duration:.0f} s of Poisson arrivals per rate")
-    print(f"# chunk costs: {', '.join(f'{m} {ms:.0f} ms' for m, ms in chunk_ms.items())} ({CHUNK_ROWS} rows)")
+    print(f"# chunk costs: {', '.join(f'{m} {ms:.0f} ms' for m, ms in chunk_ms.items())} ({CPU_ROWS} rows)")
     print(f"# mix: {describe_mix(mix)}")
     full = capacity(mix, specs, chunk_s)
     print(f"# capacity (100%): {args.capacity:.3f} requests/s (full chunks would give {full:.3f})")
@@ -171,14 +175,18 @@ def main() -> None:
         f"{TARGET} of fcfs | max slowdown, median | seeds within {BOUND:.0f}x | goodput of fcfs's, median |"
     )
     print("|---|---:|---|---:|---:|---:|---:|---:|")
+    idle = {  # each kind's time alone, per policy: the same on every seed
+        policy: {k.name: simulate([(0.0, k.name, specs[k.name])], policy, chunk_s, loop)[0].latency for k in mix}
+        for policy in policies
+    }
     for fraction in args.fractions:
         runs: dict[Policy, list[Point]] = {policy: [] for policy in policies}
         for seed in range(args.seeds):
             drawn = arrivals(mix, fraction * args.capacity, args.duration, seed)
-            requests = [(a.at, mix[a.kind].name, spec_of(mix[a.kind], a.seed, args.weights)) for a in drawn]
+            requests = [(a.at, mix[a.kind].name, spec_of(mix[a.kind], a.seed, cards)) for a in drawn]
             for policy in runs:
-                idle = {k.name: simulate([(0.0, k.name, specs[k.name])], policy, chunk_s, loop)[0].latency for k in mix}
-                runs[policy].append(point(simulate(requests, policy, chunk_s, loop), idle, small, args.duration))
+                outcomes = simulate(requests, policy, chunk_s, loop)
+                runs[policy].append(point(outcomes, idle[policy], small, args.duration))
         for policy in policies:
             ours, fcfs = runs[policy], runs["fcfs"]
             p99s = sorted(x.small_p99 for x in ours)
