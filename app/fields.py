@@ -7,16 +7,15 @@ what is here is only what more than one of them uses.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
 from model.data import CLASS_NAMES, NUM_CLASSES, class_allowed, parse_class
+from model.samplers import SAMPLERS, sampler_named
 
 SEED_MAX = 2**32 - 1
-# model.samplers.SAMPLERS as a type, so mypy and the OpenAPI page know the names (a test keeps them equal).
-SamplerName = Literal["ddpm", "ddim", "dpm++", "heun", "consistency"]
 
 CLASS_ALLOWED = class_allowed()
 
@@ -43,6 +42,26 @@ ClassField = Annotated[
             "examples": [3, "dress"],
         }
     ),
+]
+
+
+def sampler_value(value: Any) -> str:
+    """A name of the sampler registry (``model.samplers.REGISTRY``), or a ``sampler_value`` error naming them."""
+    if not isinstance(value, str):
+        raise PydanticCustomError(
+            "sampler_value", "must be a sampler name; allowed: {allowed}", {"allowed": ", ".join(SAMPLERS)}
+        )
+    try:
+        return sampler_named(value).name
+    except ValueError as err:
+        raise PydanticCustomError("sampler_value", "{why}", {"why": str(err)}) from None
+
+
+# The API's sampler names are the registry's keys: adding an entry there serves it everywhere.
+SamplerName = Annotated[
+    str,
+    BeforeValidator(sampler_value),
+    WithJsonSchema({"type": "string", "enum": list(SAMPLERS), "description": "a sampler of model.samplers"}),
 ]
 
 

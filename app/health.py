@@ -88,7 +88,7 @@ async def readyz(request: Request) -> Any:
         precision=models[0].precision,
         models=models,
         threads=torch.get_num_threads(),
-        scheduler=serving.engine.policy,
+        scheduler=serving.engine.policy.name,
     )
     clip = getattr(request.app.state, "clip", None)
     if clip is not None:

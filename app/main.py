@@ -42,6 +42,7 @@ from app.openai import routes as openai_routes
 from app.settings import Settings
 from app.threads import on_fresh_thread
 from model.io import WeightsError
+from model.samplers import sampler_named
 
 log = logging.getLogger("app")
 
@@ -51,7 +52,7 @@ def warmup_job(model: ServedModel) -> JobSpec:
     autoguided where the model has a guide, so its guide network is warm too (the main network runs
     either way)."""
     d = model.defaults
-    sampler = "ddim" if d.sampler == "ddpm" else d.sampler
+    sampler = "ddim" if sampler_named(d.sampler).all_steps else d.sampler
     return JobSpec(0, (0,), sampler, min(2, model.T), d.guidance, model.name, autoguide=model.guide is not None)
 
 

@@ -33,6 +33,8 @@ CLIP_OUTCOMES = ("ok", "invalid", "too_large", "unavailable", "overloaded", "err
 CLIP_USES = ("score", "rerank")
 CLIP_STATES = ("loading", "ready", "unavailable")
 RERANK_METHODS = ("clip", "classifier")
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")  # app.jobs.schemas.JobState
+WEBHOOK_OUTCOMES = ("delivered", "retry", "gave_up")
 
 
 class Metrics:
@@ -43,6 +45,7 @@ class Metrics:
         self._http_metrics()
         self._engine_metrics()
         self._clip_metrics()
+        self._job_metrics()
         # Known label values start at zero, so rate() and alerts see the series before the first event.
         for stage in ("queued", "running"):
             self.jobs_cancelled.labels(stage)
@@ -55,6 +58,10 @@ class Metrics:
         for method in RERANK_METHODS:
             self.rerank.labels(method)
             self.rerank_candidates.labels(method)
+        for state in JOB_STATES:
+            self.jobs_by_state.labels(state)
+        for outcome in WEBHOOK_OUTCOMES:
+            self.webhook_deliveries.labels(outcome)
 
     def _http_metrics(self) -> None:
         """Requests, recorded by the pure-ASGI middleware."""
@@ -140,6 +147,13 @@ class Metrics:
         )
         self.jobs_rejected = Counter("jobs_rejected", "jobs refused at once", ["reason"], namespace=ns, registry=r)
         self.jobs_failed = Counter("jobs_failed", "jobs that ended in an error", ["reason"], namespace=ns, registry=r)
+        self.background_rows = Counter(
+            "background_rows",
+            "rows of background work (long jobs' images) evaluated in rows that interactive jobs left idle, by model",
+            ["model"],
+            namespace=ns,
+            registry=r,
+        )
         self.model = Info(
             "model", "each served model: its weights, kind, device and precision", ["name"], namespace=ns, registry=r
         )
@@ -182,10 +196,34 @@ class Metrics:
             registry=r,
         )
 
+    def _job_metrics(self) -> None:
+        """Jobs that outlive a request (``app.jobs``), fed by its runner and webhook sender."""
+        r, ns = self.registry, NAMESPACE
+        self.jobs_by_state = Gauge(
+            "long_jobs", "jobs of POST /jobs in this replica's job store, by state", ["state"], namespace=ns, registry=r
+        )
+        self.job_images = Counter(
+            "long_job_images",
+            "images that jobs of POST /jobs committed to disk, by model",
+            ["model"],
+            namespace=ns,
+            registry=r,
+        )
+        self.webhook_deliveries = Counter(
+            "webhook_deliveries",
+            "webhook delivery attempts by outcome: delivered (2xx), retry (failed, tried again later), gave_up "
+            "(the last attempt failed)",
+            ["outcome"],
+            namespace=ns,
+            registry=r,
+        )
+
     def add_model(self, name: str, info: dict[str, str]) -> None:
         """A served model: its info, and its series at zero, so rate() sees them before the first job."""
         self.model.labels(name).info(info)
         self.steps.labels(name)
+        self.background_rows.labels(name)
+        self.job_images.labels(name)
         for sampler in SAMPLERS:
             self.images.labels(sampler, name)
 
@@ -201,6 +239,7 @@ class Evaluation:
     model: str
     rows: int  # images, plus a null-class row per guided image
     jobs: int  # jobs that shared it
+    background_rows: int = 0  # of ``rows``, those of background work (long jobs' images) in idle rows
 
 
 class Observer(Protocol):
@@ -236,6 +275,8 @@ class EngineMetrics:
             self.m.tick_rows.labels(e.model).observe(e.rows)
             self.m.tick_jobs.labels(e.model).observe(e.jobs)
             self.m.steps.labels(e.model).inc(e.jobs)
+            if e.background_rows:
+                self.m.background_rows.labels(e.model).inc(e.background_rows)
         self.m.tick_duration.observe(seconds)
 
     def depth(self, queued: int, active: int) -> None:

@@ -9,6 +9,7 @@ misconfigured deployment stops at startup rather than at the first request.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import socket
@@ -19,7 +20,6 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.fields import SamplerName
-from app.generation.lane import DEFAULT_POLICY, Policy
 from model.clip import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEFAULT_TEMPLATES
 from model.samplers import check_guidance_interval
 
@@ -156,22 +156,21 @@ class Settings(BaseSettings):
             "row, two while it is guided); a job needing more is refused with 422"
         ),
     )
-    scheduler: Policy = Field(
-        default=DEFAULT_POLICY,
+    scheduler: str = Field(
+        default="narrow-first",
         description=(
-            "how the jobs share the network evaluations. narrow-first: a job's deadline is its arrival plus 3x "
-            "its time alone (7x for a job wider than tick_rows); a tick evaluates the earliest deadlines first, "
-            "up to tick_rows rows, so small jobs stay fast beside large ones and a large job's turn still comes, "
-            "and the models take turns (another model's network only runs in a tick when one of its jobs is "
-            "overdue). deadline: 3x for every job, every model at every tick. least-work: the same with the work "
-            "counted in a job's share of a chunk's rows. fcfs: first come, first served, every running job steps "
-            "at every tick (docs/speed.md measures them)"
+            "how the jobs share the network evaluations (app.generation.lane's policies; the engine refuses any "
+            "other name at startup). narrow-first: a job's deadline is its arrival plus 3x its time alone (7x for "
+            "a job wider than tick_rows); a tick evaluates the earliest deadlines first, up to tick_rows rows, so "
+            "small jobs stay fast beside large ones and a large job's turn still comes, and the models take turns "
+            "(another model's network only runs in a tick when one of its jobs is overdue). fcfs: first come, "
+            "first served, every running job steps at every tick (docs/speed.md measures both)"
         ),
     )
     tick_rows: int | None = Field(
         default=None,
         ge=1,
-        description="every policy but fcfs: most rows one tick evaluates; None: one fixed-row chunk (16 on the CPU)",
+        description="narrow-first: most rows one tick evaluates; None: one fixed-row chunk (16 on the CPU)",
     )
     drain_seconds: float = Field(
         default=30.0,
@@ -192,6 +191,54 @@ class Settings(BaseSettings):
         pattern=r"^[\x21-\x7e]+$",
         description="this process's name in X-Replica and timings.replica (under Ray Serve: its replica ID)",
     )
+
+    # Jobs that outlive a request (``POST /jobs``, ``app.jobs``): drawn in the engine's idle rows, kept on disk.
+    job_dir: Path = Field(
+        default=Path("data/jobs"),
+        description=(
+            "where jobs live: jobs.sqlite3 (their state) and one directory per job (its chunks and result), "
+            "relative to the working directory; created at the first job. A second process on the same directory "
+            "takes its own job store inside it (replica-1, ...), so each job is pinned to the process that keeps it"
+        ),
+    )
+    job_max_images: int = Field(default=200_000, ge=1, description="most images one job may ask for")
+    job_queue_size: int = Field(
+        default=16, ge=1, description="jobs waiting behind the running one; one more is refused with 429"
+    )
+    job_disk_quota_bytes: int = Field(
+        default=10 * 1024 * MiB,
+        ge=1,
+        description=(
+            "disk the job store may use, estimated per image for the chunks and the export of every job it keeps "
+            "(DELETE /jobs/{id} gives it back); a job that would pass it is refused with 413"
+        ),
+    )
+    job_chunk_images: int = Field(
+        default=256, ge=1, description="images per chunk: a job commits a chunk at a time and resumes from there"
+    )
+    job_piece_images: int = Field(
+        default=4,
+        ge=1,
+        description=(
+            "most images one background engine job of a job holds (fewer when one tick's rows cannot hold them): "
+            "small pieces fit the idle rows that interactive ticks leave"
+        ),
+    )
+    job_inflight_rows: int = Field(
+        default=32, ge=1, description="rows of a job's background engine jobs submitted at once (two CPU ticks' worth)"
+    )
+    webhook_secret: SecretStr | None = Field(
+        default=None,
+        description=(
+            "the Standard Webhooks secret (whsec_ and base64) that signs job webhooks; unset: a job that asks for a "
+            "webhook_url is refused with 422"
+        ),
+    )
+    webhook_attempts: int = Field(default=5, ge=1, le=50, description="deliveries tried per webhook event")
+    webhook_backoff_seconds: float = Field(
+        default=1.0, ge=0.0, le=3600.0, description="wait before the second attempt, doubling after each failure"
+    )
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0.0, le=300.0, description="timeout of one attempt")
 
     # Reranking (``rerank`` on /generate) and the classifier it can rank by.
     classifier_weights: Path | None = Field(
@@ -322,6 +369,23 @@ class Settings(BaseSettings):
         if value is not None and not value.get_secret_value():
             return None  # FASHION_API_KEY="" means no key, not an empty key
         return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None  # FASHION_WEBHOOK_SECRET="" means no secret
+        secret = value.get_secret_value().strip()
+        try:
+            key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+        except ValueError:
+            key = b""
+        if not secret.startswith("whsec_") or not 24 <= len(key) <= 64:
+            raise ValueError(
+                "webhook_secret must be a Standard Webhooks secret: whsec_ then the base64 of 24-64 random bytes, "
+                "e.g. python -c \"import base64, os; print('whsec_' + base64.b64encode(os.urandom(32)).decode())\""
+            )
+        return SecretStr(value.get_secret_value().strip())
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

@@ -1,7 +1,7 @@
 """Open-loop load: latency, slowdown, SLO attainment and goodput of the service under Poisson traffic.
 
     taskset -c 1 python -m bench.load                                # this checkout, FCFS and the default policy
-    taskset -c 1 python -m bench.load --engine fcfs --engine least-work --engine old=/tmp/engine-390f4af
+    taskset -c 1 python -m bench.load --engine fcfs --engine narrow-first --engine old=/tmp/engine-390f4af
     python -m bench.load --tiny --duration 5 --fractions 0.5 1.0     # a tiny random network: checks the script
 
 For each engine it starts the real service (``python -m app`` of this checkout, or of another

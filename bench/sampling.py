@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from model.diffusion import Schedule
 from model.io import WeightsError, load_weights
 from model.machine import autocast, autocast_dtype, describe, serving_network
-from model.samplers import SAMPLERS, Denoiser, generators_from_seeds, sample
+from model.samplers import Denoiser, check_steps, evaluations, generators_from_seeds, sample
 from model.unet import UNet, UNetConfig, count_parameters
 
 DEFAULT_RUNS = ["ddpm:1000", "ddim:50", "dpm++:10", "dpm++:20"]
@@ -142,17 +142,16 @@ class Row:
 
     @property
     def evaluations(self) -> int:
-        """Network evaluations per image: two per step while guided (the conditional and the null branch)."""
-        return self.steps * (1 if self.guidance == 1.0 else 2)
+        """Network evaluations per image: the sampler's, twice while guided (the conditional and the null branch)."""
+        return evaluations(self.sampler, self.steps) * (1 if self.guidance == 1.0 else 2)
 
 
 def check_runs(p: argparse.ArgumentParser, runs: list[tuple[str, int]], T: int) -> None:
     for sampler, steps in runs:  # refuse bad rows before spending minutes on good ones
-        if sampler not in SAMPLERS or not 1 <= steps <= T or (sampler == "ddpm" and steps != T):
-            p.exit(
-                2,
-                f"error: {sampler}:{steps}: samplers are {', '.join(SAMPLERS)} with 1..{T} steps (ddpm: exactly {T})\n",
-            )
+        try:
+            check_steps(sampler, steps, T)
+        except ValueError as err:
+            p.exit(2, f"error: {sampler}:{steps}: {err}\n")
 
 
 def main(argv: list[str] | None = None) -> int:

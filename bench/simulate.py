@@ -1,6 +1,6 @@
 """The engine's scheduling replayed on a simulated clock, over many seeds in seconds.
 
-    python -m bench.simulate --engine fcfs --engine least-work --engine narrow-first --seeds 40
+    python -m bench.simulate --engine fcfs --engine narrow-first --seeds 40
 
 ``bench.load`` measures the real server, one seeded run of arrivals at a time: at 70% of capacity a
 200 s point holds about 80 small requests, so their P99 slowdown is close to their maximum and
@@ -26,17 +26,13 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import cast
 
-import torch
-
-from app.generation.device import CPU_ROWS, Runtime
+from app.generation.device import CPU_ROWS
 from app.generation.jobs import Job, JobSpec
-from app.generation.lane import DEFAULT_POLICY, POLICIES, Lane, Policy, Running, turns
+from app.generation.lane import DEFAULT_POLICY, POLICIES, Lane, plan_tick, policy_named
 from bench.workload import DEFAULT_MIX, GOODPUT_SLO, STUDENT, Kind, Outcome, arrivals, describe_mix, summarize
 from model.io import CardSampling, card_sampling, read_card
-from model.samplers import SamplerState
 
 REPO = Path(__file__).resolve().parent.parent
 TEACHER = "fashion-unet"
@@ -47,10 +43,10 @@ BOUND = 10.0  # and no request slower than this many times its idle latency
 
 @dataclass
 class Steps:
-    """A running job's progress, where the engine keeps a ``SamplerState``."""
+    """A running job's progress, where the engine keeps its trajectories."""
 
-    total: int
-    index: int = 0
+    job: Job
+    steps_left: int
 
 
 def card_defaults(weights: Path) -> dict[str, CardSampling]:
@@ -69,17 +65,17 @@ def spec_of(kind: Kind, seed: int, cards: dict[str, CardSampling]) -> JobSpec:
 
 def simulate(
     requests: Sequence[tuple[float, str, JobSpec]],
-    policy: Policy,
+    policy: str,
     chunk_s: dict[str, float],
     loop: asyncio.AbstractEventLoop,
     budget: int = 128,
 ) -> list[Outcome]:
     """Each request's outcome when ``requests`` ((arrival s, kind, spec), in arrival order) meet the
     engine's loop under ``policy``: arrivals join at the next tick, a tick evaluates the jobs its lanes
-    select (``turns`` between the models), costing each model's chunks times ``chunk_s``."""
-    lanes = {
-        model: Lane(model, cast(Runtime, SimpleNamespace(rows=CPU_ROWS)), budget, len(requests) + 1, policy)
-        for model in chunk_s
+    select (``turns`` between the models: ``plan_tick``, as the engine), costing each model's chunks times
+    ``chunk_s``."""
+    lanes: dict[str, Lane[Steps]] = {
+        model: Lane(model, CPU_ROWS, budget, len(requests) + 1, policy_named(policy)) for model in chunk_s
     }
     for model, lane in lanes.items():
         lane.chunk_s = chunk_s[model]  # the server's measured cost, as after its warm-up
@@ -94,21 +90,16 @@ def simulate(
             kinds[job] = kind
             lanes[cast(str, spec.model)].add(job)
             i += 1
-        for lane in lanes.values():
-            for job in lane.admissible():
-                state = cast(SamplerState, Steps(job.spec.evaluations))
-                lane.running.append(Running(job, state, torch.empty(0)))
-        selected = [(lane, lane.selected()) for lane in lanes.values() if lane.running]
-        if not selected:
+        _, batches = plan_tick(lanes.values(), now, lambda lane, job: Steps(job, job.spec.evaluations))
+        if not batches:
             now = requests[i][0]
             continue
-        batches = turns(selected, now)
         for lane, batch in batches:
             rows = sum(r.job.spec.rows for r in batch)
             now += lane.chunks(rows) * chunk_s[lane.name]
         for lane, batch in batches:
             for r in batch:
-                cast(Steps, r.state).index += 1
+                r.steps_left -= 1
                 if r.steps_left == 0:
                     lane.running.remove(r)
                     outcomes.append(Outcome(kinds[r.job], r.job.submitted, 200, now - r.job.submitted))
@@ -151,7 +142,7 @@ def main() -> None:
     p.add_argument("--chunk-ms", action="append", default=[], metavar="MODEL=MS", help="one chunk's cost")
     p.add_argument("--weights", type=Path, default=REPO / "weights")
     args = p.parse_args()
-    policies: list[Policy] = ["fcfs", *(p for p in args.engines or [DEFAULT_POLICY] if p != "fcfs")]
+    policies: list[str] = ["fcfs", *(p for p in args.engines or [DEFAULT_POLICY] if p != "fcfs")]
     chunk_ms = dict(CHUNK_MS)
     for item in args.chunk_ms:
         model, _, ms = item.partition("=")
@@ -180,7 +171,7 @@ def main() -> None:
         for policy in policies
     }
     for fraction in args.fractions:
-        runs: dict[Policy, list[Point]] = {policy: [] for policy in policies}
+        runs: dict[str, list[Point]] = {policy: [] for policy in policies}
         for seed in range(args.seeds):
             drawn = arrivals(mix, fraction * args.capacity, args.duration, seed)
             requests = [(a.at, mix[a.kind].name, spec_of(mix[a.kind], a.seed, cards)) for a in drawn]

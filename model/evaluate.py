@@ -48,7 +48,7 @@ from model.io import (
 from model.machine import DTYPES, autocast, describe, serving_network
 from model.metrics import frechet_distance, precision_recall
 from model.report import format_comparison, format_table
-from model.samplers import SAMPLERS, check_guidance_interval, generators_from_seeds, sample, to_uint8
+from model.samplers import SAMPLERS, check_guidance_interval, generators_from_seeds, sample, sampler_named, to_uint8
 
 REFERENCES = ("test", "val")
 
@@ -392,7 +392,7 @@ def plan(p: argparse.ArgumentParser, a: argparse.Namespace) -> list[Run]:
     flag at the card's value), then each --baseline and the --student at their own cards' sampling."""
     card, card_guide = read_sampling(p, a.weights, "--weights")
     sampler = a.sampler or card.sampler
-    if a.sigma_min is not None and sampler != "heun":
+    if a.sigma_min is not None and not sampler_named(sampler).takes_sigma_min:
         p.error(f"--sigma-min is Heun's lowest noise level; the sampler is {sampler}")
     guides = [card_guide] if a.guide is None else [None if g == "none" else g for g in a.guide]
     if a.guide_weight != [1.0] and not any(guides):
@@ -400,7 +400,7 @@ def plan(p: argparse.ArgumentParser, a: argparse.Namespace) -> list[Run]:
     interval = parse_interval(p, a.guidance_interval, card.guidance_interval)
     runs = [
         Run(a.weights, sampler, a.steps or card.steps, g, interval, guide, w if guide is not None else 1.0, s)
-        for s in a.sigma_min or [card.sigma_min if sampler == "heun" else None]
+        for s in a.sigma_min or [card.sigma_min if sampler_named(sampler).takes_sigma_min else None]
         for guide in guides
         for w in (a.guide_weight if guide is not None else [1.0])
         for g in a.guidance or [card.guidance]

@@ -24,7 +24,6 @@ import torch
 
 from model.diffusion import Schedule, split_prediction
 
-SAMPLERS = ("ddpm", "ddim", "dpm++", "heun", "consistency")
 KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5: the spacing of Heun's noise levels
 EDM_SIGMA_MAX = 80.0  # and its highest one after the first step from pure noise
 # What a guided row is guided away from: the null class (Ho & Salimans 2022) or a guide network (Karras et al. 2024).
@@ -162,11 +161,12 @@ class Denoiser:
         return split_prediction(self.prediction, self.schedule, x_t, ts, out)
 
     def __call__(
-        self, x_t: torch.Tensor, t: int, y: torch.Tensor, guidance: float
+        self, x_t: torch.Tensor, t: int, y: torch.Tensor, guidance: float, autoguide: bool | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(eps, x0_pred) at one timestep t for every row, guided with scale ``guidance``."""
+        """(eps, x0_pred) at one timestep t for every row, guided with scale ``guidance`` (``autoguide``: from
+        the guide network or the null class; None: the guide where there is one, as ``autoguided``)."""
         b = len(x_t)
-        return self.rows(x_t, [t] * b, y, [guidance] * b)
+        return self.rows(x_t, [t] * b, y, [guidance] * b, None if autoguide is None else [autoguide] * b)
 
 
 def initial_noise(
@@ -182,21 +182,8 @@ def _noise_like(x: torch.Tensor, generators: Sequence[torch.Generator]) -> torch
 
 def check_steps(sampler: str, steps: int, T: int, max_evaluations: int | None = None) -> None:
     """Refuse a step count ``sampler`` cannot take on a schedule of T timesteps, or one that takes more
-    than ``max_evaluations`` network evaluations, saying what it can."""
-    if sampler == "ddpm":
-        if steps != T:
-            raise ValueError(f"ddpm runs all {T} steps; got steps={steps}")
-    else:
-        top = T - 1 if sampler == "heun" else T  # Heun's levels come after x_T's own
-        if not 1 <= steps <= top:
-            raise ValueError(f"steps must be in 1..{top} for {sampler}, got {steps}")
-    if max_evaluations is not None and evaluations(sampler, steps) > max_evaluations:
-        most = max_evaluations // evaluations(sampler, 1)
-        allowed = "a sampler of fewer steps" if sampler == "ddpm" else f"at most {most} steps of {sampler}"
-        raise ValueError(
-            f"{steps} steps of {sampler} take {evaluations(sampler, steps)} network evaluations, over the "
-            f"{max_evaluations} allowed; allowed: {allowed}"
-        )
+    than ``max_evaluations`` network evaluations, saying what it can (``Sampler.check_steps``)."""
+    sampler_named(sampler).check_steps(steps, T, max_evaluations)
 
 
 def _heun_range(schedule: Schedule) -> tuple[float, float]:
@@ -214,9 +201,8 @@ def check_sigma_min(schedule: Schedule, sigma_min: float) -> None:
 
 
 def evaluations(sampler: str, steps: int) -> int:
-    """Network evaluations per image (before guidance's reference rows) of ``steps`` steps: Heun's take
-    two each (``karras_timesteps``), every other sampler's one."""
-    return 2 * steps if sampler == "heun" else steps
+    """Network evaluations per image (before guidance's reference rows) of ``steps`` steps of ``sampler``."""
+    return sampler_named(sampler).evaluations(steps)
 
 
 def karras_timesteps(schedule: Schedule, steps: int, sigma_min: float | None = None) -> list[int]:
@@ -297,44 +283,29 @@ def start(
     eta: float = 0.0,
     sigma_min: float | None = None,
 ) -> SamplerState:
-    """The state before the first step: x_T drawn from each image's generator. ``ddpm`` always
-    runs all T steps and requires steps == T. ``heun``'s timesteps are its evaluations: the jump from
-    pure noise, then each level but the first twice (the correction ending at it, the Euler step from it);
-    ``sigma_min`` (heun only) is its lowest level (``karras_timesteps``)."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
-    check_steps(sampler, steps, schedule.T)
-    if sigma_min is not None and sampler != "heun":
-        raise ValueError(f"sigma_min applies to heun only, not {sampler}")
-    if sampler == "ddpm":
-        timesteps = list(range(schedule.T - 1, -1, -1))
-    elif sampler == "heun":
-        levels = karras_timesteps(schedule, steps, sigma_min)
-        timesteps = [*levels[:2], *(t for t in levels[2:] for _ in (0, 1))]
-    else:
-        timesteps = spaced_timesteps(schedule.T, steps)
+    """The state before the first step: x_T drawn from each image's generator, and the evaluation
+    timesteps of the sampler's registry entry (``REGISTRY``) for ``steps`` steps. ``sigma_min`` (heun
+    only) is its lowest level (``karras_timesteps``)."""
+    entry = sampler_named(sampler)
+    entry.check_steps(steps, schedule.T)
+    if sigma_min is not None and not entry.takes_sigma_min:
+        takers = ", ".join(s.name for s in REGISTRY.values() if s.takes_sigma_min)
+        raise ValueError(f"sigma_min applies to {takers} only, not {sampler}")
+    timesteps = entry.timesteps(schedule, steps, sigma_min)
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta}")
     x = initial_noise(generators, shape, device)
-    return SamplerState(sampler, tuple(timesteps), x, tuple(generators), eta=eta if sampler == "ddim" else 0.0)
+    return SamplerState(sampler, tuple(timesteps), x, tuple(generators), eta=eta if entry.takes_eta else 0.0)
 
 
 def step(state: SamplerState, schedule: Schedule, eps: torch.Tensor, x0: torch.Tensor) -> SamplerState:
     """The next state, from the network's (guided) eps and x0 predictions at ``state.t``."""
     if state.done:
         raise ValueError(f"the trajectory has taken all its {state.total} steps")
-    if state.sampler == "ddpm":
-        return _ddpm_step(state, schedule, x0)
-    if state.sampler == "ddim":
-        return _ddim_step(state, schedule, eps, x0)
-    if state.sampler == "consistency":
-        return _consistency_step(state, schedule, x0)
-    if state.sampler == "heun":
-        return _heun_step(state, schedule, eps, x0)
-    return _dpm_solver_pp_step(state, schedule, x0)
+    return REGISTRY[state.sampler].step(state, schedule, eps, x0)
 
 
-def _ddpm_step(state: SamplerState, schedule: Schedule, x0: torch.Tensor) -> SamplerState:
+def _ddpm_step(state: SamplerState, schedule: Schedule, eps: torch.Tensor, x0: torch.Tensor) -> SamplerState:
     """Ancestral sampling (Ho et al. 2020, alg. 2), with the posterior q(x_{t-1} | x_t, x_0) of
     eq. 6-7: mean from x0_pred, variance beta_tilde_t."""
     t, x = state.t, state.x
@@ -367,7 +338,7 @@ def _ddim_step(state: SamplerState, schedule: Schedule, eps: torch.Tensor, x0: t
     return replace(state, x=x, index=i + 1)
 
 
-def _consistency_step(state: SamplerState, schedule: Schedule, x0: torch.Tensor) -> SamplerState:
+def _consistency_step(state: SamplerState, schedule: Schedule, eps: torch.Tensor, x0: torch.Tensor) -> SamplerState:
     """Multistep consistency sampling (Song et al. 2023, alg. 1): the network's x0 prediction is
     taken as the end of the trajectory, and re-noised with fresh noise to the next timestep. For a
     network distilled to map x_t to its trajectory's end (``model.distill``), one step is a sample
@@ -381,7 +352,7 @@ def _consistency_step(state: SamplerState, schedule: Schedule, x0: torch.Tensor)
     return replace(state, x=x, index=i + 1)
 
 
-def _dpm_solver_pp_step(state: SamplerState, schedule: Schedule, x0: torch.Tensor) -> SamplerState:
+def _dpm_solver_pp_step(state: SamplerState, schedule: Schedule, eps: torch.Tensor, x0: torch.Tensor) -> SamplerState:
     """DPM-Solver++(2M) (Lu et al. 2022, alg. 2): second-order multistep in the data prediction,
     first order on the first step and on the final jump to the clean image."""
     i, ts = state.index, state.timesteps
@@ -424,6 +395,101 @@ def _heun_step(state: SamplerState, schedule: Schedule, eps: torch.Tensor, x0: t
     return replace(state, x=x, index=i + 1, heun_half=None)
 
 
+# --- the registry --------------------------------------------------------------------------------
+
+StepFn = Callable[[SamplerState, Schedule, torch.Tensor, torch.Tensor], SamplerState]
+TimestepsFn = Callable[[Schedule, int, float | None], list[int]]
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """One sampler, everything the rest of the project asks of it: the timesteps it evaluates for a
+    number of steps, its step, its network evaluations per step, and which steps it can take."""
+
+    name: str
+    default_steps: int  # where neither a request nor a card names any (all_steps: T whatever this says)
+    timesteps: TimestepsFn  # (schedule, steps, sigma_min) -> the evaluation timesteps, descending
+    step: StepFn  # (state, schedule, eps, x0_pred) -> the next state
+    evaluations_per_step: int = 1
+    all_steps: bool = False  # it runs every timestep of the schedule: steps must be T
+    levels_below_T: bool = False  # its levels come after x_T's own, so at most T - 1 steps
+    takes_eta: bool = False  # DDIM's stochasticity applies
+    takes_sigma_min: bool = False  # a lowest noise level applies (Heun's)
+
+    def max_steps(self, T: int) -> int:
+        return T - 1 if self.levels_below_T else T
+
+    def evaluations(self, steps: int) -> int:
+        """Network evaluations per image (before guidance's reference rows) of ``steps`` steps."""
+        return self.evaluations_per_step * steps
+
+    def steps_for(self, asked: int | None, default: int, T: int) -> int:
+        """The steps a run takes: ``asked``, else ``default``; a sampler that runs all T steps takes T,
+        which ``asked`` may only repeat."""
+        if self.all_steps:
+            if asked is not None and asked != T:
+                raise ValueError(f"{self.name} runs all {T} steps; got steps={asked}")
+            return T
+        return default if asked is None else asked
+
+    def check_steps(self, steps: int, T: int, max_evaluations: int | None = None) -> None:
+        """Refuse a step count this sampler cannot take on a schedule of T timesteps, or one that takes
+        more than ``max_evaluations`` network evaluations, saying what it can."""
+        if self.all_steps:
+            if steps != T:
+                raise ValueError(f"{self.name} runs all {T} steps; got steps={steps}")
+        elif not 1 <= steps <= self.max_steps(T):
+            raise ValueError(f"steps must be in 1..{self.max_steps(T)} for {self.name}, got {steps}")
+        if max_evaluations is not None and self.evaluations(steps) > max_evaluations:
+            most = max_evaluations // self.evaluations_per_step
+            fewer = ", ".join(s.name for s in REGISTRY.values() if not s.all_steps)
+            allowed = (
+                f"a sampler of fewer steps ({fewer})" if self.all_steps else f"at most {most} steps of {self.name}"
+            )
+            raise ValueError(
+                f"{steps} steps of {self.name} take {self.evaluations(steps)} network evaluations, over the "
+                f"{max_evaluations} allowed; allowed: {allowed}"
+            )
+
+
+def _every_timestep(schedule: Schedule, steps: int, sigma_min: float | None) -> list[int]:
+    return list(range(schedule.T - 1, -1, -1))
+
+
+def _spaced(schedule: Schedule, steps: int, sigma_min: float | None) -> list[int]:
+    return spaced_timesteps(schedule.T, steps)
+
+
+def _heun_timesteps(schedule: Schedule, steps: int, sigma_min: float | None) -> list[int]:
+    """The jump from pure noise, then each Karras level but the first twice (the correction ending at
+    it, the Euler step from it)."""
+    levels = karras_timesteps(schedule, steps, sigma_min)
+    return [*levels[:2], *(t for t in levels[2:] for _ in (0, 1))]
+
+
+REGISTRY: dict[str, Sampler] = {
+    s.name: s
+    for s in (
+        Sampler("ddpm", 1000, _every_timestep, _ddpm_step, all_steps=True),
+        Sampler("ddim", 50, _spaced, _ddim_step, takes_eta=True),
+        Sampler("dpm++", 20, _spaced, _dpm_solver_pp_step),
+        Sampler(
+            "heun", 18, _heun_timesteps, _heun_step, evaluations_per_step=2, levels_below_T=True, takes_sigma_min=True
+        ),
+        Sampler("consistency", 4, _spaced, _consistency_step),
+    )
+}
+SAMPLERS = tuple(REGISTRY)
+
+
+def sampler_named(name: str) -> Sampler:
+    """The registry's entry for ``name``, or a ValueError naming the allowed ones."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown sampler {name!r}; allowed: {', '.join(REGISTRY)}") from None
+
+
 # --- the loop driver -----------------------------------------------------------------------------
 
 
@@ -455,12 +521,14 @@ def sample(
     eta: float = 0.0,
     shape: tuple[int, ...] = (1, 28, 28),
     sigma_min: float | None = None,
+    autoguide: bool | None = None,
 ) -> torch.Tensor:
-    """Run ``start`` and ``step`` to the end for one batch; ``callback`` sees every step and may stop it."""
+    """Run ``start`` and ``step`` to the end for one batch; ``callback`` sees every step and may stop it.
+    ``autoguide``: guided rows take their reference from the guide network (None: where there is one)."""
     _check(denoiser, labels, generators, guidance)
     state = start(sampler, denoiser.schedule, steps, generators, shape, labels.device, eta, sigma_min)
     while not state.done:
-        eps, x0 = denoiser(state.x, state.t, labels, guidance)
+        eps, x0 = denoiser(state.x, state.t, labels, guidance, autoguide)
         if callback is not None and callback(Step(state.index, state.total, state.t, state.x, x0)):
             raise SamplingStopped(f"stopped by callback at step {state.index + 1}/{state.total}")
         state = step(state, denoiser.schedule, eps, x0)

@@ -27,10 +27,9 @@ from model.data import CLASS_NAMES, FILES, NUM_CLASSES, read_idx, resolve_dir, t
 from model.diffusion import SCHEDULES, Schedule, q_sample
 from model.images import grid
 from model.io import WeightsError, card_sampling, load_weights, read_card
-from model.samplers import SAMPLERS, Denoiser, Step, generators_from_seeds, sample, to_uint8
+from model.samplers import SAMPLERS, Denoiser, Step, generators_from_seeds, sample, sampler_named, to_uint8
 
 DEFAULT_WEIGHTS = "weights/fashion-unet.safetensors"
-DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "dpm++": 20}
 
 
 def example_images(data_dir: str | os.PathLike | None = None, per_class: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -164,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"columns: t = {', '.join(map(str, ts))}")
         else:
             loaded = load_weights(args.weights)
-            steps = args.steps or DEFAULT_STEPS[args.sampler]
+            entry = sampler_named(args.sampler)
+            steps = entry.steps_for(args.steps, entry.default_steps, loaded.denoiser.schedule.T)
             every = args.every or max(1, steps // 10)
             guidance = args.guidance if args.guidance is not None else card_sampling(loaded.card).guidance
             classes = torch.tensor(args.classes)

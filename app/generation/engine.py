@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -46,12 +46,25 @@ from app.generation.jobs import (
     Queued,
     QueueFull,
 )
-from app.generation.lane import DEFAULT_POLICY, Lane, Policy, Running, turns
+from app.generation.lane import DEFAULT_POLICY, Lane, plan_tick, policy_named
 from app.generation.output import Output
 from app.metrics import Evaluation, Observer
-from model.samplers import generators_from_seeds, start, step, to_uint8
+from model.samplers import SamplerState, generators_from_seeds, start, step, to_uint8
 
 log = logging.getLogger("app")
+
+
+@dataclass
+class Running:
+    """An admitted job and its trajectories."""
+
+    job: Job
+    state: SamplerState
+    labels: torch.Tensor  # (n,)
+
+    @property
+    def steps_left(self) -> int:
+        return self.state.total - self.state.index
 
 
 class Engine:
@@ -65,7 +78,7 @@ class Engine:
         *,
         queue_size: int = 64,
         max_rows: int = 128,
-        policy: Policy = DEFAULT_POLICY,
+        policy: str = DEFAULT_POLICY,
         tick_rows: int | None = None,
     ) -> None:
         if max_rows < 1:
@@ -75,9 +88,9 @@ class Engine:
         self.runtimes = dict(runtimes)
         self.queue_size = queue_size  # per model
         self.max_rows = max_rows  # per model and evaluation
-        self.policy = policy
-        self._lanes = {
-            name: Lane(name, runtime, max_rows, queue_size, policy, tick_rows)
+        self.policy = policy_named(policy)
+        self._lanes: dict[str, Lane[Running]] = {
+            name: Lane(name, runtime.rows, max_rows, queue_size, self.policy, tick_rows)
             for name, runtime in self.runtimes.items()
         }
         self._cond = threading.Condition()
@@ -129,7 +142,7 @@ class Engine:
         with self._cond:
             if self._closing or self._thread is None or self._drain_deadline is not None:
                 raise EngineClosed("the server is shutting down" if self._thread else "the engine is not running")
-            if record and lane.full:
+            if record and not spec.background and lane.full:
                 self._output.rejected("queue_full")
                 raise QueueFull(len(lane.pending), lane.retry_after(self._tick_s))
             job = Job(spec, loop, on_event, preview_every, record)
@@ -143,7 +156,7 @@ class Engine:
         a running one at the next tick, and neither gets any more events."""
         with self._cond:
             if job.state == "queued":
-                self._lane(job.model).pending.remove(job)
+                self._lane(job.model).withdraw(job)
                 job.state = "cancelled"
                 job.request_cancel()
                 self._output.failed(job, JobCancelled(f"job {job.id} cancelled while queued"), "queued")
@@ -170,11 +183,18 @@ class Engine:
                 self.cancel(job)
 
     def drain(self, seconds: float) -> None:
-        """Refuse new jobs, keep running the admitted and queued ones, and fail whatever has not
-        finished ``seconds`` from now with EngineClosed."""
+        """Refuse new jobs, keep running the admitted and queued interactive ones, and fail whatever has
+        not finished ``seconds`` from now with EngineClosed. Background work stops at once (its owner
+        resumes it after a restart: ``app.jobs``)."""
         with self._cond:
             if self._drain_deadline is None:
                 self._drain_deadline = time.monotonic() + seconds
+                for lane in self._lanes.values():
+                    for job in [*lane.background_pending, *(r.job for r in lane.background)]:
+                        job.state = "failed"
+                        self._output.failed(job, EngineClosed("the server is shutting down"))
+                    lane.background_pending.clear()
+                    lane.background.clear()
                 running = sum(len(lane.running) for lane in self._lanes.values())
                 log.info("draining: %d running, %d queued, %.0f s to finish", running, self.queue_depth, seconds)
             self._cond.notify_all()
@@ -191,7 +211,7 @@ class Engine:
             self._fail_all_locked(EngineClosed("the server is shutting down"))
         self._output.close()
 
-    def _lane(self, model: str | None) -> Lane:
+    def _lane(self, model: str | None) -> Lane[Running]:
         if model is None:
             return next(iter(self._lanes.values()))
         try:
@@ -200,7 +220,7 @@ class Engine:
             raise ValueError(f"unknown model {model!r}; this engine serves {', '.join(self._lanes)}") from None
 
     def _report_depth_locked(self) -> None:
-        active = sum(len(lane.running) for lane in self._lanes.values())
+        active = sum(len(lane.active) for lane in self._lanes.values())
         self._output.depth(self.queue_depth, active)
 
     # --- worker side ---------------------------------------------------------------------------
@@ -215,9 +235,11 @@ class Engine:
                     self._fail_all_locked(EngineClosed("the server is shutting down: the job did not finish in time"))
                 for lane in self._lanes.values():
                     self._release_cancelled_locked(lane)
-                    self._admit_locked(lane)
-                selected = [(lane, lane.selected()) for lane in self._lanes.values() if lane.running]
-                batches = turns(selected, time.monotonic())
+                admitted, batches = plan_tick(self._lanes.values(), time.monotonic(), self._begin_locked)
+                for lane in self._lanes.values():
+                    self._tell_waiting_locked(lane)
+                if admitted:
+                    self._report_depth_locked()
                 if not batches:
                     self._cond.wait(timeout=self._idle_wait_locked())
                     continue
@@ -230,59 +252,56 @@ class Engine:
 
     def _fail_all_locked(self, error: EngineClosed) -> None:
         for lane in self._lanes.values():
-            for job in [*lane.pending, *(r.job for r in lane.running)]:
+            for job in [*lane.waiting, *(r.job for r in lane.active)]:
                 job.state = "failed"
                 self._output.failed(job, error)
-            lane.pending.clear()
-            lane.running.clear()
+            lane.clear()
         self._output.depth(0, 0)
 
-    def _release_cancelled_locked(self, lane: Lane) -> None:
-        released = [r for r in lane.running if r.job.cancel_requested]
+    def _release_cancelled_locked(self, lane: Lane[Running]) -> None:
+        released = [r for r in lane.active if r.job.cancel_requested]
         for r in released:
-            lane.running.remove(r)
+            lane.drop(r)
             r.job.state = "cancelled"
             self._output.failed(r.job, JobCancelled(f"job {r.job.id} cancelled while sampling"), "running")
         if released:  # the active count changed, whether or not anything is admitted next
             self._report_depth_locked()
 
-    def _admit_locked(self, lane: Lane) -> None:
-        """Start the jobs the lane's rule admits now, and tell those still waiting where they stand."""
-        now = time.monotonic()
-        admitted = lane.admissible()
-        for job in admitted:
-            spec = job.spec
-            schedule, device = lane.runtime.denoiser.schedule, lane.runtime.device
-            gens = generators_from_seeds(spec.seeds)
-            state = start(spec.sampler, schedule, spec.steps, gens, device=device, sigma_min=spec.sigma_min)
-            labels = torch.full((spec.n,), spec.label, dtype=torch.long, device=device)
-            lane.running.append(Running(job, state, labels))
-            job.state, job.admitted = "running", now
-            self._output.admitted(job)
-        if lane.pending:  # the ones still waiting, when their place changed
-            _, starts = lane.forecast(self._tick_s)
-            for position, (job, eta) in enumerate(zip(lane.pending, starts, strict=True), 1):
-                if job.position != position:
-                    job.position = position
-                    self._output.queued(job, Queued(position, eta))
-        if admitted:
-            self._report_depth_locked()
+    def _begin_locked(self, lane: Lane[Running], job: Job) -> Running:
+        """An admitted job's trajectories: x_T from each image's seed, on the model's device."""
+        spec, runtime = job.spec, self.runtimes[lane.name]
+        gens = generators_from_seeds(spec.seeds)
+        schedule, device = runtime.denoiser.schedule, runtime.device
+        state = start(spec.sampler, schedule, spec.steps, gens, device=device, sigma_min=spec.sigma_min)
+        labels = torch.full((spec.n,), spec.label, dtype=torch.long, device=device)
+        job.state, job.admitted = "running", time.monotonic()
+        self._output.admitted(job)
+        return Running(job, state, labels)
 
-    def _tick(self, batches: list[tuple[Lane, list[Running]]]) -> None:
+    def _tell_waiting_locked(self, lane: Lane[Running]) -> None:
+        """Tell the jobs still waiting where they stand, when their place changed."""
+        if not lane.pending:
+            return
+        _, starts = lane.forecast(self._tick_s)
+        for position, (job, eta) in enumerate(zip(lane.pending, starts, strict=True), 1):
+            if job.position != position:
+                job.position = position
+                self._output.queued(job, Queued(position, eta))
+
+    def _tick(self, batches: list[tuple[Lane[Running], list[Running]]]) -> None:
         """One network evaluation per model over the rows of the jobs its lane selected, then one step of each."""
         t0 = time.monotonic()
         evaluations: list[Evaluation] = []
-        finished: list[tuple[Lane, Running, np.ndarray]] = []
+        finished: list[tuple[Lane[Running], Running, np.ndarray]] = []
         for lane, batch in batches:
             started = time.monotonic()
             try:
-                rows, done = self._evaluate(lane.runtime, batch)
+                rows, done = self._evaluate(self.runtimes[lane.name], batch)
             except Exception as err:  # never let the worker die with jobs waiting on it; other models go on
                 log.exception("a tick of %d jobs of %s failed", len(batch), lane.name)
                 with self._cond:
                     for r in batch:
-                        if r in lane.running:
-                            lane.running.remove(r)
+                        if lane.drop(r):
                             r.job.state = "failed"
                             self._output.failed(r.job, err)
                 continue
@@ -290,7 +309,8 @@ class Engine:
                 lane.observe(time.monotonic() - started, rows)
             finished.extend((lane, r, images) for r, images in done)
             if any(r.job.record for r in batch):
-                evaluations.append(Evaluation(lane.name, rows, len(batch)))
+                background = sum(r.job.spec.rows for r in batch if r.job.spec.background)
+                evaluations.append(Evaluation(lane.name, rows, len(batch), background))
         elapsed = time.monotonic() - t0
         self._tick_s = elapsed if self._tick_s == 0 else 0.8 * self._tick_s + 0.2 * elapsed
         if evaluations:
@@ -299,9 +319,8 @@ class Engine:
             now = time.monotonic()
             with self._cond:
                 for lane, r, images in finished:
-                    if r not in lane.running:  # stop() gave up on the worker and failed it already
+                    if not lane.drop(r):  # stop() gave up on the worker and failed it already
                         continue
-                    lane.running.remove(r)
                     if r.job.state == "running":
                         r.job.state = "done"
                         self._output.result(r.job, images, now)

@@ -64,6 +64,9 @@ class JobSpec:
     model: str | None = None  # a model the engine serves; None: its first (Engine.submit fills it in)
     autoguide: bool = False  # guided rows take their reference from the model's guide network, not the null class
     sigma_min: float | None = None  # heun only: its lowest noise level (None: the schedule's lowest)
+    # Background work (a long job's images): it takes only the rows that interactive jobs leave idle in a tick
+    # (``app.generation.lane``), waits in its own queue, and never counts toward the interactive queue's limit.
+    background: bool = False
 
     @property
     def n(self) -> int:

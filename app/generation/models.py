@@ -30,7 +30,7 @@ from model.io import (
     read_card,
     with_guide,
 )
-from model.samplers import SAMPLERS, check_sigma_min, check_steps
+from model.samplers import check_sigma_min, sampler_named
 
 
 @dataclass(frozen=True)
@@ -106,12 +106,13 @@ def sampling_defaults(
     sampler = settings.sampler if overrides and settings.sampler else from_card.sampler
     steps = settings.steps if overrides and settings.steps else from_card.steps
     guidance = settings.guidance if overrides and settings.guidance is not None else from_card.guidance
-    if sampler == "ddpm":
-        steps = T
-    if sampler not in SAMPLERS:
-        raise WeightsError(f"card sampling.sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
     try:
-        check_steps(sampler, int(steps), T, settings.max_steps)
+        entry = sampler_named(sampler)
+    except ValueError as err:
+        raise WeightsError(f"card sampling.sampler {sampler!r}: {err}") from err
+    steps = entry.steps_for(None, int(steps), T)
+    try:
+        entry.check_steps(steps, T, settings.max_steps)
     except ValueError as err:
         raise WeightsError(f"default steps: {err} (FASHION_STEPS / FASHION_MAX_STEPS)") from err
     if not 0 <= float(guidance) <= settings.max_guidance:

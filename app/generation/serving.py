@@ -46,7 +46,7 @@ from app.metrics import Metrics
 from app.settings import Settings
 from model import images
 from model.data import CLASS_NAMES
-from model.samplers import check_steps
+from model.samplers import sampler_named
 
 
 @dataclass
@@ -128,33 +128,17 @@ async def until_disconnected(request: Request) -> None:
 # --- request -> job --------------------------------------------------------------------------
 
 
-def _ddpm_steps(asked: int | None, total: int, settings: Settings) -> int:
-    """ddpm runs every step of the schedule: ``total``, which the request may only repeat."""
-    if asked is not None and asked != total:
-        raise ApiError(
-            422,
-            f"steps: ddpm always runs all {total} steps of the schedule; allowed: {total} or omit steps "
-            "(use ddim or dpm++ for fewer)",
-            code="steps_for_sampler",
-            param="steps",
-        )
-    if total > settings.max_steps:
-        raise ApiError(
-            422,
-            f"sampler: ddpm needs {total} steps but this server allows at most {settings.max_steps}; "
-            "allowed: ddim, dpm++",
-            code="sampler_unavailable",
-            param="sampler",
-        )
-    return total
-
-
-def _check_steps(sampler: str, steps: int, T: int, settings: Settings) -> None:
-    """What the schedule allows the sampler, and at most ``max_steps`` network evaluations (Heun's steps take two)."""
+def _steps(body: GenerateRequestBase, sampler: str, default: int, T: int, settings: Settings) -> int:
+    """The steps the sampler's registry entry takes for this request, within the schedule and at most
+    ``max_steps`` network evaluations; a 422 naming the sampler where the request left the steps to it."""
+    entry = sampler_named(sampler)
+    param = "steps" if body.steps is not None else "sampler"
     try:
-        check_steps(sampler, steps, T, settings.max_steps)
+        steps = entry.steps_for(body.steps, default, T)
+        entry.check_steps(steps, T, settings.max_steps)
     except ValueError as err:
-        raise ApiError(422, f"steps: {err}", code="steps_for_sampler", param="steps") from err
+        raise ApiError(422, f"{param}: {err}", code="steps_for_sampler", param=param) from err
+    return steps
 
 
 def resolve(
@@ -168,7 +152,6 @@ def resolve(
     model = serving.model(body.model)
     defaults = model.defaults
     sampler = body.sampler or defaults.sampler
-    steps = body.steps if body.steps is not None else defaults.steps
     guidance = body.guidance if body.guidance is not None else defaults.guidance
     if model.distilled_guidance not in (None, 1.0) and guidance != 1.0:
         raise ApiError(
@@ -186,10 +169,7 @@ def resolve(
             code="no_guide",
             param="guidance_method",
         )
-    if sampler == "ddpm":
-        steps = _ddpm_steps(body.steps, model.T, settings)
-    else:
-        _check_steps(sampler, steps, model.T, settings)
+    steps = _steps(body, sampler, defaults.steps, model.T, settings)
     base = body.seed if body.seed is not None else secrets.randbelow(SEED_MAX + 1)
     seeds = tuple(base + i for i in range(candidates or body.n))
     spec = JobSpec(
@@ -200,7 +180,7 @@ def resolve(
         guidance=float(guidance),
         model=model.name,
         autoguide=method == "autoguidance",
-        sigma_min=defaults.sigma_min if sampler == "heun" else None,
+        sigma_min=defaults.sigma_min if sampler_named(sampler).takes_sigma_min else None,
     )
     params = Params.model_validate(
         {

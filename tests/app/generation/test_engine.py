@@ -188,8 +188,7 @@ def test_a_compiled_network_keeps_solo_bytes_in_shared_ticks_and_draws_what_eage
         assert apart.mean() < 0.5 and apart.max() <= 8, (apart.mean(), apart.max())  # fused kernels round apart
 
 
-@pytest.mark.parametrize("policy", ["deadline", "least-work"])
-def test_jobs_taking_turns_under_a_deadline_policy_keep_their_solo_bytes(runtime: Runtime, policy: str) -> None:
+def test_jobs_taking_turns_under_narrow_first_keep_their_solo_bytes(runtime: Runtime) -> None:
     """A tick of at most 6 rows cannot carry all three (4 + 1 + 6 rows): they step in turns, by deadline."""
     solo: list = []
     together: list = []
@@ -200,14 +199,13 @@ def test_jobs_taking_turns_under_a_deadline_policy_keep_their_solo_bytes(runtime
         jobs = [engine.submit(s) for s in MIXED]
         together.extend(await asyncio.gather(*(job.future for job in jobs)))
 
-    recorder = scenario(runtime, body, policy=policy, tick_rows=6)
+    recorder = scenario(runtime, body, policy="narrow-first", tick_rows=6)
     assert max(rows for rows, _ in recorder.ticks) <= 6 and (11, 3) not in recorder.ticks
     for alone, shared in zip(solo, together, strict=True):
         assert np.array_equal(shared.images, alone.images)  # byte for byte
 
 
-@pytest.mark.parametrize("policy", ["deadline", "least-work"])
-def test_under_a_deadline_policy_a_small_job_skips_a_large_ones_ticks(runtime: Runtime, policy: str) -> None:
+def test_under_narrow_first_a_small_job_skips_a_large_ones_ticks(runtime: Runtime) -> None:
     """Beside a 4-row job of 400 steps, a 1-row job of 4 steps has the nearer deadline: with ticks of 4
     rows it takes every tick alone until it is done, instead of sharing all of them."""
 
@@ -224,7 +222,7 @@ def test_under_a_deadline_policy_a_small_job_skips_a_large_ones_ticks(runtime: R
         engine.cancel(large)
         await asyncio.gather(large.future, return_exceptions=True)
 
-    scenario(runtime, body, policy=policy, tick_rows=4)
+    scenario(runtime, body, policy="narrow-first", tick_rows=4)
 
 
 def test_a_job_joining_half_way_finishes_first_with_its_solo_bytes(runtime: Runtime) -> None:
@@ -491,9 +489,8 @@ def student_spec(seeds: tuple[int, ...] = (7, 8), steps: int = 4) -> JobSpec:
     return spec(2, seeds, steps=steps, guidance=1.0, sampler="consistency", model="student")
 
 
-@pytest.mark.parametrize("policy", ["fcfs", "deadline", "least-work"])
-def test_every_tick_evaluates_each_model_with_active_jobs_once(
-    runtime: Runtime, student_runtime: Runtime, policy: str
+def test_under_fcfs_every_tick_evaluates_each_model_with_active_jobs_once(
+    runtime: Runtime, student_runtime: Runtime
 ) -> None:
     calls: list[str] = []
     models = {"teacher": counted(runtime, "teacher", calls), "student": counted(student_runtime, "student", calls)}
@@ -507,7 +504,7 @@ def test_every_tick_evaluates_each_model_with_active_jobs_once(
         assert not teacher.future.done()  # the student did not wait for the teacher's job
         results["teacher"] = await teacher.future
 
-    recorder = scenario(models, body, policy=policy)
+    recorder = scenario(models, body, policy="fcfs")
     ticks = [tuple(e.model for e in tick) for tick in recorder.evaluations]
     # Each of the student's 4 steps shared its tick with a teacher step: one evaluation of each network.
     assert [tick for tick in ticks if "student" in tick] == [("teacher", "student")] * 4
@@ -620,3 +617,33 @@ def test_a_failing_model_fails_its_own_jobs_and_the_other_model_goes_on(
     recorder = scenario(models, body)
     assert calls == ["student"]
     assert recorder.value("fashion_jobs_failed_total", reason="RuntimeError") == 1
+
+
+def test_background_work_runs_only_in_the_rows_interactive_jobs_leave_idle(runtime: Runtime) -> None:
+    """A background job (a long job's images) steps in whole ticks while alone. Beside interactive jobs it
+    rides only in the padding of their last 16-row chunk: beside a 16-row job it waits, beside a 2-row job
+    it shares the chunk, so it never adds a chunk to an interactive tick. Every image keeps its solo bytes."""
+    recorder = Recorder()
+    wide, small = spec(4, range(20, 28), steps=5, guidance=2.0), spec(6, (9,), steps=5, guidance=2.0)  # 16, 2 rows
+    background = replace(spec(0, range(10, 14), steps=80, guidance=1.0, sampler="ddim"), background=True)  # 4 rows
+    results: dict[str, Any] = {}
+
+    async def body(engine: Engine) -> None:
+        results["wide solo"], results["small solo"] = await engine.run(wide), await engine.run(small)
+        results["background solo"] = await engine.run(background)
+        events: list = []
+        job = engine.submit(background, on_event=events.append)
+        await first_step(events)
+        results["wide"] = await engine.run(wide)
+        results["small"] = await engine.run(small)
+        assert not job.future.done()  # still going: it had no row beside the wide job
+        results["background"] = await job.future
+
+    scenario(runtime, body, recorder)
+    for name in ("wide", "small", "background"):
+        assert np.array_equal(results[name].images, results[f"{name} solo"].images)  # byte for byte
+    mixed = [e for tick in recorder.evaluations for e in tick if 0 < e.background_rows < e.rows]
+    beside_wide = [e for tick in recorder.evaluations for e in tick if e.rows - e.background_rows == 16]
+    assert mixed and all(e.rows - e.background_rows == 2 and e.rows <= 16 for e in mixed)  # in the padding only
+    assert beside_wide and all(e.background_rows == 0 for e in beside_wide)  # no chunk added for it
+    assert recorder.value("fashion_images_generated_total", sampler="ddim", model="tiny") == 2 * 4  # solo, beside
