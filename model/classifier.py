@@ -91,6 +91,55 @@ def predict(model: Classifier, x: torch.Tensor, batch_size: int = 1000) -> tuple
     return np.concatenate(probs), np.concatenate(feats).astype(np.float64)
 
 
+@dataclass(frozen=True)
+class FitConfig:
+    epochs: int = 8  # passes over the training images
+    batch_size: int = 128  # images per step
+    lr: float = 3e-3  # peak learning rate of the one-cycle schedule (AdamW, weight decay 5e-4)
+    max_shift: int = 2  # random translation of training images, in pixels
+
+
+def fit_classifier(
+    images: np.ndarray,
+    labels: np.ndarray,
+    config: ClassifierConfig = ClassifierConfig(),
+    fit: FitConfig = FitConfig(),
+    seed: int = 0,
+    progress: bool = True,
+) -> Classifier:
+    """A classifier trained on ``images`` (uint8 (N, 28, 28)) with ``labels`` (ints in 0..num_classes-1).
+
+    ``seed`` fixes the initial weights, the data order, the shifts and the dropout: on the CPU, the
+    same arrays, settings, seed and thread count give the same weights."""
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise ValueError(f"images must be uint8 (N, 28, 28), got {images.dtype} {images.shape}")
+    if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be ints of shape ({len(images)},), got {labels.dtype} {labels.shape}")
+    if len(labels) and not 0 <= labels.min() <= labels.max() < config.num_classes:
+        raise ValueError(f"labels must lie in 0..{config.num_classes - 1}, got {labels.min()}..{labels.max()}")
+    if len(images) < fit.batch_size:
+        raise ValueError(f"need at least one batch ({fit.batch_size} images) to train on, got {len(images)}")
+    torch.manual_seed(seed)
+    x, y = to_model_range(images), torch.from_numpy(labels.astype(np.int64))
+    model = Classifier(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=fit.lr, weight_decay=5e-4)
+    batches = len(x) // fit.batch_size
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=fit.lr, total_steps=fit.epochs * batches)
+    for epoch in range(fit.epochs):
+        model.train()
+        order = torch.randperm(len(x))
+        bar = tqdm(range(batches), desc=f"classifier epoch {epoch + 1}/{fit.epochs}", disable=not progress)
+        for i in bar:
+            idx = order[i * fit.batch_size : (i + 1) * fit.batch_size]
+            loss = F.cross_entropy(model(random_shift(x[idx], fit.max_shift)), y[idx], label_smoothing=0.05)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    return model.eval()
+
+
 def train_classifier(
     data_dir: str | None,
     out: Path,
@@ -104,29 +153,13 @@ def train_classifier(
     train_limit: int | None = None,
 ) -> dict:
     """Train on the 55,000-image split, report validation and test accuracy, save weights + card."""
-    torch.manual_seed(seed)
     data = FashionMNIST.load(data_dir)
     (tr_x, tr_y), (va_x, va_y) = data.split(seed=seed)
     if train_limit:
         tr_x, tr_y = tr_x[:train_limit], tr_y[:train_limit]
-    x, y = to_model_range(tr_x), torch.from_numpy(tr_y)
-    model = Classifier(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
-    steps = epochs * (len(x) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     start = time.perf_counter()
-    for epoch in range(epochs):
-        model.train()
-        order = torch.randperm(len(x))
-        bar = tqdm(range(len(x) // batch_size), desc=f"classifier epoch {epoch + 1}/{epochs}", disable=not progress)
-        for i in bar:
-            idx = order[i * batch_size : (i + 1) * batch_size]
-            loss = F.cross_entropy(model(random_shift(x[idx], max_shift)), y[idx], label_smoothing=0.05)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    fit = FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, max_shift=max_shift)
+    model = fit_classifier(tr_x, tr_y, config, fit, seed=seed, progress=progress)
     minutes = (time.perf_counter() - start) / 60
     val_acc = float((predict(model, to_model_range(va_x))[0].argmax(1) == va_y).mean())
     test_acc = float((predict(model, to_model_range(data.test_images))[0].argmax(1) == data.test_labels).mean())
