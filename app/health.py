@@ -8,11 +8,11 @@ import torch
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
-from app.clip.scorers import ClassifierScorer, ScorerUnavailable
 from app.clip.service import ClipStatus
 from app.deps import get_serving
 from app.errors import ErrorResponse
 from app.generation.schemas import ModelKind
+from app.generation.scorers import ClassifierScorer, ScorerUnavailable
 
 ComponentStatus = ClipStatus  # the classifier is "ready" or "unavailable"
 

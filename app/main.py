@@ -26,7 +26,6 @@ from fastapi.staticfiles import StaticFiles
 
 from app import health, metrics, page
 from app.clip import routes as clip_routes
-from app.clip.scorers import Scorer, load_classifier_scorer
 from app.clip.service import ClipScorer, ClipService
 from app.errors import install_handlers
 from app.generation import routes as generation_routes
@@ -35,6 +34,7 @@ from app.generation.engine import Engine
 from app.generation.jobs import JobSpec
 from app.generation.models import ServedModel, load_models
 from app.generation.schemas import Limits, allowed_values, request_models
+from app.generation.scorers import Scorer, load_classifier_scorer
 from app.generation.serving import Serving
 from app.metrics import EngineMetrics, Metrics
 from app.middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware, ReplicaMiddleware

@@ -1,10 +1,8 @@
-"""CLIP scoring and rerank: ``POST /clip/score`` and the ``rerank`` field of a generation.
+"""CLIP scoring: ``POST /clip/score``, and CLIP as a rerank method of generation (``ClipScorer``).
 
-schemas.py   the score request and answer, and the rerank field and its answer
+schemas.py   the score request and answer
 routes.py    POST /clip/score (JSON or multipart)
-service.py   CLIP loaded in the background, its thread limiter and waiting room
-scorers.py   the rerank methods: the classifier, and CLIP through the service
-rerank.py    plan a rerank before sampling, rank the candidates after
+service.py   CLIP loaded in the background, its thread limiter and waiting room, and ClipScorer
 uploads.py   decoding uploaded images within their limits
 multipart.py reading a multipart/form-data body into memory
 """

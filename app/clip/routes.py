@@ -20,12 +20,12 @@ from pydantic import ValidationError
 
 from app.clip.multipart import read_form
 from app.clip.schemas import ClipScoreRequest, ClipScoreResponse, ClipTargets, ClipTimings
-from app.clip.scorers import ScorerUnavailable
 from app.clip.service import ClipService, Overloaded, similarities
 from app.clip.uploads import UploadError, UploadLimits, check_count, decode_base64_images, decode_files
 from app.deps import ClipDep
 from app.errors import ApiError, error_responses, validation_message
 from app.fields import CLASS_ALLOWED
+from app.generation.scorers import ScorerUnavailable
 from app.settings import Settings
 from model.clip import Clip
 from model.data import CLASS_NAMES

@@ -22,7 +22,7 @@ from typing import Literal, TypeVar
 import anyio
 import numpy as np
 
-from app.clip.scorers import ScorerUnavailable
+from app.generation.scorers import ScorerUnavailable
 from app.metrics import Metrics
 from app.settings import Settings
 from app.threads import on_fresh_thread

@@ -10,4 +10,6 @@ jobs.py      a job's spec, events and result, and the hand-off to the event loop
 output.py    the output thread: PNG previews, metrics (the Observer), delivery
 device.py    weights on the device as the engine runs them (FixedRows, precision)
 models.py    the served models: cards checked, then weights loaded and prepared
+rerank.py    plan a rerank before sampling, rank the candidates after
+scorers.py   the rerank methods' interface, and the classifier's (CLIP's is app.clip.service.ClipScorer)
 """

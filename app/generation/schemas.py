@@ -14,7 +14,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
-from app.clip.schemas import RERANK_ALLOWED, RERANK_DESCRIPTION, RerankBase, RerankOut, rerank_field, rerank_shorthand
 from app.fields import (
     CLASS_ALLOWED,
     ClassField,
@@ -25,6 +24,67 @@ from app.fields import (
     bounded_float,
     bounded_int,
 )
+
+RerankMethod = Literal["clip", "classifier"]
+
+
+# --- rerank: sample more candidates and keep the best, a field of POST /generate and the stream
+
+
+class RerankBase(BaseModel):
+    """Sample ``candidates`` images, score each against the requested class, return the best ``n``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    by: RerankMethod = Field(
+        description="clip: cosine similarity to the class prompt under CLIP; classifier: the project's "
+        "Fashion-MNIST classifier's probability of the class (works without CLIP)"
+    )
+    candidates: PositiveInt | None = Field(
+        default=None, description="images to sample and score, at least n; default: 4 n, capped at the server's limit"
+    )
+
+
+def rerank_shorthand(value: Any) -> Any:
+    # "rerank": "clip" is {"by": "clip"} with the default number of candidates (also ?rerank=clip).
+    return {"by": value} if isinstance(value, str) else value
+
+
+RERANK_DESCRIPTION = (
+    'keep the best n of more candidates: {"by": "clip" | "classifier", "candidates": K} with n <= K, or just '
+    '"clip" / "classifier" for K = 4 n; candidate i is drawn with seed + i, and each returned image carries its '
+    "seed and score"
+)
+RERANK_ALLOWED = '"clip", "classifier", or {"by": "clip" | "classifier", "candidates": K} with n <= K'
+
+
+def rerank_field(max_candidates: int) -> tuple[Any, Any]:
+    """The ``rerank`` field as ``create_model`` takes it, its candidates bounded by this server's limit."""
+    rerank = create_model(
+        "Rerank",
+        __base__=RerankBase,
+        __doc__=RerankBase.__doc__,
+        candidates=(
+            bounded_int(1, max_candidates) | None,
+            Field(
+                default=None,
+                description="images to sample and score, at least n; default: 4 n, capped at the server's limit",
+            ),
+        ),
+    )
+    return (
+        Annotated[rerank, BeforeValidator(rerank_shorthand)] | None,
+        Field(default=None, description=RERANK_DESCRIPTION),
+    )
+
+
+class RerankOut(BaseModel):
+    by: RerankMethod
+    candidates: int = Field(description="images sampled and scored; candidate i was drawn with seed + i")
+    measure: str = Field(description="what the score is")
+    scores: list[float] = Field(description="every candidate's score, in seed order (candidate i: seed + i)")
+    scoring_ms: float = Field(description="scoring the candidates, on a worker thread")
+
 
 ModelKind = Literal["teacher", "student"]
 GuidanceMethod = Literal["classifier-free", "autoguidance"]  # model.samplers.GUIDANCE_METHODS, spelled out

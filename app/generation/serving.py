@@ -19,11 +19,9 @@ from typing import Any
 import anyio
 from fastapi import Request
 
-from app.clip import rerank
-from app.clip.schemas import RerankOut
-from app.clip.scorers import Scorer
 from app.errors import ApiError, not_ready
 from app.fields import SEED_MAX
+from app.generation import rerank
 from app.generation.engine import Engine
 from app.generation.jobs import (
     EngineClosed,
@@ -40,8 +38,10 @@ from app.generation.schemas import (
     GenerateResponse,
     ImageOut,
     Params,
+    RerankOut,
     Timings,
 )
+from app.generation.scorers import Scorer
 from app.metrics import Metrics
 from app.settings import Settings
 from model import images

@@ -17,8 +17,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.sse import ServerSentEvent
 
-from app.clip import rerank
 from app.errors import TYPES, ApiError, error_payload
+from app.generation import rerank
 from app.generation.jobs import Event, Job, JobCancelled, Progress, Queued
 from app.generation.schemas import Params, QueuedEvent, StartEvent, StepEvent, StreamRequestBase
 from app.generation.serving import (

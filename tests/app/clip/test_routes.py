@@ -24,8 +24,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app import client as cli
-from app.clip.scorers import ScorerUnavailable
 from app.clip.service import ClipService, Overloaded
+from app.generation.scorers import ScorerUnavailable
 from app.main import create_app
 from app.metrics import Metrics
 from app.settings import Settings

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import anyio
 import numpy as np
 
-from app.clip.schemas import RerankBase, RerankMethod
-from app.clip.scorers import Scorer, ScorerUnavailable
 from app.errors import ApiError
 from app.generation.jobs import JobResult
+from app.generation.schemas import RerankBase, RerankMethod
+from app.generation.scorers import Scorer, ScorerUnavailable
 from app.metrics import Metrics
 from app.settings import Settings
 from app.threads import on_fresh_thread
