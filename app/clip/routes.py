@@ -1,7 +1,7 @@
 """``POST /clip/score``: CLIP similarity of every image with every text (or with a class's prompts).
 
 Images come as base64 strings in a JSON body, or as ``files`` parts of a multipart/form-data body
-(read into memory by ``app.clip.multipart``: nothing is written to disk). The body's size is refused
+(read into memory by ``app.multipart``: nothing is written to disk). The body's size is refused
 from its Content-Length before it is read (``BodyLimitMiddleware``), the count of images before
 any is decoded, each image's bytes before decoding and its pixel count from its header (bombs).
 Decoding and scoring run on a worker thread; at most ``clip_concurrency`` at once, with at most
@@ -18,15 +18,15 @@ import numpy as np
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
 
-from app.clip.multipart import read_form
 from app.clip.schemas import ClipScoreRequest, ClipScoreResponse, ClipTargets, ClipTimings
 from app.clip.service import ClipService, Overloaded, similarities
-from app.clip.uploads import UploadError, UploadLimits, check_count, decode_base64_images, decode_files
 from app.deps import ClipDep
 from app.errors import ApiError, error_responses, validation_message
 from app.fields import CLASS_ALLOWED
 from app.generation.scorers import ScorerUnavailable
+from app.multipart import read_form
 from app.settings import Settings
+from app.uploads import UploadError, UploadLimits, check_count, decode_base64_images, decode_files
 from model.clip import Clip
 from model.data import CLASS_NAMES
 
@@ -128,7 +128,7 @@ async def _parse(request: Request, limits: UploadLimits, max_texts: int) -> Pars
         check_count(len(body.images), limits, "images")
         return Parsed(body.images, "images", texts, class_index)
     if media == "multipart/form-data":
-        form = await read_form(request.stream(), content_type, limits, FILE_FIELD)
+        form = await read_form(request.stream(), content_type, limits, (FILE_FIELD,))
         unknown = sorted(set(form.fields) - set(FORM_FIELDS))
         if unknown:
             raise ApiError(
@@ -145,8 +145,8 @@ async def _parse(request: Request, limits: UploadLimits, max_texts: int) -> Pars
         if "class" in form.fields:
             values["class"] = form.fields["class"][0]
         texts, class_index = _targets(values, max_texts)
-        check_count(len(form.files), limits, FILE_FIELD)
-        return Parsed(form.files, FILE_FIELD, texts, class_index)
+        check_count(len(form.files_of(FILE_FIELD)), limits, FILE_FIELD)
+        return Parsed(form.files_of(FILE_FIELD), FILE_FIELD, texts, class_index)
     raise ApiError(
         415,
         f"send application/json (images as base64) or multipart/form-data (images as {FILE_FIELD}); "

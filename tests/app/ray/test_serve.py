@@ -325,6 +325,9 @@ def test_every_replicas_engine_metrics_reach_rays_prometheus_export(ray_service)
     assert replicas == replica_ids(url, tries=16)
 
 
+# Deadlines, not waits: on a loaded 2-core machine (two suites at once) a 600-step request, and Ray starting a
+# replacement replica (torch, the weights, the warm-up), each take several times what they take on a quiet one.
+@pytest.mark.timeout(900)
 def test_a_killed_replica_is_replaced_and_its_requests_end_clearly(ray_service, parse_sse) -> None:
     url, ray_tmp = ray_service
     before = replica_actors(ray_tmp)
@@ -336,7 +339,7 @@ def test_a_killed_replica_is_replaced_and_its_requests_end_clearly(ray_service, 
     async def run() -> tuple[str, list[Any]]:
         stepping: dict[int, str] = {}  # stream -> its replica, once its first step event has arrived
 
-        async with httpx.AsyncClient(timeout=90, headers=AUTH) as c:
+        async with httpx.AsyncClient(timeout=240, headers=AUTH) as c:
 
             async def stream(i: int) -> tuple[str, str, list[str], list[Any]]:
                 async with c.stream("POST", f"{url}/generate/stream", json={**long, "preview_every": 50}) as r:
@@ -354,7 +357,7 @@ def test_a_killed_replica_is_replaced_and_its_requests_end_clearly(ray_service, 
             # Kill a replica only once every stream is stepping and both replicas hold one (one more
             # stream at a time until they do, should the router have put all on one): the victim then
             # holds requests in flight and the survivor finishes some, whatever the machine's load.
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 180
             while len(stepping) < len(streams) or len(set(stepping.values())) < 2:
                 assert time.monotonic() < deadline, f"{len(stepping)} of {len(streams)} streams stepping: {stepping}"
                 if len(stepping) == len(streams) and len(streams) < 12:
@@ -362,7 +365,7 @@ def test_a_killed_replica_is_replaced_and_its_requests_end_clearly(ray_service, 
                 await asyncio.sleep(0.05)
             (victim,) = [name for name in before if name.rsplit("#", 1)[-1] == stepping[0]]
             await asyncio.to_thread(kill, victim)
-            results = await asyncio.wait_for(asyncio.gather(*streams, *unary), timeout=120)  # never a hang
+            results = await asyncio.wait_for(asyncio.gather(*streams, *unary), timeout=240)  # never a hang
             return stepping[0], list(results)
 
     with actor_killer(ray_tmp) as kill:
@@ -387,7 +390,7 @@ def test_a_killed_replica_is_replaced_and_its_requests_end_clearly(ray_service, 
             assert result.json()["error"]["code"] == "replica_failed"
     assert failed >= 1 and ok >= 1, results
     # Ray starts a replacement, and both replicas serve again.
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 240
     while True:
         now = replica_actors(ray_tmp)
         served = replica_ids(url, tries=16)

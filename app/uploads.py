@@ -14,9 +14,9 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -73,6 +73,17 @@ def decode_image(data: bytes, limits: UploadLimits, param: str = "image") -> np.
     Transparent pixels are composited onto black (Fashion-MNIST's background). Animated images
     give their first frame. 16-bit grayscale is scaled to 8 bits.
     """
+    return _decode(data, limits, param, _to_array)
+
+
+def decode_alpha(data: bytes, limits: UploadLimits, param: str = "mask") -> np.ndarray:
+    """Encoded image bytes -> its uint8 (H, W) alpha channel (255 everywhere for an image without one)."""
+    return _decode(data, limits, param, _alpha)
+
+
+def _decode(data: bytes, limits: UploadLimits, param: str, convert: Callable[[Image.Image], np.ndarray]) -> np.ndarray:
+    """Open within the limits (bytes first, then the header's pixel count before any pixel is decoded),
+    decode, and ``convert``."""
     if len(data) > limits.max_bytes:
         raise _too_large(len(data), limits, param)
     if not data:
@@ -100,7 +111,7 @@ def decode_image(data: bytes, limits: UploadLimits, param: str = "image") -> np.
             )
         try:
             img.load()
-            return _to_array(img)
+            return convert(img)
         except (OSError, SyntaxError, ValueError, EOFError) as err:  # truncated or corrupt pixel data
             raise UploadError(f"corrupt image: {err}", param=param, code="invalid_image", status=422) from err
 
@@ -137,18 +148,6 @@ def decode_files(files: Sequence[bytes], limits: UploadLimits, field: str = "fil
     return [decode_image(data, limits, f"{field}[{i}]") for i, data in enumerate(files)]
 
 
-class AsyncReadable(Protocol):
-    async def read(self, size: int = -1) -> bytes: ...
-
-
-async def read_upload(upload: AsyncReadable, limits: UploadLimits, param: str = "file") -> bytes:
-    """Read an uploaded file (e.g. Starlette's UploadFile), never more than ``max_bytes + 1`` bytes of it."""
-    data = await upload.read(limits.max_bytes + 1)
-    if len(data) > limits.max_bytes:
-        raise _too_large(len(data), limits, param, at_least=True)
-    return data
-
-
 def _to_array(img: Image.Image) -> np.ndarray:
     gray = img.mode in GRAY_MODES or (img.mode in ("P", "PA") and _gray_palette(img))
     if img.mode.startswith("I") or img.mode == "F":  # 16-bit (or wider) grayscale: scale, don't clip
@@ -164,16 +163,20 @@ def _to_array(img: Image.Image) -> np.ndarray:
     return np.array(out, dtype=np.uint8)  # (H, W) or (H, W, 3)
 
 
+def _alpha(img: Image.Image) -> np.ndarray:
+    if img.mode in ("RGBA", "LA", "La", "PA", "RGBa") or "transparency" in img.info:
+        return np.array(img.convert("RGBA").getchannel("A"), dtype=np.uint8)
+    return np.full((img.height, img.width), 255, dtype=np.uint8)
+
+
 def _gray_palette(img: Image.Image) -> bool:
     palette = img.getpalette() or []
     rgb = np.asarray(palette, dtype=np.int64).reshape(-1, 3) if len(palette) % 3 == 0 else None
     return rgb is not None and bool((rgb[:, 0] == rgb[:, 1]).all() and (rgb[:, 1] == rgb[:, 2]).all())
 
 
-def _too_large(
-    size: int, limits: UploadLimits, param: str, approx: bool = False, at_least: bool = False
-) -> UploadError:
-    size_text = f"more than {size - 1}" if at_least else f"about {size}" if approx else str(size)
+def _too_large(size: int, limits: UploadLimits, param: str, approx: bool = False) -> UploadError:
+    size_text = f"about {size}" if approx else str(size)
     return UploadError(
         f"image is {size_text} bytes; at most {limits.max_bytes} allowed",
         param=param,

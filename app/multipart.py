@@ -15,7 +15,7 @@ import python_multipart
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import parse_options_header
 
-from app.clip.uploads import UploadError, UploadLimits
+from app.uploads import UploadError, UploadLimits
 
 MAX_FIELDS = 1100  # text parts (texts, class): more than any valid request has
 MAX_FIELD_BYTES = 64 * 1024  # one text part
@@ -24,8 +24,11 @@ MAX_FIELDS_BYTES = 1024 * 1024  # all text parts together
 
 @dataclass
 class Form:
-    files: list[bytes] = field(default_factory=list)  # the parts named ``file_field``, in order
+    files: dict[str, list[bytes]] = field(default_factory=dict)  # the parts named in ``file_fields``, by name, in order
     fields: dict[str, list[str]] = field(default_factory=dict)  # every other part, by name, decoded as UTF-8
+
+    def files_of(self, name: str) -> list[bytes]:
+        return self.files.get(name, [])
 
 
 def _bad(message: str, param: str | None = None, code: str = "invalid_multipart", status: int = 400) -> UploadError:
@@ -35,9 +38,9 @@ def _bad(message: str, param: str | None = None, code: str = "invalid_multipart"
 class _Reader:
     """python-multipart callbacks that collect parts, raising UploadError as soon as a limit is passed."""
 
-    def __init__(self, limits: UploadLimits, file_field: str) -> None:
+    def __init__(self, limits: UploadLimits, file_fields: tuple[str, ...]) -> None:
         self.limits = limits
-        self.file_field = file_field
+        self.file_fields = file_fields
         self.form = Form()
         self.ended = False
         self._header_name = b""
@@ -68,14 +71,14 @@ class _Reader:
         if b"name" not in options:
             raise _bad('every part needs a Content-Disposition header with a name, e.g. form-data; name="files"')
         self._name = options[b"name"].decode("utf-8", "replace")
-        self._is_file = self._name == self.file_field
+        self._is_file = self._name in self.file_fields
         if self._is_file:
-            index = len(self.form.files)
+            index = len(self.form.files_of(self._name))
             if index >= self.limits.max_images:
                 raise UploadError(
                     f"more than {self.limits.max_images} images in one request; at most {self.limits.max_images} "
                     "allowed",
-                    param=self.file_field,
+                    param=self._name,
                     code="too_many_images",
                     status=422,
                 )
@@ -89,7 +92,7 @@ class _Reader:
         if self._is_file and len(self._data) > self.limits.max_bytes:
             raise UploadError(
                 f"image is more than {self.limits.max_bytes} bytes; at most {self.limits.max_bytes} allowed",
-                param=f"{self.file_field}[{len(self.form.files)}]",
+                param=f"{self._name}[{len(self.form.files_of(self._name))}]",
                 code="image_too_large",
                 status=413,
             )
@@ -106,7 +109,7 @@ class _Reader:
 
     def on_part_end(self) -> None:
         if self._is_file:
-            self.form.files.append(bytes(self._data))
+            self.form.files.setdefault(self._name, []).append(bytes(self._data))
             return
         try:
             text = self._data.decode("utf-8")
@@ -119,14 +122,14 @@ class _Reader:
 
 
 async def read_form(
-    chunks: AsyncIterator[bytes], content_type: str, limits: UploadLimits, file_field: str = "files"
+    chunks: AsyncIterator[bytes], content_type: str, limits: UploadLimits, file_fields: tuple[str, ...] = ("files",)
 ) -> Form:
-    """Parse a multipart/form-data body from its chunks; parts named ``file_field`` are the images."""
+    """Parse a multipart/form-data body from its chunks; parts named in ``file_fields`` are the images."""
     _, params = parse_options_header(content_type)
     boundary = params.get(b"boundary")
     if not boundary:
         raise _bad("multipart/form-data needs a boundary in its Content-Type header")
-    reader = _Reader(limits, file_field)
+    reader = _Reader(limits, file_fields)
     callbacks = {
         name: getattr(reader, name)
         for name in (

@@ -1,6 +1,5 @@
 """Decoding uploaded images: what decodes, and each bad upload's status, code and field."""
 
-import asyncio
 import base64
 import io
 import struct
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.clip.uploads import (
+from app.uploads import (
     UploadError,
     UploadLimits,
     check_count,
@@ -18,7 +17,6 @@ from app.clip.uploads import (
     decode_base64_images,
     decode_files,
     decode_image,
-    read_upload,
 )
 from model.images import png_bytes
 
@@ -177,29 +175,6 @@ def test_bad_base64_is_422(text):
     with pytest.raises(UploadError) as err:
         decode_base64_images([text], LIMITS)
     expect(err, 422, "invalid_base64", "images[0]")
-
-
-class AsyncBytes:
-    """What Starlette's UploadFile offers: an async read(size)."""
-
-    def __init__(self, data: bytes):
-        self.buffer = io.BytesIO(data)
-        self.largest_read = 0
-
-    async def read(self, size: int = -1) -> bytes:
-        self.largest_read = max(self.largest_read, size)
-        return self.buffer.read(size)
-
-
-def test_reading_an_upload_stops_past_the_limit(digit):
-    limits = UploadLimits(max_bytes=1000)
-    upload = AsyncBytes(b"x" * 10_000_000)
-    with pytest.raises(UploadError, match="more than 1000 bytes") as err:
-        asyncio.run(read_upload(upload, limits, "files[2]"))
-    expect(err, 413, "image_too_large", "files[2]")
-    assert upload.largest_read == 1001  # never read the whole 10 MB
-    data = png_bytes(digit)
-    assert asyncio.run(read_upload(AsyncBytes(data), LIMITS)) == data
 
 
 def test_limits_must_be_positive():
