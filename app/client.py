@@ -8,6 +8,8 @@
     python -m app.client generate --class dress -n 4 --rerank clip --candidates 16 -o out/   # best 4 of 16
     python -m app.client score out/*.png --class dress                  # CLIP similarity to the class prompt
     python -m app.client score a.png b.png --text "a red dress" --text "a boot"
+    python -m app.client job --class dress -n 6000 --format idx -o out/dresses.tar   # a job; run again to resume
+    python -m app.client job --counts 600,600,600,600,600,600,600,600,600,600 --seed 1 -o out/ds.npz
 
 The server is ``--url`` (default: $FASHION_URL or http://127.0.0.1:8000); the API key is
 ``--api-key`` or $FASHION_API_KEY. Exit status: 0 on success, 1 when the server refused or
@@ -18,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import json
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +194,193 @@ def score(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- jobs: POST /jobs, follow it, download the result (docs/api.md, Jobs) -------------------------------
+
+RETRY_STATUSES = {429, 502, 503, 504}  # the server is busy, restarting or behind a proxy that lost it
+FINISHED = ("succeeded", "failed", "cancelled")
+
+
+def _job_body(args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {"format": args.format}
+    if args.counts:
+        body["counts"] = [int(c) for c in args.counts.split(",")]
+    elif args.cls is not None and args.n is not None:
+        body["class"] = int(args.cls) if re.fullmatch(r"\d+", args.cls) else args.cls
+        body["n"] = args.n
+    else:
+        print("give --counts, or --class and -n", file=sys.stderr)
+        raise SystemExit(2)
+    for key in ("model", "sampler", "steps", "guidance", "guidance_method", "seed", "webhook_url"):
+        if getattr(args, key) is not None:
+            body[key] = getattr(args, key)
+    return body
+
+
+class Patient:
+    """Requests that outlast a dropped connection or a restarting server: transport errors, 429/502/503/504
+    and a job kept by another replica (409 job_on_other_replica, behind Ray Serve's proxy) are retried with
+    backoff (the server's Retry-After when it gives one) until ``patience`` seconds have gone."""
+
+    def __init__(self, client: httpx.Client, patience: float) -> None:
+        self.client, self.patience = client, patience
+
+    def _retryable(self, response: httpx.Response) -> bool:
+        if response.status_code in RETRY_STATUSES:
+            return True
+        return response.status_code == 409 and "job_on_other_replica" in response.text
+
+    def wait(self, deadline: float, delay: float, why: str) -> None:
+        if time.monotonic() + delay > deadline:
+            raise httpx.TransportError(f"gave up after {self.patience:.0f} s: {why}")
+        time.sleep(delay)
+
+    def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        deadline, delay = time.monotonic() + self.patience, 0.25
+        while True:
+            try:
+                response = self.client.request(method, url, **kwargs)
+            except httpx.TransportError as err:
+                self.wait(deadline, delay, f"{type(err).__name__}: {err}")
+            else:
+                if not self._retryable(response):
+                    return response
+                after = response.headers.get("retry-after", "")
+                self.wait(deadline, float(after) if after.isdigit() else delay, _error_text(response))
+            delay = min(delay * 2, 10.0)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def follow(http: Patient, job_id: str, poll: float) -> dict[str, Any]:
+    """Poll the job's status with a progress bar until it has ended; its last status."""
+    from tqdm import tqdm
+
+    bar = None
+    try:
+        while True:
+            response = http.request("GET", f"/jobs/{job_id}")
+            if response.status_code != 200:
+                raise RuntimeError(_error_text(response))
+            status = response.json()
+            if bar is None:
+                bar = tqdm(total=status["images_total"], unit="img", desc=job_id)
+            bar.update(status["images_done"] - bar.n)
+            rate = status.get("images_per_second")
+            bar.set_postfix_str(f"{status['state']}" + (f", {rate:.1f} img/s" if rate else ""))
+            if status["state"] in FINISHED:
+                return status
+            time.sleep(poll)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def download(http: Patient, result: dict[str, Any], out: Path) -> None:
+    """The result into ``out``, through ``out.part``: a download that breaks, or a run that is stopped and
+    started again, goes on from the bytes it has (Range, If-Range on the ETag); the file is checked against
+    the status's sha256 before it takes its name."""
+    if out.exists() and _sha256(out) == result["sha256"]:
+        print(f"{out} is complete (sha256 {result['sha256'][:12]}...)")
+        return
+    part = out.with_name(out.name + ".part")
+    deadline = time.monotonic() + http.patience
+    while True:
+        have = part.stat().st_size if part.exists() else 0
+        if have < result["bytes"]:
+            headers = {"Range": f"bytes={have}-", "If-Range": f'"{result["sha256"]}"'} if have else {}
+            if have:
+                print(f"resuming the download at byte {have} of {result['bytes']}")
+            try:
+                with http.client.stream("GET", result["url"], headers=headers) as response:
+                    if response.status_code not in (200, 206):
+                        response.read()
+                        if response.status_code == 416:  # what we have is not a prefix of it: start again
+                            part.unlink()
+                            continue
+                        if http._retryable(response):
+                            http.wait(deadline, 1.0, _error_text(response))
+                            continue
+                        raise RuntimeError(_error_text(response))
+                    with open(part, "ab" if response.status_code == 206 else "wb") as f:
+                        for block in response.iter_bytes(1 << 16):
+                            f.write(block)
+            except httpx.TransportError as err:
+                http.wait(deadline, 1.0, f"{type(err).__name__}: {err}")
+                continue
+        if _sha256(part) == result["sha256"]:
+            part.replace(out)
+            print(f"wrote {out} ({result['bytes']} bytes, sha256 {result['sha256'][:12]}..., checked)")
+            return
+        part.unlink()  # a prefix of another file (the job was made again?): download it whole
+        http.wait(deadline, 1.0, "the downloaded file's sha256 does not match the job's")
+
+
+def job(args: argparse.Namespace) -> int:
+    """Submit a job (or follow ``--id``), show its progress, download and check its result."""
+    with httpx.Client(base_url=args.url, timeout=args.timeout, headers=_headers(args)) as client:
+        http = Patient(client, args.patience)
+        job_id = args.id
+        if job_id is None:
+            body = _job_body(args)
+            # The same command (body and output file) makes the same key: run it again to resume, never twice.
+            key = (
+                args.key
+                or "cli-"
+                + hashlib.sha256(
+                    json.dumps([body, str(Path(args.out).resolve())], sort_keys=True).encode()
+                ).hexdigest()[:32]
+            )
+            response = http.request("POST", "/jobs", json=body, headers={"Idempotency-Key": key})
+            if response.status_code not in (200, 202):
+                print(_error_text(response), file=sys.stderr)
+                return 1
+            job_id = response.json()["id"]
+            print(f"job {job_id} ({'created' if response.status_code == 202 else 'already there'}; key {key})")
+        status = follow(http, job_id, args.poll)
+        if status["state"] == "failed":
+            print(f"job {job_id} failed: {status['error']['code']}: {status['error']['message']}", file=sys.stderr)
+            return 1
+        result = status.get("result")
+        if result is None:
+            print(f"job {job_id} was cancelled before it made an image", file=sys.stderr)
+            return 1
+        out = Path(args.out)
+        if out.is_dir() or args.out.endswith("/"):
+            out = out / result["file"]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        download(http, result, out)
+        if result["partial"]:
+            print(f"job {job_id} was cancelled: the file holds its first {result['images']} images", file=sys.stderr)
+            return 1
+    return 0
+
+
+def job_arguments(s: argparse.ArgumentParser) -> None:
+    s.set_defaults(fn=job)
+    s.add_argument("-o", "--out", required=True, help="the result file (or a directory for the server's file name)")
+    s.add_argument("--id", help="follow and download this job instead of submitting one")
+    s.add_argument("--counts", help="images per class, 10 numbers separated by commas")
+    s.add_argument("--class", dest="cls", help="with -n: one class, index 0-9 or a name")
+    s.add_argument("-n", type=int, help="with --class: how many images")
+    s.add_argument("--model")
+    s.add_argument("--sampler")
+    s.add_argument("--steps", type=int)
+    s.add_argument("--guidance", type=float)
+    s.add_argument("--guidance-method", choices=["classifier-free", "autoguidance"])
+    s.add_argument("--seed", type=int, help="image i from seed + i (default: the server picks one)")
+    s.add_argument("--format", default="npz", help="npz, idx or parquet (default npz)")
+    s.add_argument("--webhook-url", help="the server tells this URL when the job ends")
+    s.add_argument("--key", help="the Idempotency-Key (default: derived from the request and --out)")
+    s.add_argument("--poll", type=float, default=1.0, help="seconds between status polls")
+    s.add_argument("--patience", type=float, default=600.0, help="seconds to keep retrying a lost or restarting server")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m app.client", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -225,6 +416,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--class", dest="cls", help="index 0-9 or a name: score against the class's prompts")
     s.add_argument("--text", action="append", help="a prompt to score against (repeatable)")
     s.add_argument("--json", action="store_true", help="print the server's JSON answer")
+    job_arguments(sub.add_parser("job", help="a dataset job: submit, follow, download (resumes when run again)"))
     return p
 
 
@@ -234,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
         code: int = args.fn(args)
     except httpx.HTTPError as err:
         print(f"cannot reach {args.url}: {err}", file=sys.stderr)
+        return 1
+    except RuntimeError as err:
+        print(str(err), file=sys.stderr)
         return 1
     return code
 

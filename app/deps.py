@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from app.clip.service import ClipService
 from app.errors import not_ready
 from app.generation.serving import Serving
+from app.jobs.serving import Jobs
 from app.settings import Settings
 
 
@@ -32,6 +33,14 @@ def get_clip(request: Request) -> ClipService:
     return clip
 
 
+def get_jobs(request: Request) -> Jobs:
+    jobs: Jobs | None = getattr(request.app.state, "jobs", None)
+    if jobs is None:
+        raise not_ready("the server is starting or shutting down")
+    return jobs
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ServingDep = Annotated[Serving, Depends(get_serving)]
 ClipDep = Annotated[ClipService, Depends(get_clip)]
+JobsDep = Annotated[Jobs, Depends(get_jobs)]

@@ -25,6 +25,7 @@ TYPES = {
     401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    409: "conflict_error",
     413: "invalid_request_error",
     422: "invalid_request_error",
     429: "overloaded_error",
@@ -130,8 +131,12 @@ def validation_message(errors: Sequence[Mapping[str, Any]], allowed: Mapping[str
     return "; ".join(parts), first_param, first_code
 
 
-def install_handlers(app: FastAPI, allowed: Mapping[str, str]) -> None:
-    """Route every error through the one shape."""
+def install_handlers(
+    app: FastAPI, allowed: Mapping[str, str], by_path: Mapping[str, Mapping[str, str]] | None = None
+) -> None:
+    """Route every error through the one shape. ``allowed`` says what each field accepts; ``by_path``
+    replaces it for the routes whose bodies have other fields (``POST /jobs``)."""
+    by_path = dict(by_path or {})
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -139,7 +144,7 @@ def install_handlers(app: FastAPI, allowed: Mapping[str, str]) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param, code = validation_message(exc.errors(), allowed)
+        message, param, code = validation_message(exc.errors(), by_path.get(request.url.path, allowed))
         return JSONResponse(error_payload(message, TYPES[422], param, code), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)

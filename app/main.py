@@ -27,6 +27,9 @@ from fastapi.staticfiles import StaticFiles
 from app import health, metrics, page
 from app.clip import routes as clip_routes
 from app.clip.service import ClipScorer, ClipService
+from app.edits import routes as edit_routes
+from app.edits.routes import EDIT_PATHS
+from app.edits.schemas import edit_models
 from app.errors import install_handlers
 from app.generation import routes as generation_routes
 from app.generation.device import resolve_device
@@ -36,6 +39,9 @@ from app.generation.models import ServedModel, load_models
 from app.generation.schemas import Limits, allowed_values, request_models
 from app.generation.scorers import Scorer, load_classifier_scorer
 from app.generation.serving import Serving
+from app.jobs import routes as job_routes
+from app.jobs.schemas import job_allowed, job_request_model
+from app.jobs.serving import Jobs
 from app.metrics import EngineMetrics, Metrics
 from app.middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware, ReplicaMiddleware
 from app.openai import routes as openai_routes
@@ -80,6 +86,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tick_rows=settings.tick_rows,
     )
     engine.start()
+    jobs: Jobs | None = None
     try:
         if settings.warmup:
             await asyncio.gather(*(engine.run(warmup_job(m), record=False) for m in served))
@@ -92,11 +99,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.serving = Serving(
             engine, {m.name: m for m in served}, str(device), metrics, scorers, replica=settings.replica
         )
+        jobs = app.state.jobs = Jobs(settings, app.state.serving, metrics)
+        await jobs.start()  # after the engine; resumes the jobs a stop left running or queued
         described = ", ".join(f"{m.name} ({m.kind}, {m.runtime.parameters} parameters)" for m in served)
         log.info("ready on %s: %s", device, described)
         clip_service.start()  # after ready: CLIP never delays the service
         yield
     finally:
+        app.state.jobs = None
+        if jobs is not None:  # before the engine: the running job stays running in SQLite
+            await jobs.stop()
         app.state.serving = None
         app.state.clip = None
         clip_service.close()
@@ -123,6 +135,8 @@ def create_app(
     settings = settings or Settings()
     limits = Limits(settings.max_images, settings.max_steps, settings.max_guidance, settings.max_candidates)
     generate_model, stream_model = request_models(limits)
+    edit_model, interpolate_model = edit_models(limits)
+    job_model = job_request_model(limits, settings.job_max_images)
     app = FastAPI(
         title="Fashion-MNIST diffusion",
         version=version("fashion-diffusion"),
@@ -134,14 +148,17 @@ def create_app(
     app.state.engine_metrics = engine_metrics
     app.state.serving = None
     app.state.clip = None
-    install_handlers(app, allowed_values(stream_model))
+    app.state.jobs = None
+    install_handlers(app, allowed_values(stream_model), {"/jobs": job_allowed(job_model)})
     routers = [  # the HTTP shell's, then one per feature
         page.router,
         health.router,
         metrics.router,
         generation_routes.build_router(generate_model, stream_model),
         clip_routes.build_router(settings),
+        edit_routes.build_router(edit_model, interpolate_model, settings),
         openai_routes.build_router(limits),
+        job_routes.build_router(job_model),
     ]
     for router in routers:
         app.include_router(router)
@@ -151,7 +168,10 @@ def create_app(
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=settings.max_body_bytes,
-        path_limits={"/clip/score": settings.clip_max_body_bytes},
+        path_limits={
+            "/clip/score": settings.clip_max_body_bytes,
+            **dict.fromkeys((*EDIT_PATHS, *openai_routes.UPLOAD_PATHS), settings.edit_max_body_bytes),
+        },
     )
     app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value() if settings.api_key else None)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, paths=paths)

@@ -92,7 +92,7 @@ class Settings(BaseSettings):
         default="auto",
         description=(
             "autocast dtype of the network; auto is float16 on CUDA, bfloat16 on a CPU with AVX512_BF16 or AMX "
-            "(1.75x faster there), float32 elsewhere"
+            "(faster there: docs/speed.md#precision), float32 elsewhere"
         ),
     )
     channels_last: Literal["auto"] | bool = Field(
@@ -107,8 +107,8 @@ class Settings(BaseSettings):
     compile: Literal["auto"] | bool = Field(
         default="auto",
         description=(
-            "torch.compile the network (CUDA graphs on CUDA); auto: on CUDA only (on the CPU the compile costs "
-            "25-270 s of startup and 225 MiB for a 1.3-1.6x faster evaluation: set 1 where that pays)"
+            "torch.compile the network (CUDA graphs on CUDA); auto: on CUDA only (on the CPU a compile costs startup "
+            "time and memory at every start, docs/speed.md#compiled: set 1 where that pays)"
         ),
     )
     threads: int | None = Field(
@@ -179,6 +179,15 @@ class Settings(BaseSettings):
         description="on SIGTERM, how long running and queued jobs may take to finish before they get a 503",
     )
     max_body_bytes: int = Field(default=64 * 1024, ge=256, description="larger request bodies are refused with 413")
+    edit_max_image_bytes: int = Field(
+        default=4 * MiB, ge=1024, le=64 * MiB, description="largest picture (or mask) an edit may upload, encoded"
+    )
+    edit_max_pixels: int = Field(
+        default=4096 * 4096,
+        ge=28 * 28,
+        le=64 * 1024 * 1024,
+        description="most pixels (width x height) of a picture an edit may upload, read from its header first",
+    )
 
     # Access.
     api_key: SecretStr | None = Field(default=None, description="when set, every route but health and metrics needs it")
@@ -341,6 +350,11 @@ class Settings(BaseSettings):
     @property
     def max_candidates(self) -> int:
         return self.rerank_max_candidates or self.max_images
+
+    @property
+    def edit_max_body_bytes(self) -> int:
+        """The largest image-to-image body: two pictures at their limit, base64 in JSON, plus the fields."""
+        return max(self.max_body_bytes, 2 * (-(-self.edit_max_image_bytes // 3) * 4 + 1024) + 64 * 1024)
 
     @property
     def clip_max_body_bytes(self) -> int:

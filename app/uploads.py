@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from app.errors import ApiError
+
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 
@@ -38,20 +40,15 @@ class UploadLimits:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
-class UploadError(ValueError):
-    """A bad upload: ``status`` (400/413/422), ``code`` (machine-readable) and ``param`` (the field, with index)."""
-
-    type = "invalid_request_error"
+class UploadError(ApiError):
+    """A bad upload: ``status`` (400/413/422), ``code`` (machine-readable) and ``param`` (the field, with index).
+    An ``ApiError``, so a route that lets it through answers in the one error shape."""
 
     def __init__(self, message: str, *, param: str | None, code: str, status: int):
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.code = code
-        self.status = status
+        super().__init__(status, message, code=code, param=param, type="invalid_request_error")
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return self.payload()
 
 
 def check_count(n: int, limits: UploadLimits, param: str = "images") -> None:

@@ -12,6 +12,12 @@ state that diffusers' schedulers keep hidden is what makes them unsafe to share.
 Every image draws all its randomness (x_T and any per-step noise) from its own
 ``torch.Generator``, so an image depends only on its seed and parameters, never on what
 else is in the batch.
+
+The same state and step serve image-to-image editing (``model.editing``): a run may start lower than
+pure noise (``strength``, SDEdit), hold a known region that every step puts back (inpainting, RePaint's
+merge), jump back up between evaluations (RePaint's resampling), or climb from an image to a noise level
+(DDIM inversion). ``step`` does all of it, so an engine that evaluates ``state.t`` and calls ``step`` runs
+every editing method unchanged.
 """
 
 from __future__ import annotations
@@ -200,9 +206,10 @@ def check_sigma_min(schedule: Schedule, sigma_min: float) -> None:
         raise ValueError(f"sigma_min must be in [{lo:.4g}, {hi:.4g}) for this schedule, got {sigma_min}")
 
 
-def evaluations(sampler: str, steps: int) -> int:
-    """Network evaluations per image (before guidance's reference rows) of ``steps`` steps of ``sampler``."""
-    return sampler_named(sampler).evaluations(steps)
+def evaluations(sampler: str, steps: int, strength: float | None = None) -> int:
+    """Network evaluations per image (before guidance's reference rows) of ``steps`` steps of ``sampler``: from
+    pure noise (``strength`` None), or the kept ones from an image (``kept_steps``, ``Sampler.evaluations``)."""
+    return sampler_named(sampler).evaluations(steps, strength)
 
 
 def karras_timesteps(schedule: Schedule, steps: int, sigma_min: float | None = None) -> list[int]:
@@ -247,7 +254,7 @@ def spaced_timesteps(T: int, steps: int) -> list[int]:
 class SamplerState:
     """A batch of trajectories in flight, all at the same step of the same sampler."""
 
-    sampler: str  # one of SAMPLERS
+    sampler: str  # one of SAMPLERS, or INVERSION (model.editing.start_inversion)
     timesteps: tuple[int, ...]  # the evaluation timesteps, descending
     x: torch.Tensor  # (B, C, H, W) x_t at timesteps[index]; the sample itself once done
     generators: tuple[torch.Generator, ...]  # one per image: x_T and every later noise draw
@@ -258,10 +265,26 @@ class SamplerState:
     # Heun, between its Euler step and the correction: x/sqrt(ab) at the step's start plus half the step along
     # its slope, to which the correction adds the other half along the slope at the step's end.
     heun_half: torch.Tensor | None = None
+    # Inpainting (model.editing.start_inpainting): the input image in [-1, 1] and where to generate. After every
+    # step the pixels where mask is False are the input noised to the next timestep's level, the input itself
+    # after the last step (``merge_known``).
+    known: torch.Tensor | None = None  # (B, C, H, W) the input image, in [-1, 1]
+    mask: torch.Tensor | None = None  # (B, 1, H, W) bool: True where the image is generated, False where kept
+    # The level each step ends at (-1: the clean image), where that is not the next timestep: RePaint's schedule
+    # (a next timestep above it is a jump back up, ``jump_up``) and DDIM inversion (which ends above its last).
+    lands: tuple[int, ...] | None = None
 
     @property
     def total(self) -> int:
         return len(self.timesteps)
+
+    @property
+    def landing(self) -> int:
+        """The level the next step ends at: the next timestep, or -1 (the clean image) after the last one,
+        unless ``lands`` says otherwise."""
+        if self.lands is not None:
+            return self.lands[self.index]
+        return self.timesteps[self.index + 1] if self.index + 1 < len(self.timesteps) else -1
 
     @property
     def done(self) -> bool:
@@ -271,6 +294,45 @@ class SamplerState:
     def t(self) -> int:
         """The timestep the network is evaluated at for the next step."""
         return self.timesteps[self.index]
+
+
+def check_eta(eta: float) -> None:
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
+
+
+def kept_steps(steps: int, strength: float) -> int:
+    """How many of its ``steps`` steps a run from an image keeps, the last ones: int(steps * strength), as
+    diffusers' img2img (``init_timestep = min(int(steps * strength), steps)``). Rounded down, so the
+    network evaluations scale with strength; to within 1e-9, so a strength written k / steps keeps k steps
+    whatever the float rounding (49 * (1 / 49) is 0.99999...)."""
+    if not (np.isfinite(strength) and 0.0 < strength <= 1.0):
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    kept = min(int(steps * strength + 1e-9), steps)
+    if kept < 1:
+        raise ValueError(
+            f"strength {strength} keeps none of {steps} steps (it keeps int(steps * strength)); "
+            f"the least strength for {steps} steps is 1/{steps} = {1 / steps:.4g}"
+        )
+    return kept
+
+
+def timesteps_for(
+    sampler: str, schedule: Schedule, steps: int, strength: float | None = None, sigma_min: float | None = None
+) -> list[int]:
+    """The evaluation timesteps of ``steps`` steps of ``sampler``: all of them for a run from pure noise
+    (``strength`` None), or the last ``Sampler.evaluations(steps, strength)`` of them for one that starts from
+    an image noised to the first of those (SDEdit, ``model.editing``). ``sigma_min`` (heun only) is its lowest
+    level (``karras_timesteps``)."""
+    entry = sampler_named(sampler)
+    entry.check_steps(steps, schedule.T)
+    if sigma_min is not None and not entry.takes_sigma_min:
+        takers = ", ".join(s.name for s in REGISTRY.values() if s.takes_sigma_min)
+        raise ValueError(f"sigma_min applies to {takers} only, not {sampler}")
+    timesteps = entry.timesteps(schedule, steps, sigma_min)
+    if strength is None:
+        return timesteps
+    return timesteps[len(timesteps) - entry.evaluations(steps, strength) :]
 
 
 def start(
@@ -286,23 +348,87 @@ def start(
     """The state before the first step: x_T drawn from each image's generator, and the evaluation
     timesteps of the sampler's registry entry (``REGISTRY``) for ``steps`` steps. ``sigma_min`` (heun
     only) is its lowest level (``karras_timesteps``)."""
-    entry = sampler_named(sampler)
-    entry.check_steps(steps, schedule.T)
-    if sigma_min is not None and not entry.takes_sigma_min:
-        takers = ", ".join(s.name for s in REGISTRY.values() if s.takes_sigma_min)
-        raise ValueError(f"sigma_min applies to {takers} only, not {sampler}")
-    timesteps = entry.timesteps(schedule, steps, sigma_min)
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta must be in [0, 1], got {eta}")
-    x = initial_noise(generators, shape, device)
-    return SamplerState(sampler, tuple(timesteps), x, tuple(generators), eta=eta if entry.takes_eta else 0.0)
+    timesteps_for(sampler, schedule, steps, None, sigma_min)  # refused before any noise is drawn
+    check_eta(eta)
+    x_T = initial_noise(generators, shape, device)  # (B, *shape)
+    return start_at(sampler, schedule, steps, generators, x_T, None, eta, sigma_min)
+
+
+def start_at(
+    sampler: str,
+    schedule: Schedule,
+    steps: int,
+    generators: Sequence[torch.Generator],
+    x: torch.Tensor,
+    strength: float | None = None,
+    eta: float = 0.0,
+    sigma_min: float | None = None,
+) -> SamplerState:
+    """The state before the first step from a given ``x`` (B, C, H, W) at the first of ``timesteps_for``'s
+    timesteps: x_T for a run from pure noise (``strength`` None); a noised image or an inverted latent for one
+    that starts lower (``model.editing``)."""
+    timesteps = timesteps_for(sampler, schedule, steps, strength, sigma_min)
+    check_eta(eta)
+    if x.ndim != 4 or len(x) != len(generators):
+        raise ValueError(f"need x as (B, C, H, W) with one generator per image: x {tuple(x.shape)}, {len(generators)}")
+    eta = eta if sampler_named(sampler).takes_eta else 0.0
+    return SamplerState(sampler, tuple(timesteps), x, tuple(generators), eta=eta)
 
 
 def step(state: SamplerState, schedule: Schedule, eps: torch.Tensor, x0: torch.Tensor) -> SamplerState:
-    """The next state, from the network's (guided) eps and x0 predictions at ``state.t``."""
+    """The next state, from the network's (guided) eps and x0 predictions at ``state.t``: the sampler's step,
+    then RePaint's jump back up where the next timestep is above the level the step ended at, then the known
+    region put back where the state inpaints. Every sampler gets the editing methods from here alone."""
     if state.done:
         raise ValueError(f"the trajectory has taken all its {state.total} steps")
-    return REGISTRY[state.sampler].step(state, schedule, eps, x0)
+    landing = state.landing
+    # 1. Consistency models' zero-shot editing (Song et al. 2023, alg. 4): the known pixels go into the x0
+    #    prediction, which the consistency step re-noises (or returns, after its last step).
+    edits_x0 = state.known is not None and sampler_named(state.sampler).edits_x0
+    if edits_x0:
+        x0 = _paste_known(state, x0)
+    # 2. The sampler's own step.
+    state = STEPS[state.sampler](state, schedule, eps, x0)
+    # 3. RePaint's resampling: back up to the next timestep when it is above the level the step ended at.
+    state = jump_up(state, schedule, landing)
+    # 4. RePaint's merge: the known region, noised to the next timestep's level.
+    if state.known is not None and not edits_x0:
+        state = merge_known(state, schedule)
+    return state
+
+
+def _paste_known(state: SamplerState, x: torch.Tensor) -> torch.Tensor:
+    """``x`` where the state generates, the known image elsewhere: torch.where, exact (never 0 * x), and in the
+    wider of the two dtypes, so the known pixels keep every bit."""
+    assert state.known is not None and state.mask is not None
+    return torch.where(state.mask, x, state.known)  # (B, C, H, W)
+
+
+def merge_known(state: SamplerState, schedule: Schedule) -> SamplerState:
+    """RePaint's merge (Lugmayr et al. 2022, eq. 8): x = m * x_known + (1 - m) * x_unknown, with m the known
+    region (False in ``state.mask``) and x_known ~ q(x_t | x_0) the input noised to the level of the next
+    timestep (Ho et al. 2020, eq. 4), with fresh noise from each image's generator. After the last step it is
+    the input itself, so the known pixels come out exactly as they went in."""
+    assert state.known is not None and state.mask is not None
+    if state.done:
+        return replace(state, x=_paste_known(state, state.x))
+    ab = float(schedule.alpha_bar[state.t])
+    x_known = np.sqrt(ab) * state.known + np.sqrt(1 - ab) * _noise_like(state.x, state.generators)  # (B, C, H, W)
+    return replace(state, x=torch.where(state.mask, state.x, x_known))
+
+
+def jump_up(state: SamplerState, schedule: Schedule, landed: int) -> SamplerState:
+    """RePaint's resampling (Lugmayr et al. 2022, sec. 4.2 and alg. 1): where the next timestep t is above the
+    level l the last step ended at, the sample goes back up with the forward process,
+    x_t ~ q(x_t | x_l) = N(sqrt(ab_t / ab_l) x_l, (1 - ab_t / ab_l) I) (Ho et al. 2020, eq. 2 over t - l steps),
+    with noise from each image's generator. It costs no network evaluation, so ``timesteps`` still counts
+    evaluations alone."""
+    if state.done or state.t <= landed:
+        return state
+    ab = schedule.alpha_bar
+    ratio = float(ab[state.t] / (1.0 if landed < 0 else ab[landed]))  # ab_t / ab_l, in float64
+    x = np.sqrt(ratio) * state.x + np.sqrt(1 - ratio) * _noise_like(state.x, state.generators)  # (B, C, H, W)
+    return replace(state, x=x)
 
 
 def _ddpm_step(state: SamplerState, schedule: Schedule, eps: torch.Tensor, x0: torch.Tensor) -> SamplerState:
@@ -328,7 +454,7 @@ def _ddim_step(state: SamplerState, schedule: Schedule, eps: torch.Tensor, x0: t
     """DDIM (Song et al. 2021, eq. 12); eta = 0 is deterministic, eta = 1 matches DDPM's variance."""
     i, ts, ab = state.index, state.timesteps, schedule.alpha_bar
     a_t = ab[ts[i]]
-    a_prev = ab[ts[i + 1]] if i + 1 < len(ts) else 1.0
+    a_prev = ab[state.landing] if state.landing >= 0 else 1.0  # the next timestep, or RePaint's level below
     # 1. sigma_t of eq. 16, scaled by eta.
     sigma = state.eta * np.sqrt((1 - a_prev) / (1 - a_t)) * np.sqrt(1 - a_t / a_prev)
     # 2. x_{t-1} = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z.
@@ -388,17 +514,41 @@ def _heun_step(state: SamplerState, schedule: Schedule, eps: torch.Tensor, x0: t
     if state.heun_half is None:  # Euler from ts[i] to ts[i + 1]: x0 + sigma eps, DDIM's step
         s_cur, s_next = float(sigma[ts[i]]), float(sigma[ts[i + 1]])
         x = float(np.sqrt(ab[ts[i + 1]])) * (x0 + s_next * eps)
-        half = None if i == 0 else state.x / float(np.sqrt(ab[ts[i]])) + 0.5 * (s_next - s_cur) * eps
+        # A correction follows where the next level comes twice (``_heun_timesteps``): not after the jump from
+        # pure noise, which a run from an image (``timesteps_for`` with a strength) does not take.
+        corrected = i + 2 < len(ts) and ts[i + 2] == ts[i + 1]
+        half = state.x / float(np.sqrt(ab[ts[i]])) + 0.5 * (s_next - s_cur) * eps if corrected else None
         return replace(state, x=x, index=i + 1, heun_half=half)
     s_prev, s_cur = float(sigma[ts[i - 1]]), float(sigma[ts[i]])
     x = float(np.sqrt(ab[ts[i]])) * (state.heun_half + 0.5 * (s_cur - s_prev) * eps)
     return replace(state, x=x, index=i + 1, heun_half=None)
 
 
+def _ddim_inversion_step(state: SamplerState, schedule: Schedule, eps: torch.Tensor, x0: torch.Tensor) -> SamplerState:
+    """DDIM inversion (Song et al. 2021, sec. 4.3 and 5.4): the deterministic DDIM update (eq. 12, eta = 0) run
+    towards more noise, x_next = sqrt(ab_next) x0_pred + sqrt(1 - ab_next) eps, the prediction at the level
+    the sample is at standing in for the one at the level it goes to (Euler on the probability-flow ODE, eq. 14,
+    the other way). Its timesteps ascend; ``lands`` holds the level each step goes up to."""
+    a_next = float(schedule.alpha_bar[state.landing])
+    x = np.sqrt(a_next) * x0 + np.sqrt(1 - a_next) * eps  # (B, C, H, W)
+    return replace(state, x=x, index=state.index + 1)
+
+
 # --- the registry --------------------------------------------------------------------------------
 
 StepFn = Callable[[SamplerState, Schedule, torch.Tensor, torch.Tensor], SamplerState]
 TimestepsFn = Callable[[Schedule, int, float | None], list[int]]
+
+
+def _one_each(kept: int) -> int:
+    return kept
+
+
+def _heun_kept(kept: int) -> int:
+    """From an image, Heun starts at its kept levels' first, with the Euler step from it (a run from pure noise
+    jumps there first): k - 1 Euler steps each corrected, and the last one, to x0, not: 2k - 1 evaluations,
+    a suffix of its timesteps that starts at a level's second appearance, where its Euler step is."""
+    return 2 * kept - 1
 
 
 @dataclass(frozen=True)
@@ -415,13 +565,22 @@ class Sampler:
     levels_below_T: bool = False  # its levels come after x_T's own, so at most T - 1 steps
     takes_eta: bool = False  # DDIM's stochasticity applies
     takes_sigma_min: bool = False  # a lowest noise level applies (Heun's)
+    # From an image (a strength, ``kept_steps``): the network evaluations of its last ``kept`` steps, the suffix
+    # of its timesteps it runs from the level it starts at.
+    kept_evaluations: Callable[[int], int] = _one_each
+    # Inpainting puts the known pixels into the x0 prediction before the step (consistency models' zero-shot
+    # editing, Song et al. 2023, alg. 4) rather than into x after it (RePaint's merge).
+    edits_x0: bool = False
 
     def max_steps(self, T: int) -> int:
         return T - 1 if self.levels_below_T else T
 
-    def evaluations(self, steps: int) -> int:
-        """Network evaluations per image (before guidance's reference rows) of ``steps`` steps."""
-        return self.evaluations_per_step * steps
+    def evaluations(self, steps: int, strength: float | None = None) -> int:
+        """Network evaluations per image (before guidance's reference rows) of ``steps`` steps: from pure
+        noise (``strength`` None), or from an image noised to the level ``strength`` picks (``kept_steps``)."""
+        if strength is None:
+            return self.evaluations_per_step * steps
+        return self.kept_evaluations(kept_steps(steps, strength))
 
     def steps_for(self, asked: int | None, default: int, T: int) -> int:
         """The steps a run takes: ``asked``, else ``default``; a sampler that runs all T steps takes T,
@@ -474,12 +633,23 @@ REGISTRY: dict[str, Sampler] = {
         Sampler("ddim", 50, _spaced, _ddim_step, takes_eta=True),
         Sampler("dpm++", 20, _spaced, _dpm_solver_pp_step),
         Sampler(
-            "heun", 18, _heun_timesteps, _heun_step, evaluations_per_step=2, levels_below_T=True, takes_sigma_min=True
+            "heun",
+            18,
+            _heun_timesteps,
+            _heun_step,
+            evaluations_per_step=2,
+            levels_below_T=True,
+            takes_sigma_min=True,
+            kept_evaluations=_heun_kept,
         ),
-        Sampler("consistency", 4, _spaced, _consistency_step),
+        Sampler("consistency", 4, _spaced, _consistency_step, edits_x0=True),
     )
 }
 SAMPLERS = tuple(REGISTRY)
+# DDIM run backwards, from an image up to a noise level (model.editing.start_inversion): a step the engine runs
+# like any other, but no way to generate, so it is not in REGISTRY and no API offers it as a sampler.
+INVERSION = "ddim-inversion"
+STEPS: dict[str, StepFn] = {**{name: s.step for name, s in REGISTRY.items()}, INVERSION: _ddim_inversion_step}
 
 
 def sampler_named(name: str) -> Sampler:
@@ -527,6 +697,20 @@ def sample(
     ``autoguide``: guided rows take their reference from the guide network (None: where there is one)."""
     _check(denoiser, labels, generators, guidance)
     state = start(sampler, denoiser.schedule, steps, generators, shape, labels.device, eta, sigma_min)
+    return run(denoiser, state, labels, guidance, callback, autoguide)
+
+
+@torch.no_grad()
+def run(
+    denoiser: Denoiser,
+    state: SamplerState,
+    labels: torch.Tensor,
+    guidance: float = 1.0,
+    callback: StepCallback | None = None,
+    autoguide: bool | None = None,
+) -> torch.Tensor:
+    """Evaluate ``state.t`` and ``step`` until the state is done, as the engine does a tick at a time, from any
+    state (``start``, or ``model.editing``'s); its x at the end."""
     while not state.done:
         eps, x0 = denoiser(state.x, state.t, labels, guidance, autoguide)
         if callback is not None and callback(Step(state.index, state.total, state.t, state.x, x0)):

@@ -149,14 +149,15 @@ class Spawner:
 
 
 @contextlib.contextmanager
-def serve_in_thread(settings: Any, log_level: str = "warning") -> Iterator[str]:
+def serve_in_thread(settings: Any, log_level: str = "warning", port: int | None = None) -> Iterator[str]:
     """``with serve_in_thread(settings) as url:`` the real app of ``app.main.create_app(settings)``
-    under uvicorn in a thread, on a free loopback port, until the block ends."""
+    under uvicorn in a thread, on a free loopback port (or ``port``: a restart on the same address),
+    until the block ends."""
     import uvicorn
 
     from app.main import create_app
 
-    port = free_port()
+    port = port or free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level=log_level))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from app.generation.device import Runtime
+from app.generation.editing import edit_evaluations, start_edit
 from app.generation.jobs import (
     EngineClosed,
     EventCallback,
@@ -136,6 +137,10 @@ class Engine:
         draining, and ValueError for a model the engine does not serve."""
         lane = self._lane(spec.model)
         spec = replace(spec, model=lane.name)
+        if spec.edit is not None:  # its work, counted once, for the lane's deadlines and forecasts
+            schedule = self.runtimes[lane.name].denoiser.schedule
+            work = edit_evaluations(spec.edit, spec.sampler, spec.steps, schedule)
+            spec = replace(spec, edit=replace(spec.edit, work=work))
         if spec.rows > self.max_rows:
             raise JobTooLarge(spec.rows, self.max_rows, spec.n)
         loop = asyncio.get_running_loop()
@@ -272,7 +277,10 @@ class Engine:
         spec, runtime = job.spec, self.runtimes[lane.name]
         gens = generators_from_seeds(spec.seeds)
         schedule, device = runtime.denoiser.schedule, runtime.device
-        state = start(spec.sampler, schedule, spec.steps, gens, device=device, sigma_min=spec.sigma_min)
+        if spec.edit is None:
+            state = start(spec.sampler, schedule, spec.steps, gens, device=device, sigma_min=spec.sigma_min)
+        else:
+            state = start_edit(spec.edit, spec.sampler, schedule, spec.steps, gens, device, spec.sigma_min)
         labels = torch.full((spec.n,), spec.label, dtype=torch.long, device=device)
         job.state, job.admitted = "running", time.monotonic()
         self._output.admitted(job)
@@ -355,6 +363,7 @@ class Engine:
             if job.on_event is not None or before.index == 0:  # events, or the first step's timing
                 first = time.monotonic() - job.submitted if before.index == 0 else 0.0
                 self._output.stepped(job, before.index, before.total, before.t, x0_u8, xt_u8, first)
-            if r.state.done:
-                finished.append((r, to_uint8(r.state.x.float())))
+            if r.state.done:  # an inversion ends on its latents (float32 (n, 1, 28, 28)), every other job on images
+                inverted = job.spec.edit is not None and job.spec.edit.kind == "invert"
+                finished.append((r, r.state.x.float().cpu().numpy() if inverted else to_uint8(r.state.x.float())))
         return rows, finished

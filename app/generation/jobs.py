@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from app.generation.editing import Edit
 from model.samplers import evaluations
 
 
@@ -67,6 +68,7 @@ class JobSpec:
     # Background work (a long job's images): it takes only the rows that interactive jobs leave idle in a tick
     # (``app.generation.lane``), waits in its own queue, and never counts toward the interactive queue's limit.
     background: bool = False
+    edit: Edit | None = None  # an image-to-image job: what it starts from (app.generation.editing)
 
     @property
     def n(self) -> int:
@@ -74,8 +76,9 @@ class JobSpec:
 
     @property
     def evaluations(self) -> int:
-        """The network evaluations it takes, a tick each: its steps, Heun's two per step."""
-        return evaluations(self.sampler, self.steps)
+        """The network evaluations it takes, a tick each: its steps, Heun's two per step; an edit's, as the
+        engine counted them when it took the job (``app.generation.editing.edit_evaluations``)."""
+        return self.edit.work if self.edit is not None else evaluations(self.sampler, self.steps)
 
     @property
     def rows(self) -> int:
@@ -110,7 +113,7 @@ EventCallback = Callable[[Event], Any]
 
 @dataclass(frozen=True)
 class JobResult:
-    images: np.ndarray  # uint8 (n, 28, 28); the answer encodes the PNGs it uses
+    images: np.ndarray  # uint8 (n, 28, 28); the answer encodes the PNGs it uses (an inversion: its float latents)
     queued_s: float  # from submit to admission
     sampling_s: float  # from admission to the last step
     batch_images: int  # most images that shared one network evaluation with this job

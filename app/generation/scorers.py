@@ -104,6 +104,13 @@ class ClassifierScorer:
             probs, _ = predict(self.model, x)  # (N, 10)
         return probs[np.arange(len(labels)), np.asarray(labels)].astype(np.float64)  # (N,)
 
+    def classify(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, 28, 28) -> int (N,): the most probable class of each image."""
+        x = to_model_range(np.ascontiguousarray(images)).to(self.device)  # (N, 1, 28, 28) in [-1, 1]
+        with torch.inference_mode():
+            probs, _ = predict(self.model, x)  # (N, 10)
+        return probs.argmax(1)
+
 
 CLASSIFIER_HOWTO = (
     "Set FASHION_CLASSIFIER_WEIGHTS to a classifier .safetensors file with its .json card beside it "

@@ -9,17 +9,18 @@ import asyncio
 import base64
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
 from fastapi.sse import ServerSentEvent
+from pydantic import BaseModel
 
 from app.errors import TYPES, ApiError, error_payload
 from app.generation import rerank
-from app.generation.jobs import Event, Job, JobCancelled, Progress, Queued
+from app.generation.jobs import Event, Job, JobCancelled, JobSpec, Progress, Queued
 from app.generation.schemas import Params, QueuedEvent, StartEvent, StepEvent, StreamRequestBase
 from app.generation.serving import (
     Generated,
@@ -43,6 +44,9 @@ def error_event(err: ApiError, seq: int) -> ServerSentEvent:
     return ServerSentEvent(event="error", id=str(seq), data=payload)
 
 
+Finish = Callable[[Generated], Awaitable[BaseModel]]  # the ``done`` event's body from the finished job
+
+
 @dataclass
 class Stream:
     """A stream's job, opened before the response starts (so a full queue is still a plain 429)."""
@@ -54,6 +58,7 @@ class Stream:
     accepted: float
     queue_depth: int
     plan: rerank.RerankPlan | None = None
+    finish: Finish | None = None  # None: the answer of POST /generate (``response_body``)
 
 
 @asynccontextmanager
@@ -61,10 +66,26 @@ async def open_stream(
     body: StreamRequestBase, request: Request, serving: Serving, settings: Settings
 ) -> AsyncIterator[Stream]:
     """Queue the job and watch for the client leaving; the job is cancelled whenever the stream ends early."""
-    accepted = time.monotonic()
     plan = rerank.plan(body.rerank, body.n, serving.scorers, settings)
     spec, params = resolve(body, serving, settings, candidates=plan.candidates if plan else None)
-    every = body.preview_every or max(1, math.ceil(spec.evaluations / PREVIEWS_PER_RUN))
+    async with open_job_stream(spec, params, request, serving, body.preview_every, plan) as stream:
+        yield stream
+
+
+@asynccontextmanager
+async def open_job_stream(
+    spec: JobSpec,
+    params: Params,
+    request: Request,
+    serving: Serving,
+    preview_every: int | None = None,
+    plan: rerank.RerankPlan | None = None,
+    finish: Finish | None = None,
+) -> AsyncIterator[Stream]:
+    """``open_stream`` for a job already resolved (an edit's, say): submit it, watch for the client leaving,
+    and cancel the job whenever the stream ends early."""
+    accepted = time.monotonic()
+    every = preview_every or max(1, math.ceil(spec.evaluations / PREVIEWS_PER_RUN))
     events: asyncio.Queue[Any] = asyncio.Queue()
     job = await submit(serving, spec, on_event=events.put_nowait, preview_every=every)
     job.future.add_done_callback(lambda _: events.put_nowait(_DONE))
@@ -76,7 +97,7 @@ async def open_stream(
 
     watcher = asyncio.ensure_future(cancel_when_gone())
     try:
-        yield Stream(job, params, events, serving, accepted, depth, plan)
+        yield Stream(job, params, events, serving, accepted, depth, plan, finish)
     finally:
         watcher.cancel()
         if not job.future.done():
@@ -121,8 +142,9 @@ async def stream_events(stream: Stream) -> AsyncIterator[ServerSentEvent]:
         except Exception as err:
             yield error_event(api_error(err), seq)
             return
-        done = await response_body(stream.serving, Generated(model, stream.params, result, ranked, stream.accepted))
-        data = done.model_dump(mode="json", by_alias=True, exclude_none=True)
+        generated = Generated(model, stream.params, result, ranked, stream.accepted)
+        finish = stream.finish or (lambda g: response_body(stream.serving, g))
+        data = (await finish(generated)).model_dump(mode="json", by_alias=True, exclude_none=True)
         yield ServerSentEvent(event="done", id=str(seq), data=data)
     finally:
         if not stream.job.future.done():

@@ -23,6 +23,8 @@ from app.errors import ApiError, ErrorResponse, error_responses, validation_mess
 from app.fields import Seed
 from app.generation.routes import list_models, model_out
 from app.generation.schemas import Limits, ModelList, ModelOut, request_models
+from app.multipart import read_form
+from app.openai import edits as openai_edits
 from app.openai import serving as images
 from app.openai.schemas import (
     MEDIA_TYPES,
@@ -30,12 +32,17 @@ from app.openai.schemas import (
     ImageGenerateRequestBase,
     ImagesResponse,
     OutputFormat,
+    edit_request_models,
     request_allowed,
     request_model,
 )
 from app.openai.urls import FILE_ROUTE
+from app.uploads import UploadLimits
 
 GENERATIONS = "/v1/images/generations"
+EDITS = "/v1/images/edits"
+VARIATIONS = "/v1/images/variations"
+UPLOAD_PATHS = (EDITS, VARIATIONS)  # with the edits' body limit (Settings.edit_max_body_bytes)
 ERRORS = error_responses(
     {
         400: "invalid request: the message names the field and what it accepts (a prompt naming no class or two)",
@@ -88,6 +95,7 @@ def build_router(limits: Limits) -> APIRouter:
     images_serving = images.ImagesServing(generate_model, stream_model)
     router = APIRouter(tags=["openai"], route_class=openai_route(request_allowed(body_model)))
     generations_routes(router, body_model, images_serving)
+    edit_routes(router, limits)
     file_routes(router, images_serving)
     model_routes(router)
     return router
@@ -146,6 +154,83 @@ def generations_routes(
         responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE with stream"}, **ERRORS},
         summary="Create images (OpenAI's Images API)",
     )
+
+
+async def wants_form_stream(request: Request) -> bool:
+    """True when a multipart body's ``stream`` field is "true" (the body is read once and kept for the route)."""
+    body = await request.body()
+    type_ = request.headers.get("content-type", "")
+    if not type_.lower().startswith("multipart/form-data") or b'name="stream"' not in body:
+        return False
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield body
+
+    form = await read_form(chunks(), type_, UploadLimits(max_images=64, max_bytes=len(body) + 1), ("image", "mask"))
+    return [v.strip().lower() for v in form.fields.get("stream", [])][-1:] == ["true"]
+
+
+def edit_routes(router: APIRouter, limits: Limits) -> None:
+    """``POST /v1/images/edits`` (JSON, or server-sent events with ``stream``) and ``/v1/images/variations``,
+    multipart as the SDK sends them."""
+    edit_model, variation_model = edit_request_models(limits)
+    route_class: type[APIRoute] = router.route_class
+
+    async def open_stream(
+        request: Request, serving: ServingDep, settings: SettingsDep
+    ) -> AsyncIterator[images.ImageStream]:
+        async with openai_edits.open_edit_stream(edit_model, request, serving, settings) as stream:
+            yield stream
+
+    async def edits_stream(
+        stream: Annotated[images.ImageStream, Depends(open_stream)],
+    ) -> AsyncIterator[ServerSentEvent]:
+        async for event in images.stream_events(stream):
+            yield event
+
+    stream_route = route_class(
+        EDITS, edits_stream, methods=["POST"], response_class=EventSourceResponse, include_in_schema=False
+    )
+
+    class EditsRoute(route_class):  # type: ignore[valid-type,misc]
+        def get_route_handler(self) -> Handler:
+            as_json, as_stream = super().get_route_handler(), stream_route.get_route_handler()
+
+            async def dispatch(request: Request) -> Response:
+                return await (as_stream if await wants_form_stream(request) else as_json)(request)
+
+            return dispatch
+
+    async def edits(request: Request, serving: ServingDep, settings: SettingsDep) -> Any:
+        """Edit one image as OpenAI's Images API does (multipart: ``image``, optional ``mask`` whose transparent
+        pixels mark the area to redraw, ``prompt`` naming the class, ``n``, ``size``, ``output_format``,
+        ``stream`` with ``partial_images``, and ``seed``, ``sampler``, ``steps``, ``guidance``, ``strength``).
+        Without a mask the edit is a variation steered toward the prompt's class. See docs/openai.md."""
+        return await openai_edits.edit(edit_model, request, serving, settings)
+
+    router.add_api_route(
+        EDITS,
+        edits,
+        methods=["POST"],
+        route_class_override=EditsRoute,
+        response_model=ImagesResponse,
+        response_model_exclude_none=True,
+        responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE with stream"}, **ERRORS},
+        summary="Edit an image (OpenAI's Images API)",
+    )
+
+    @router.post(
+        VARIATIONS,
+        response_model=ImagesResponse,
+        response_model_exclude_none=True,
+        responses=ERRORS,
+        summary="Variations of an image (OpenAI's Images API)",
+    )
+    async def variations(request: Request, serving: ServingDep, settings: SettingsDep) -> Any:
+        """Variations of one image (multipart: ``image``, ``n``, ``size``, ``response_format``; ``seed``,
+        ``sampler``, ``steps``, ``guidance``, ``strength``): the class is the project classifier's reading of
+        the image, the strength 0.6 unless given."""
+        return await openai_edits.variation(variation_model, request, serving, settings)
 
 
 def file_routes(router: APIRouter, images_serving: images.ImagesServing) -> None:

@@ -211,7 +211,7 @@ class PartialImageEvent(ImageEvent):
     """Data of the ``image_generation.partial_image`` event: ``b64_json`` is the model's x0 prediction
     at this step, encoded as the final image is."""
 
-    type: Literal["image_generation.partial_image"] = "image_generation.partial_image"
+    type: Literal["image_generation.partial_image", "image_edit.partial_image"] = "image_generation.partial_image"
     partial_image_index: int = Field(description="0-based, per image")
 
 
@@ -228,7 +228,7 @@ class CompletedEvent(ImageEvent):
     """Data of the ``image_generation.completed`` event, one per image: ``b64_json`` is the final image,
     the same bytes as without stream."""
 
-    type: Literal["image_generation.completed"] = "image_generation.completed"
+    type: Literal["image_generation.completed", "image_edit.completed"] = "image_generation.completed"
     usage: Usage = Field(default_factory=Usage)
     seed: int = Field(description="this service's addition: the seed the image was drawn with")
     safety_identifier: str | None = None
@@ -236,3 +236,71 @@ class CompletedEvent(ImageEvent):
 
 def dump(model: BaseModel) -> dict[str, Any]:
     return model.model_dump(mode="json", exclude_none=True)
+
+
+# --- edits and variations (multipart/form-data, as the SDK sends them) ------------------------------
+
+
+class ImageEditRequestBase(BaseModel):
+    """The text fields of ``POST /v1/images/edits``; ``image`` (or ``image[]``) and ``mask`` are file parts.
+    The service's own fields (the SDK's ``extra_body``) travel as form fields too."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Prompt = Field(description="names the class to draw (as for generations)")
+    model: ModelId | None = None
+    n: PositiveInt = Field(default=1, description="how many images; image i is drawn with seed + i")
+    size: Size | None = Field(default=None, description=SIZE_ALLOWED)
+    response_format: Literal["b64_json"] | None = Field(
+        default=None, description="b64_json only: an edit's input cannot travel in a URL"
+    )
+    output_format: OutputFormat | None = None
+    output_compression: Annotated[int, Field(ge=0, le=100)] | None = None
+    quality: Quality | None = None
+    background: Literal["auto", "opaque"] | None = None
+    input_fidelity: Literal["low", "high"] | None = Field(default=None, description="accepted; strength decides")
+    stream: bool | None = None  # a form field: "true" or "false"
+    partial_images: Annotated[int, Field(ge=0, le=MAX_PARTIAL_IMAGES)] | None = None
+    user: str | None = None
+    safety_identifier: str | None = None
+    seed: Seed | None = None
+    sampler: SamplerName | None = None
+    steps: PositiveInt | None = None
+    guidance: NonNegativeFloat | None = None
+    guidance_method: GuidanceMethod | None = None
+    strength: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(
+        default=None, description="without a mask: how far the image is redrawn (default 0.6); with one: 1"
+    )
+
+
+class ImageVariationRequestBase(BaseModel):
+    """The text fields of ``POST /v1/images/variations``; ``image`` is a file part. The class is the project
+    classifier's reading of the image."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelId | None = None
+    n: PositiveInt = 1
+    size: Size | None = Field(default=None, description=SIZE_ALLOWED)
+    response_format: Literal["b64_json"] | None = None
+    user: str | None = None
+    seed: Seed | None = None
+    sampler: SamplerName | None = None
+    steps: PositiveInt | None = None
+    guidance: NonNegativeFloat | None = None
+    strength: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(default=None, description="default 0.6")
+
+
+def edit_request_models(limits: Limits) -> tuple[type[ImageEditRequestBase], type[ImageVariationRequestBase]]:
+    """The edit and variation fields with this server's limits in their bounds."""
+    bounded: dict[str, Any] = {
+        "n": (bounded_int(1, limits.max_images), Field(default=1, description="how many images")),
+        "steps": (bounded_int(1, limits.max_steps) | None, Field(default=None, description="default: the model's")),
+        "guidance": (
+            bounded_float(0.0, limits.max_guidance) | None,
+            Field(default=None, description="the guidance scale; default: the model's"),
+        ),
+    }
+    edit = create_model("ImageEditRequest", __base__=ImageEditRequestBase, **bounded)
+    variation = create_model("ImageVariationRequest", __base__=ImageVariationRequestBase, **bounded)
+    return edit, variation

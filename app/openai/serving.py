@@ -51,8 +51,6 @@ from app.settings import Settings
 from model.data import CLASS_NAMES, parse_class
 from model.images import png_bytes
 
-PARTIAL = "image_generation.partial_image"
-COMPLETED = "image_generation.completed"
 URL_MAX_AGE_S = 86400  # what caches may keep a drawn URL for; the bytes never change while the model is served
 
 Body = TypeVar("Body", bound=GenerateRequestBase)
@@ -209,6 +207,7 @@ class ImageStream:
     quality: QualityOut
     partials: int  # partial images per image, at most
     safety_identifier: str | None
+    kind: str = "image_generation"  # the events' prefix: image_generation, or image_edit for an edit's stream
 
     def about(self, file: bytes, image_index: int) -> dict[str, Any]:
         """What every event of this stream says of image ``image_index``'s ``file`` (``ImageEvent``)."""
@@ -321,8 +320,9 @@ async def stream_events(opened: ImageStream) -> AsyncIterator[ServerSentEvent]:
             files = await anyio.to_thread.run_sync(encoding.files, item.x0)
             for i, file in enumerate(files):
                 seq += 1
-                event = PartialImageEvent(**opened.about(file, i), partial_image_index=sent)
-                yield ServerSentEvent(event=PARTIAL, id=str(seq), data=dump(event))
+                partial = f"{opened.kind}.partial_image"
+                event = PartialImageEvent(**opened.about(file, i), partial_image_index=sent, type=partial)  # type: ignore[arg-type]
+                yield ServerSentEvent(event=partial, id=str(seq), data=dump(event))
             sent += 1
         try:
             result = stream.job.future.result()
@@ -334,10 +334,14 @@ async def stream_events(opened: ImageStream) -> AsyncIterator[ServerSentEvent]:
         files = await anyio.to_thread.run_sync(encoding.files, result.images)
         for i, file in enumerate(files):
             seq += 1
+            completed = f"{opened.kind}.completed"
             done = CompletedEvent(
-                **opened.about(file, i), seed=stream.params.seed + i, safety_identifier=opened.safety_identifier
+                **opened.about(file, i),
+                seed=stream.params.seed + i,
+                safety_identifier=opened.safety_identifier,
+                type=completed,  # type: ignore[arg-type]
             )
-            yield ServerSentEvent(event=COMPLETED, id=str(seq), data=dump(done))
+            yield ServerSentEvent(event=completed, id=str(seq), data=dump(done))
     finally:
         if not stream.job.future.done():
             stream.serving.engine.cancel(stream.job)
