@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# The CUDA path end to end on a machine with an NVIDIA GPU, in one command that fits a few lent
-# minutes: the CUDA tests (tests/test_cuda.py: float16, channels-last, compile with CUDA graphs, the
-# engine, the student; and the engine's CPU tests), bench/sampling.py on cuda, and the service with
-# FASHION_DEVICE=cuda answering /readyz, /generate and a stream for both shipped models, then
-# draining on SIGTERM. Exits non-zero on the first failure; logs go to $OUT (or /tmp/gpu-check).
+# The CUDA path end to end on a machine with an NVIDIA GPU: the CUDA tests (tests/test_cuda.py:
+# float16, channels-last, compile with CUDA graphs, the engine, the student; and the engine's CPU
+# tests), bench/sampling.py on cuda, and the service with FASHION_DEVICE=cuda answering /readyz,
+# /generate and a stream for every served model, then draining on SIGTERM. Exits non-zero on the
+# first failure; logs and the bench table go to $OUT (or /tmp/gpu-check).
 #
-#   bash scripts/gpu-check.sh fetch    # here, where pip reaches PyPI: the service's wheels into .whl/
-#   bash scripts/gpu-check.sh          # there, with .whl carried (the device tool: carry [".whl"])
-#   DEVICE=cpu bash scripts/gpu-check.sh service   # rehearse the service part here, before a lease
+#   bash scripts/gpu-check.sh                      # on the GPU machine, from the checkout
+#   DEVICE=cpu bash scripts/gpu-check.sh service   # only the service part, on the CPU (a dry run)
+#   bash scripts/gpu-check.sh fetch                # the web stack's wheels into .whl/ (needs PyPI)
 #
-# The GPU image has torch, numpy, pillow, safetensors, httpx, prometheus-client, tqdm and pytest,
-# but not the web stack; `fetch` downloads that (pure Python, plus pydantic-core for its Python).
-# Fashion-MNIST does not travel (the tree would pass the 64 MiB a call may carry), so the training
-# test skips there unless FASHION_MNIST_DIR names a copy.
+# Where the GPU machine's Python has torch, numpy, pillow, safetensors, httpx, prometheus-client,
+# tqdm and pytest but not the web stack (FastAPI, pydantic, uvicorn, ...), run `fetch` on a machine
+# that reaches PyPI and copy .whl/ into the checkout on the GPU machine: the check installs from it
+# (pure Python, plus pydantic-core built for PY_VERSION, 3.12 by default). The training test skips
+# unless FASHION_MNIST_DIR names a copy of Fashion-MNIST.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
