@@ -35,6 +35,7 @@ from app.generation import routes as generation_routes
 from app.generation.device import resolve_device
 from app.generation.engine import Engine
 from app.generation.jobs import JobSpec
+from app.generation.metrics import EngineMetrics
 from app.generation.models import ServedModel, load_models
 from app.generation.schemas import Limits, allowed_values, request_models
 from app.generation.scorers import Scorer, load_classifier_scorer
@@ -42,7 +43,7 @@ from app.generation.serving import Serving
 from app.jobs import routes as job_routes
 from app.jobs.schemas import job_allowed, job_request_model
 from app.jobs.serving import Jobs
-from app.metrics import EngineMetrics, Metrics
+from app.metrics import Metrics
 from app.middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware, ReplicaMiddleware
 from app.openai import routes as openai_routes
 from app.settings import Settings
@@ -75,13 +76,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     except (WeightsError, RuntimeError) as err:
         log.error("cannot start: %s", err)
         raise
-    observer = app.state.engine_metrics(metrics)
+    observer: EngineMetrics = app.state.observer
     runtimes = {m.name: m.runtime for m in served}
     engine = Engine(
         runtimes,
         observer,
         queue_size=settings.queue_size,
-        max_rows=settings.max_batch,
+        max_rows=settings.max_rows,
         policy=settings.scheduler,
         tick_rows=settings.tick_rows,
     )
@@ -94,6 +95,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         scorers: dict[str, Scorer] = {"clip": ClipScorer(clip_service), "classifier": classifier}
         for m in served:
             metrics.add_model(m.name, m.describe())
+            observer.add_model(m.name)
         metrics.ready.set(1)
         app.state.clip = clip_service
         app.state.serving = Serving(
@@ -145,7 +147,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
-    app.state.engine_metrics = engine_metrics
+    app.state.observer = engine_metrics(app.state.metrics)  # the engine's metrics, registered once per app
     app.state.serving = None
     app.state.clip = None
     app.state.jobs = None

@@ -124,7 +124,7 @@ class Settings(BaseSettings):
         ge=0,
         description=(
             "the network always runs on exactly this many rows (padding the last chunk), so an image never "
-            "depends on which other images share its batch; None: 16 on CPU, max_batch on CUDA; 0: off"
+            "depends on which other images share its batch; None: 16 on CPU, max_rows on CUDA; 0: off"
         ),
     )
 
@@ -148,7 +148,7 @@ class Settings(BaseSettings):
         default=20.0, ge=0.0, allow_inf_nan=False, description="largest guidance scale accepted"
     )
     queue_size: int = Field(default=64, ge=1, description="jobs waiting for the device; one more is refused with 429")
-    max_batch: int = Field(
+    max_rows: int = Field(
         default=128,
         ge=1,
         description=(
@@ -408,18 +408,18 @@ class Settings(BaseSettings):
                 f"set models or weights, not both (models={[str(p) for p in self.models]}, weights={self.weights}): "
                 "weights is the one-model form of models"
             )
-        if self.max_images > self.max_batch:
+        if self.max_images > self.max_rows:
             raise ValueError(
-                f"max_images ({self.max_images}) must not exceed max_batch ({self.max_batch}): "
+                f"max_images ({self.max_images}) must not exceed max_rows ({self.max_rows}): "
                 "one request must fit in one network evaluation"
             )
         if self.steps is not None and self.steps > self.max_steps:
             raise ValueError(f"steps ({self.steps}) must not exceed max_steps ({self.max_steps})")
         if self.guidance is not None and self.guidance > self.max_guidance:
             raise ValueError(f"guidance ({self.guidance}) must not exceed max_guidance ({self.max_guidance})")
-        if self.rerank_max_candidates is not None and self.rerank_max_candidates > self.max_batch:
+        if self.rerank_max_candidates is not None and self.rerank_max_candidates > self.max_rows:
             raise ValueError(
-                f"rerank_max_candidates ({self.rerank_max_candidates}) must not exceed max_batch ({self.max_batch}): "
+                f"rerank_max_candidates ({self.rerank_max_candidates}) must not exceed max_rows ({self.max_rows}): "
                 "a rerank's candidates are sampled as one job"
             )
         return self

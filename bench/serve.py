@@ -63,7 +63,7 @@ class InProcess:
         loaded = load_weights(weights, device)
         # What the service prepares by default (app.generation.device.prepare: the autocast dtype, the layout
         # measured here, fixed-row chunks), and the same network without the chunks.
-        served = prepare(loaded, torch.device(device), precision=precision, channels_last="auto", max_batch=128)
+        served = prepare(loaded, torch.device(device), precision=precision, channels_last="auto", max_rows=128)
         layout = served.layout == "channels_last"
         plain = prepare(loaded, torch.device(device), precision=precision, channels_last=layout, fixed_rows=0)
         self.runtime = served

@@ -20,7 +20,8 @@ import torch
 from app.generation.device import prepare
 from app.generation.engine import Engine
 from app.generation.jobs import JobSpec
-from app.metrics import EngineMetrics, Metrics
+from app.generation.metrics import EngineMetrics
+from app.metrics import Metrics
 from model.io import load_weights
 from model.machine import autocast
 from model.samplers import generators_from_seeds, sample, to_uint8

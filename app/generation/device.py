@@ -105,13 +105,13 @@ def prepare(
     channels_last: bool | str = True,
     compile: bool | str = False,
     fixed_rows: int | None = None,
-    max_batch: int = 64,
+    max_rows: int = 64,
 ) -> Runtime:
     """Wrap loaded weights (already on ``device``) for serving; ``loaded`` itself is left as it is."""
     dtype = machine.autocast_dtype(precision, device)
     compile = machine.compile_pays(device) if compile == "auto" else bool(compile)
     cudagraphs = compile and device.type == "cuda"  # a replayed graph reuses its output buffer
-    rows = fixed_rows if fixed_rows is not None else (max_batch if device.type == "cuda" else CPU_ROWS)
+    rows = fixed_rows if fixed_rows is not None else (max_rows if device.type == "cuda" else CPU_ROWS)
     layout_s: dict[str, float] = {}
     if channels_last == "auto":  # timed on one chunk, the shape every evaluation runs
         cfg = loaded.model.config

@@ -48,8 +48,8 @@ from app.generation.jobs import (
     QueueFull,
 )
 from app.generation.lane import DEFAULT_POLICY, Lane, plan_tick, policy_named
+from app.generation.metrics import Evaluation, Observer
 from app.generation.output import Output
-from app.metrics import Evaluation, Observer
 from model.samplers import SamplerState, generators_from_seeds, start, step, to_uint8
 
 log = logging.getLogger("app")

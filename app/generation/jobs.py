@@ -39,7 +39,7 @@ class JobTooLarge(ValueError):
         why = " (each image also needs a null-class row for guidance)" if per_image == 2 else ""
         super().__init__(
             f"n: {n} images need {rows} rows in one network evaluation{why}, and this server evaluates at most "
-            f"{budget} (FASHION_MAX_BATCH); allowed: n <= {budget // per_image}"
+            f"{budget} (FASHION_MAX_ROWS); allowed: n <= {budget // per_image}"
         )
         self.rows, self.budget = rows, budget
 

@@ -212,7 +212,7 @@ def load_models(settings: Settings, device: torch.device) -> list[ServedModel]:
             channels_last=settings.channels_last,
             compile=settings.compile,
             fixed_rows=settings.fixed_rows,
-            max_batch=settings.max_batch,
+            max_rows=settings.max_rows,
         )
         created = int(loaded.path.stat().st_mtime)
         guide_name = model_name(guide.card, guide.path) if guide is not None else None

@@ -17,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from app.generation.jobs import Job, JobResult, Progress, Queued
-from app.metrics import Evaluation, Observer
+from app.generation.metrics import Evaluation, Observer
 from model.images import grid_png
 
 

@@ -250,7 +250,7 @@ class Runner:
         per_image = replace(template, seeds=(0,)).rows
         runtime = self.serving.models[str(template.model)].runtime
         s = self.settings
-        tick = min(s.max_batch, s.tick_rows or runtime.rows or s.max_batch)
+        tick = min(s.max_rows, s.tick_rows or runtime.rows or s.max_rows)
         return max(1, min(s.job_piece_images, tick // per_image))
 
     async def _chunk(self, run: Run, row: JobRow, store: ChunkStore, index: int) -> Chunk | None:

@@ -54,7 +54,7 @@ from app.jobs.schemas import (
     WebhookOut,
     WebhookPayload,
 )
-from app.jobs.store import JobStore, store_of
+from app.jobs.store import JobStore, holder_of, store_of
 from app.jobs.webhooks import EVENTS, Webhooks, check_url
 from app.metrics import JOB_STATES, Metrics
 from app.settings import Settings
@@ -299,10 +299,8 @@ class Jobs:
         if store_id is None:
             raise _not_found(job_id, "(a job id is 8 hex digits, a dash and 16 more)")
         me = self.settings.replica
-        if self.store is None or self.db is None:
-            raise _not_found(job_id, f"on replica {me}, which has no jobs")
-        if store_id != self.store.id:
-            holder = await anyio.to_thread.run_sync(self.store.holder_of, store_id)
+        if self.store is None or self.db is None or store_id != self.store.id:
+            holder = await anyio.to_thread.run_sync(holder_of, self.settings.job_dir, store_id)
             if holder is None:
                 raise _not_found(
                     job_id,
@@ -317,6 +315,7 @@ class Jobs:
                 param="job_id",
                 headers={"Retry-After": "1", "X-Job-Replica": holder},
             )
+        assert self.db is not None
         row = await self.db.get(job_id)
         if row is None:
             raise _not_found(job_id, f"on replica {me} (deleted, or never created)")

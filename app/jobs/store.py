@@ -86,13 +86,14 @@ class JobStore:
         assert JOB_ID.fullmatch(job_id), job_id
         return self.root / job_id
 
-    def holder_of(self, store_id: str) -> str | None:
-        """The replica that holds (or last held) store ``store_id`` under the same base; None when no store
-        there has that id (another node's, say)."""
-        for root in [self.base, *sorted(self.base.glob("replica-*"))]:
-            try:
-                if json.loads((root / IDENTITY).read_text())["id"] == store_id:
-                    return str(json.loads((root / HOLDER).read_text())["replica"])
-            except (OSError, ValueError, KeyError):
-                continue
-        return None
+
+def holder_of(base: Path, store_id: str) -> str | None:
+    """The replica that holds (or last held) store ``store_id`` under ``base``; None when no store there has
+    that id (another node's, say). A replica that holds no store itself can answer it too."""
+    for root in [base, *sorted(base.glob("replica-*"))]:
+        try:
+            if json.loads((root / IDENTITY).read_text())["id"] == store_id:
+                return str(json.loads((root / HOLDER).read_text())["replica"])
+        except (OSError, ValueError, KeyError):
+            continue
+    return None

@@ -20,88 +20,48 @@ and that one import Ray or run in it (the ``ray`` extra); ``python -m app`` neve
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI
 from ray import serve
 from ray.serve.metrics import Counter, Gauge, Histogram
 
-from app.generation.jobs import Job
+from app.generation.metrics import ENGINE, EngineMetrics, Spec
 from app.main import create_app
-from app.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, STEP_BUCKETS, EngineMetrics, Evaluation, Metrics
+from app.metrics import NAMESPACE, Metrics
 from app.settings import Settings
 
 
 class RayEngineMetrics(EngineMetrics):
-    """The engine's Prometheus metrics, and the same events through Ray's metrics export under the
-    same names (Ray prefixes ``ray_``), with Serve's deployment, replica and application tags."""
+    """The engine's Prometheus metrics, and the same reports through Ray's metrics export: one Ray metric per
+    entry of the engine's table (``app.generation.metrics.ENGINE``) under the same name (Ray prefixes
+    ``ray_``), with Serve's deployment, replica and application tags."""
 
     def __init__(self, metrics: Metrics) -> None:
         super().__init__(metrics)
-        by_model = ("model",)
-        self.tick_rows = Histogram(
-            "fashion_tick_rows", "rows in one network evaluation", list(BATCH_BUCKETS), tag_keys=by_model
-        )
-        self.tick_jobs = Histogram(
-            "fashion_tick_jobs", "jobs that shared one network evaluation", list(BATCH_BUCKETS), tag_keys=by_model
-        )
-        self.tick_duration = Histogram("fashion_tick_duration_seconds", "wall time of one tick", list(STEP_BUCKETS))
-        self.queue_wait = Histogram(
-            "fashion_queue_wait_seconds", "from a job's submission to its admission", list(LATENCY_BUCKETS)
-        )
-        self.time_to_first_step = Histogram(
-            "fashion_time_to_first_step_seconds", "from a job's submission to its first step", list(LATENCY_BUCKETS)
-        )
-        self.queue_depth = Gauge("fashion_queue_depth", "jobs waiting for room in the row budget")
-        self.jobs_active = Gauge("fashion_jobs_active", "jobs admitted and stepping on the device now")
-        self.steps = Counter("fashion_sampler_steps_total", "sampler steps taken", tag_keys=by_model)
-        # Ray annotates tag_keys as Tuple[str], a 1-tuple; any number of keys works.
-        two_tags: Any = ("sampler", "model")
-        self.images = Counter("fashion_images_generated_total", "images sampled", tag_keys=two_tags)
-        self.rejected_jobs = Counter("fashion_jobs_rejected_total", "jobs refused at once", tag_keys=("reason",))
-        self.cancelled_jobs = Counter(
-            "fashion_jobs_cancelled_total", "jobs stopped because their client went away", tag_keys=("stage",)
-        )
-        self.failed_jobs = Counter("fashion_jobs_failed_total", "jobs that ended in an error", tag_keys=("reason",))
+        self.ray = {spec.name: ray_metric(spec) for spec in ENGINE}
 
-    def tick(self, evaluations: Sequence[Evaluation], seconds: float) -> None:
-        super().tick(evaluations, seconds)
-        for e in evaluations:
-            tags = {"model": e.model}
-            self.tick_rows.observe(e.rows, tags=tags)
-            self.tick_jobs.observe(e.jobs, tags=tags)
-            self.steps.inc(e.jobs, tags=tags)
-        self.tick_duration.observe(seconds)
+    def record(self, name: str, value: float, **labels: str) -> None:
+        super().record(name, value, **labels)
+        metric, kind = self.ray[name], self.specs[name].kind
+        tags = labels or None
+        if kind == "counter":
+            metric.inc(value, tags=tags)
+        elif kind == "gauge":
+            metric.set(value, tags=tags)
+        else:
+            metric.observe(value, tags=tags)
 
-    def depth(self, queued: int, active: int) -> None:
-        super().depth(queued, active)
-        self.queue_depth.set(queued)
-        self.jobs_active.set(active)
 
-    def admitted(self, waited_s: float) -> None:
-        super().admitted(waited_s)
-        self.queue_wait.observe(waited_s)
-
-    def first_step(self, seconds: float) -> None:
-        super().first_step(seconds)
-        self.time_to_first_step.observe(seconds)
-
-    def rejected(self, reason: str) -> None:
-        super().rejected(reason)
-        self.rejected_jobs.inc(tags={"reason": reason})
-
-    def done(self, job: Job) -> None:
-        super().done(job)
-        self.images.inc(job.spec.n, tags={"sampler": job.spec.sampler, "model": job.model})
-
-    def cancelled(self, stage: str) -> None:
-        super().cancelled(stage)
-        self.cancelled_jobs.inc(tags={"stage": stage})
-
-    def failed(self, error: BaseException) -> None:
-        super().failed(error)
-        self.failed_jobs.inc(tags={"reason": type(error).__name__})
+def ray_metric(spec: Spec) -> Any:
+    """Ray's metric of a spec of the engine's table, named as Prometheus names it (``fashion_``, ``_total``)."""
+    name = f"{NAMESPACE}_{spec.name}" + ("_total" if spec.kind == "counter" else "")
+    tags: Any = spec.labels  # Ray annotates tag_keys as Tuple[str], a 1-tuple; any number of keys works
+    if spec.kind == "counter":
+        return Counter(name, spec.help, tag_keys=tags)
+    if spec.kind == "gauge":
+        return Gauge(name, spec.help, tag_keys=tags)
+    return Histogram(name, spec.help, list(spec.buckets), tag_keys=tags)
 
 
 # The config files set the replica counts, resources and environment; these are the defaults beneath them.

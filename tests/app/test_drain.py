@@ -56,7 +56,7 @@ def post_in_thread(url: str, body: dict, answers: list) -> threading.Thread:
 
 def test_sigterm_drains_a_running_stream_a_running_generate_and_a_queued_job(spawn_app: Callable) -> None:
     # Budget 4 rows: the guided stream and /generate take 2 each, so the third job has to queue.
-    proc, url = spawn_app(max_batch="4", max_images="2", drain_seconds="60")
+    proc, url = spawn_app(max_rows="4", max_images="2", drain_seconds="60")
     events: list = []
     running: list = []
     queued: list = []

@@ -51,7 +51,7 @@ def test_bad_input_is_422_naming_the_field_and_what_it_accepts(
 
 
 def test_limits_follow_the_settings(make_settings: Callable[..., Settings], error_of: Callable) -> None:
-    app = create_app(make_settings(max_images=8, max_batch=8, max_steps=50))
+    app = create_app(make_settings(max_images=8, max_rows=8, max_steps=50))
     with TestClient(app) as c:
         err = error_of(c.post("/generate", json={"class": 3, "n": 9}), 422)
         assert "1..8" in err["message"]
@@ -68,7 +68,7 @@ def test_limits_follow_the_settings(make_settings: Callable[..., Settings], erro
 def test_a_guided_request_over_the_row_budget_is_refused_naming_the_limit(
     make_settings: Callable[..., Settings], error_of: Callable
 ) -> None:
-    with TestClient(create_app(make_settings(max_images=8, max_batch=8))) as c:
+    with TestClient(create_app(make_settings(max_images=8, max_rows=8))) as c:
         err = error_of(c.post("/generate", json={"class": 3, "n": 5, "guidance": 2.0}), 422)
         assert (err["param"], err["code"]) == ("n", "too_many_rows")
         assert "10 rows" in err["message"] and "at most 8" in err["message"] and "n <= 4" in err["message"]
@@ -156,7 +156,7 @@ def test_full_queue_is_429_with_retry_after(
     make_settings: Callable[..., Settings], error_of: Callable, metric: Callable
 ) -> None:
     # A row budget of 2: the long guided 1-image stream takes all of it, so the next job must queue.
-    with TestClient(create_app(make_settings(queue_size=1, max_batch=2, max_images=1))) as c:
+    with TestClient(create_app(make_settings(queue_size=1, max_rows=2, max_images=1))) as c:
 
         def poll(name: str, value: float, **labels: str) -> None:  # for what another thread does
             deadline = time.monotonic() + 30

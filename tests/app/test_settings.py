@@ -18,7 +18,7 @@ pytestmark = pytest.mark.timeout(60)
 def test_defaults_match_the_issue() -> None:
     s = Settings()
     assert s.device == "auto"
-    assert (s.max_images, s.max_steps, s.queue_size, s.max_batch, s.drain_seconds) == (64, 1000, 64, 128, 30.0)
+    assert (s.max_images, s.max_steps, s.queue_size, s.max_rows, s.drain_seconds) == (64, 1000, 64, 128, 30.0)
     assert s.api_key is None
 
 
@@ -48,7 +48,7 @@ def test_environment_prefix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
 @pytest.mark.parametrize(
     ("values", "needle"),
     [
-        ({"max_images": 129}, "max_batch"),
+        ({"max_images": 129}, "max_rows"),
         ({"device": "tpu"}, "device must be"),
         ({"steps": 2000}, "max_steps"),
         ({"guidance": 30.0}, "max_guidance"),

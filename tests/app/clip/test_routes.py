@@ -348,9 +348,9 @@ def test_clip_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp
     assert s.clip_max_body_bytes > s.clip_max_images * s.clip_max_image_bytes * 4 // 3
     with pytest.raises(ValueError, match="exactly one"):
         Settings(clip_templates=("no placeholder",))
-    with pytest.raises(ValueError, match="max_batch"):
-        Settings(max_batch=8, max_images=8, rerank_max_candidates=9)
-    assert Settings(max_batch=8, max_images=8).max_candidates == 8
+    with pytest.raises(ValueError, match="max_rows"):
+        Settings(max_rows=8, max_images=8, rerank_max_candidates=9)
+    assert Settings(max_rows=8, max_images=8).max_candidates == 8
 
 
 def test_loading_state_then_ready(clip_settings: Callable[..., Settings]) -> None:

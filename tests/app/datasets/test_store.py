@@ -14,7 +14,8 @@ from app.datasets.spec import DatasetSpec
 from app.datasets.store import MANIFEST, ChunkError, ChunkStore
 from app.generation.engine import Engine
 from app.generation.jobs import JobSpec
-from app.metrics import EngineMetrics, Metrics
+from app.generation.metrics import EngineMetrics
+from app.metrics import Metrics
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -18,7 +18,8 @@ from app.generation.device import FixedRows, Runtime, prepare
 from app.generation.engine import Engine
 from app.generation.jobs import EngineClosed, JobCancelled, JobResult, JobSpec, JobTooLarge, Progress, Queued, QueueFull
 from app.generation.lane import admission_ticks
-from app.metrics import EngineMetrics, Evaluation, Metrics
+from app.generation.metrics import EngineMetrics, Evaluation
+from app.metrics import Metrics
 from model.io import load_weights
 
 pytestmark = pytest.mark.timeout(120)

@@ -292,7 +292,7 @@ def test_requests_are_counted_by_route(client: openai.OpenAI, url: str) -> None:
 
 def test_a_full_queue_is_a_rate_limit_error_and_the_drain_ends_a_stream_with_an_error(spawn_app: Spawner) -> None:
     # A row budget of 2: one guided image takes all of it, so the next job queues and the one after is refused.
-    proc, url = spawn_app(queue_size="1", max_batch="2", max_images="1", drain_seconds="0.5")
+    proc, url = spawn_app(queue_size="1", max_rows="2", max_images="1", drain_seconds="0.5")
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
     stream_ended: list[BaseException] = []
 

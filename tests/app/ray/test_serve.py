@@ -325,6 +325,35 @@ def test_every_replicas_engine_metrics_reach_rays_prometheus_export(ray_service)
     assert replicas == replica_ids(url, tries=16)
 
 
+def test_a_job_is_pinned_to_its_replica_and_the_others_name_it(ray_service) -> None:
+    """Jobs under two replicas that share one FASHION_JOB_DIR: each keeps its own store, a job lives in the
+    replica that created it, and a status read that the proxy sends to the other replica is a 409 naming the
+    owner, never a 404; polled until both replicas have answered, the job ends with its result."""
+    url, _ = ray_service
+    with httpx.Client(base_url=url, headers=AUTH, timeout=60) as http:
+        created = http.post("/jobs", json={"class": 2, "n": 8, "steps": 2, "seed": 5, "format": "npz"})
+        assert created.status_code == 202, created.text
+        job = created.json()
+        owner, seen = job["replica"], set()
+        assert created.headers["x-replica"] == owner
+        deadline = time.monotonic() + 240
+        state = job["state"]
+        while state != "succeeded" or len(seen) < 2:
+            assert time.monotonic() < deadline, (seen, state)
+            r = http.get(f"/jobs/{job['id']}")
+            seen.add(r.headers["x-replica"])
+            if r.status_code == 200:
+                assert r.headers["x-replica"] == owner
+                state = r.json()["state"]
+                assert state in ("queued", "running", "succeeded"), r.json()
+            else:
+                assert r.status_code == 409, r.text
+                error = r.json()["error"]
+                assert error["code"] == "job_on_other_replica" and owner in error["message"], error
+                assert r.headers["retry-after"] == "1"
+        assert owner in seen and len(seen) == 2
+
+
 # Deadlines, not waits: on a loaded 2-core machine (two suites at once) a 600-step request, and Ray starting a
 # replacement replica (torch, the weights, the warm-up), each take several times what they take on a quiet one.
 @pytest.mark.timeout(900)
