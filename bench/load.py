@@ -1,7 +1,7 @@
 """Open-loop load: latency, slowdown, SLO attainment and goodput of the service under Poisson traffic.
 
     taskset -c 1 python -m bench.load                                # this checkout, FCFS and the default policy
-    taskset -c 1 python -m bench.load --engine fcfs --engine narrow-first --engine old=/tmp/engine-390f4af
+    taskset -c 1 python -m bench.load --engine fcfs --engine narrow-first --engine old=/tmp/previous-engine
     python -m bench.load --tiny --duration 5 --fractions 0.5 1.0     # a tiny random network: checks the script
 
 For each engine it starts the real service (``python -m app`` of this checkout, or of another
@@ -41,6 +41,7 @@ from pathlib import Path
 import httpx
 
 from app.generation.lane import DEFAULT_POLICY, POLICIES
+from bench.servers import Engine, machine_line, serve
 from bench.workload import (
     DEFAULT_MIX,
     GOODPUT_SLO,
@@ -58,16 +59,6 @@ from testkit.metrics import metric
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_FRACTIONS = (0.2, 0.4, 0.7, 0.85, 1.0, 1.2)
-
-
-@dataclass(frozen=True)
-class Engine:
-    """A server to measure: a label, the checkout it runs from, and the FASHION_* settings it gets."""
-
-    label: str
-    repo: Path
-    settings: dict[str, str]  # FASHION_<NAME> settings, by name
-    multi_model: bool  # serves the student beside the teacher (this checkout); the previous engine does not
 
 
 def parse_engine(text: str) -> Engine:
@@ -378,9 +369,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.queue_size is not None:
         engines = [replace(e, settings={**e.settings, "queue_size": str(args.queue_size)}) for e in engines]
     mix = DEFAULT_MIX
-
-    from bench.servers import machine_line, serve
-
     with tempfile.TemporaryDirectory() as tmp:
         points: list[Point] = []
         idle: dict[str, dict[str, float]] = {}

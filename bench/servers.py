@@ -7,18 +7,25 @@ import contextlib
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from app.settings import default_weights_dir
 from model.machine import describe
 from testkit.servers import app_env, start_app, stop
 from testkit.weights import STUDENT_CARD, tiny_weights
 
-if TYPE_CHECKING:
-    from bench.load import Engine
-
 READY_TIMEOUT_S = 600  # loading two models and warming them up on one busy core
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A server to measure: a label, the checkout it runs from, and the FASHION_* settings it gets."""
+
+    label: str
+    repo: Path
+    settings: dict[str, str]  # FASHION_<NAME> settings, by name
+    multi_model: bool  # serves the student beside the teacher (this checkout); the previous engine does not
 
 
 def tiny_models(directory: Path) -> tuple[Path, Path]:

@@ -37,8 +37,10 @@ from model.io import CardSampling, card_sampling, read_card
 REPO = Path(__file__).resolve().parent.parent
 TEACHER = "fashion-unet"
 CHUNK_MS = {TEACHER: 135.0, STUDENT: 123.0}  # bench.load's idle latencies over their ticks, AVX2 EPYC, float32
-TARGET = 0.5  # issue 25: small requests' P99 slowdown at most this fraction of fcfs's
-BOUND = 10.0  # and no request slower than this many times its idle latency
+# What a policy must reach to be worth choosing over fcfs (the table counts the seeds that reach it): small
+# requests' P99 slowdown at most TARGET times fcfs's, and no request slower than BOUND times its idle latency.
+TARGET = 0.5
+BOUND = 10.0
 
 
 @dataclass

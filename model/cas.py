@@ -31,9 +31,9 @@ import torch
 
 from model.atomic import atomic_write_bytes
 from model.classifier import ClassifierConfig, FitConfig, fit_classifier, predict
+from model.cli import add_config_arguments, config_from_args
 from model.data import CLASS_NAMES, NUM_CLASSES, FashionMNIST, to_model_range
 from model.machine import describe
-from model.training import add_config_arguments, config_from_args
 
 REAL = "real"
 PER_CLASS_LINE = 0.95  # the per-class panel's reference: a class a synthetic set teaches almost as well as real

@@ -29,11 +29,14 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from model.cli import add_config_arguments, config_from_args
 from model.diffusion import split_prediction
+from model.ema import EMA, ema_weights
 from model.io import (
     LoadedWeights,
     atomic_torch_save,
@@ -44,21 +47,9 @@ from model.io import (
     save_weights,
 )
 from model.machine import DTYPES, describe
+from model.optim import PRECISIONS, cooldown, optimizer_step, step_generator, training_autocast, warmup
+from model.runlog import Log, progress_bar
 from model.samplers import spaced_timesteps
-from model.training import (
-    EMA,
-    PRECISIONS,
-    Log,
-    add_config_arguments,
-    config_from_args,
-    cooldown,
-    ema_weights,
-    optimizer_step,
-    progress_bar,
-    step_generator,
-    training_autocast,
-    warmup,
-)
 from model.trajectories import Pairs, TrajectoryConfig, make_trajectories, shard_cpu_seconds, shard_trajectories
 from model.unet import UNet, UNetConfig, count_parameters
 
@@ -259,7 +250,7 @@ def export(run_dir: Path, out: Path, ema_decay: float | None, name: str = "fashi
     pairs_cpu = sum(shard_cpu_seconds(path) for path in shards)
     teacher_sampling = asdict(card_sampling(teacher_card))
     train_cpu_minutes = saved.get("cpu_seconds", saved["elapsed"] * cfg["threads"]) / 60
-    card = {
+    card: dict[str, Any] = {
         "name": name,
         "unet": teacher_card["unet"],
         "diffusion": teacher_card["diffusion"],

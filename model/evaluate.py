@@ -34,6 +34,8 @@ import numpy as np
 import torch
 
 from model.classifier import load_classifier, predict
+from model.cli import add_config_arguments, config_from_args
+from model.clip import DEFAULT_MODEL, DEFAULT_PRETRAINED, ClipSpec, evaluate_clip, load_clip
 from model.data import CLASS_NAMES, NUM_CLASSES, FashionMNIST, to_model_range
 from model.io import (
     CardSampling,
@@ -79,49 +81,62 @@ def generate(
     return np.concatenate(out), labels
 
 
-def evaluate(
-    weights_path: str | Path,
-    classifier_path: str | Path,
-    data_dir: str | None = None,
-    per_class: int = 500,
-    sampler: str = "dpm++",
-    steps: int = 20,
-    guidance: float = 2.0,
-    batch_size: int = 250,
-    device: str = "cpu",
-    seed: int = 0,
-    clip_spec=None,
-    guidance_interval: tuple[float, float] | None = None,
-    reference: str = "test",
-    val_size: int = 5_000,
-    precision: str = "float32",
-    guide: str | Path | None = None,
-    guide_weight: float = 1.0,
-    sigma_min: float | None = None,
-) -> dict:
-    """Generate, classify and measure; returns the figures as a dict (see ``format_table``).
-    ``guidance_interval`` replaces the card's (None: guidance at every step). ``reference``: the real
-    images the distance is measured against, "test" or "val" (the ``val_size`` images training held out).
-    ``guide``: autoguide with these weights instead of the null class (None: classifier-free guidance);
-    with a ``guide_weight`` other than 1, guide with both (combined guidance, ``Denoiser.guide_weight``)."""
-    if reference not in REFERENCES:
-        raise ValueError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
-    if precision not in DTYPES:
-        raise ValueError(f"precision must be one of {', '.join(DTYPES)}, got {precision!r}")
-    if guide is None and guide_weight != 1.0:
-        raise ValueError("guide_weight (combined guidance) needs a guide")
-    weights = load_weights(weights_path, device)
-    if guide is not None:
-        weights = with_guide(weights, load_weights(guide, device))
-    weights = dataclasses.replace(
-        weights,
-        denoiser=dataclasses.replace(weights.denoiser, guidance_interval=guidance_interval, guide_weight=guide_weight),
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """One measurement: a network, how it samples, and what its samples are measured against. The fields
+    that are not in ``SWEPT`` are options of ``python -m model.evaluate`` as they are; those are swept."""
+
+    weights: str = "weights/fashion-unet.safetensors"  # the network's .safetensors (its card beside it)
+    classifier: str = "weights/classifier.safetensors"  # the judge: model/classifier.py's weights
+    data_dir: str | None = None  # Fashion-MNIST IDX directory (None: $FASHION_MNIST_DIR)
+    per_class: int = 500  # samples of every class
+    sampler: str = "dpm++"  # one of model.samplers.SAMPLERS
+    steps: int = 20  # sampler steps
+    guidance: float = 2.0  # the guidance scale
+    guidance_interval: tuple[float, float] | None = None  # guide only where lo < sigma_t <= hi (None: every step)
+    guide: str | Path | None = None  # autoguide with these weights instead of the null class (None: classifier-free)
+    guide_weight: float = 1.0  # other than 1: classifier-free guidance and the guide both (Denoiser.guide_weight)
+    sigma_min: float | None = None  # Heun's lowest noise level (None: the sampler's default)
+    batch_size: int = 250  # images per network call
+    precision: str = "float32"  # the network's autocast dtype, as the service's FASHION_PRECISION
+    reference: str = "test"  # the real images measured against; val: the held-out training images (for choosing)
+    val_size: int = 5_000  # reference val: the training images that training held out
+    device: str = "cpu"  # torch device of the network, the judge and CLIP
+    seed: int = 0  # samples draw seeds seed, seed + 1, ...; the reference subsets draw from it too
+    clip: ClipSpec | None = None  # add CLIP similarity and zero-shot accuracy with this CLIP (None: none)
+
+    def __post_init__(self):
+        if self.reference not in REFERENCES:
+            raise ValueError(f"reference must be one of {', '.join(REFERENCES)}, got {self.reference!r}")
+        if self.precision not in DTYPES:
+            raise ValueError(f"precision must be one of {', '.join(DTYPES)}, got {self.precision!r}")
+        if self.guide is None and self.guide_weight != 1.0:
+            raise ValueError("guide_weight (combined guidance) needs a guide")
+
+
+# Swept by the command line (several values each, or the card's), not one option per field.
+SWEPT = ("sampler", "steps", "guidance", "guidance_interval", "guide", "guide_weight", "sigma_min")
+NO_OPTION = (*SWEPT, "val_size", "clip")  # fields without an option of their own (--clip builds ``clip``)
+CHOICES = {"precision": tuple(DTYPES), "reference": REFERENCES}
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Generate, classify and measure; returns the figures as a dict (see ``format_table``)."""
+    device, seed, per_class = cfg.device, cfg.seed, cfg.per_class
+    weights = load_weights(cfg.weights, device)
+    if cfg.guide is not None:
+        weights = with_guide(weights, load_weights(cfg.guide, device))
+    denoiser = dataclasses.replace(
+        weights.denoiser, guidance_interval=cfg.guidance_interval, guide_weight=cfg.guide_weight
     )
-    classifier = load_classifier(classifier_path, device)
-    data = FashionMNIST.load(data_dir)
+    weights = dataclasses.replace(weights, denoiser=denoiser)
+    classifier = load_classifier(cfg.classifier, device)
+    data = FashionMNIST.load(cfg.data_dir)
 
     start = time.perf_counter()
-    images, labels = generate(weights, per_class, sampler, steps, guidance, batch_size, seed, precision, sigma_min)
+    images, labels = generate(
+        weights, per_class, cfg.sampler, cfg.steps, cfg.guidance, cfg.batch_size, seed, cfg.precision, cfg.sigma_min
+    )
     gen_seconds = time.perf_counter() - start
 
     def features(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -130,19 +145,19 @@ def evaluate(
     probs, feats = features(images)
     test_probs, _ = features(data.test_images)
     rng = np.random.default_rng(seed)
-    ref = real_references(features, data, reference, val_size, per_class, rng)
+    ref = real_references(features, data, cfg.reference, cfg.val_size, per_class, rng)
     distance, floor = frechet_distance(feats, ref.feats), frechet_distance(ref.floor_feats, ref.feats)
     pred = probs.argmax(1)
     result = {
-        "weights": Path(weights_path).stem,
-        "sampler": sampler,
-        "steps": steps,
-        "guidance": guidance,
-        "guidance_interval": list(guidance_interval) if guidance_interval else None,
-        "guide": Path(guide).stem if guide is not None else None,
-        **({"guide_weight": guide_weight} if guide_weight != 1.0 else {}),
-        **({"sigma_min": sigma_min} if sigma_min is not None else {}),
-        "precision": precision,
+        "weights": Path(cfg.weights).stem,
+        "sampler": cfg.sampler,
+        "steps": cfg.steps,
+        "guidance": cfg.guidance,
+        "guidance_interval": list(cfg.guidance_interval) if cfg.guidance_interval else None,
+        "guide": Path(cfg.guide).stem if cfg.guide is not None else None,
+        **({"guide_weight": cfg.guide_weight} if cfg.guide_weight != 1.0 else {}),
+        **({"sigma_min": cfg.sigma_min} if cfg.sigma_min is not None else {}),
+        "precision": cfg.precision,
         "per_class": per_class,
         "accuracy": float((pred == labels).mean()),
         "accuracy_per_class": {CLASS_NAMES[c]: float((pred[labels == c] == c).mean()) for c in range(NUM_CLASSES)},
@@ -151,20 +166,18 @@ def evaluate(
         "frechet_distance_real_train": floor,
         "frechet_ratio": distance / floor,
         **coverage(feats, labels, ref, rng),
-        "reference": reference if reference == "test" else f"val ({val_size} held-out training images)",
+        "reference": cfg.reference if cfg.reference == "test" else f"val ({cfg.val_size} held-out training images)",
         "generation_seconds": round(gen_seconds, 1),
         "machine": describe(device),
     }
-    if clip_spec is not None:
-        from model.clip import evaluate_clip, load_clip
-
+    if cfg.clip is not None:
         # CLIP is slow on a CPU: the real reference is a class-balanced subset of the test set
         # as large as the generated set.
         real = np.concatenate(
             [rng.permutation(np.flatnonzero(data.test_labels == c))[:per_class] for c in range(NUM_CLASSES)]
         )
         generated = {c: images[labels == c] for c in range(NUM_CLASSES)}
-        clip = load_clip(clip_spec)
+        clip = load_clip(cfg.clip)
         result["clip"] = evaluate_clip(clip, generated, data.test_images[real], data.test_labels[real])
     return result
 
@@ -290,11 +303,10 @@ def parse_interval(parser: argparse.ArgumentParser, values: list[str] | None, ca
 
 
 def parser() -> argparse.ArgumentParser:
+    """One option per field of ``EvalConfig`` outside ``NO_OPTION``; the swept fields take several values
+    each (one run per combination) and default to the weights card's; then what to measure beside."""
     p = argparse.ArgumentParser(prog="python -m model.evaluate", description=__doc__.splitlines()[0])
-    p.add_argument("--weights", default="weights/fashion-unet.safetensors")
-    p.add_argument("--classifier", default="weights/classifier.safetensors")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--per-class", type=int, default=500)
+    add_config_arguments(p, EvalConfig, CHOICES, skip=NO_OPTION)
     p.add_argument("--sampler", default=None, choices=SAMPLERS, help="default: the card's, else dpm++")
     p.add_argument("--steps", type=int, default=None, help="default: the card's, else 20")
     p.add_argument(
@@ -330,13 +342,6 @@ def parser() -> argparse.ArgumentParser:
         help="with --sampler heun: its lowest noise level, from which it jumps to x0 (several: one run each); "
         "default: the card's sampling.sigma_min, else the schedule's lowest",
     )
-    p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--precision", choices=list(DTYPES), default="float32", help="the network's autocast dtype")
-    p.add_argument(
-        "--reference", choices=REFERENCES, default="test", help="val: the held-out training images (for choosing)"
-    )
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--clip", action="store_true", help="add CLIP similarity and zero-shot accuracy")
     p.add_argument("--clip-model", default=None, help="open_clip model name (default ViT-B-32)")
@@ -362,16 +367,9 @@ def parser() -> argparse.ArgumentParser:
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One measurement that ``main`` makes: ``evaluate``'s sampling arguments for one network."""
+    """One measurement that ``main`` makes."""
 
-    weights: str  # the network's weights file
-    sampler: str
-    steps: int
-    guidance: float  # the guidance scale
-    guidance_interval: tuple[float, float] | None  # where guidance applies (None: every step)
-    guide: str | Path | None = None  # the autoguide's weights (None: classifier-free)
-    guide_weight: float = 1.0  # the guide's weight beside classifier-free guidance (1: autoguidance alone)
-    sigma_min: float | None = None  # Heun's lowest noise level (None: the schedule's)
+    cfg: EvalConfig  # what ``evaluate`` measures
     into_card: bool = False  # --write-card stores this run's result in the network's card
 
 
@@ -390,6 +388,7 @@ def read_sampling(p: argparse.ArgumentParser, path: str, flag: str) -> tuple[Car
 def plan(p: argparse.ArgumentParser, a: argparse.Namespace) -> list[Run]:
     """Every run the flags ask for, in order: --weights at each combination of the flags (each unset
     flag at the card's value), then each --baseline and the --student at their own cards' sampling."""
+    base = dataclasses.replace(config_from_args(EvalConfig, a, skip=NO_OPTION), clip=clip_spec(a))
     card, card_guide = read_sampling(p, a.weights, "--weights")
     sampler = a.sampler or card.sampler
     if a.sigma_min is not None and not sampler_named(sampler).takes_sigma_min:
@@ -399,36 +398,57 @@ def plan(p: argparse.ArgumentParser, a: argparse.Namespace) -> list[Run]:
         p.error("--guide-weight (combined guidance) needs --guide WEIGHTS")
     interval = parse_interval(p, a.guidance_interval, card.guidance_interval)
     runs = [
-        Run(a.weights, sampler, a.steps or card.steps, g, interval, guide, w if guide is not None else 1.0, s)
+        Run(
+            dataclasses.replace(
+                base,
+                sampler=sampler,
+                steps=a.steps or card.steps,
+                guidance=g,
+                guidance_interval=interval,
+                guide=guide,
+                guide_weight=w if guide is not None else 1.0,
+                sigma_min=s,
+            )
+        )
         for s in a.sigma_min or [card.sigma_min if sampler_named(sampler).takes_sigma_min else None]
         for guide in guides
         for w in (a.guide_weight if guide is not None else [1.0])
         for g in a.guidance or [card.guidance]
     ]
-    if a.write_card and runs[-1].guide_weight != 1.0:
+    if a.write_card and runs[-1].cfg.guide_weight != 1.0:
         p.error("--write-card stores the last run as the card's default, which cannot be combined guidance")
     runs[-1] = dataclasses.replace(runs[-1], into_card=a.write_card)
+
+    def at_card(path: str, sampling: CardSampling, guide: Path | None = None, steps: int | None = None) -> EvalConfig:
+        """``path`` sampled as its card says (``steps``: other steps), with no combined guidance."""
+        return dataclasses.replace(
+            base,
+            weights=path,
+            sampler=sampling.sampler,
+            steps=steps or sampling.steps,
+            guidance=sampling.guidance,
+            guidance_interval=sampling.guidance_interval,
+            guide=guide,
+            guide_weight=1.0,
+            sigma_min=None,
+        )
+
     for path in a.baseline:
         theirs, their_guide = read_sampling(p, path, "--baseline")
-        runs.append(Run(path, theirs.sampler, theirs.steps, theirs.guidance, theirs.guidance_interval, their_guide))
+        runs.append(Run(at_card(path, theirs, their_guide)))
     if a.student:
         student, _ = read_sampling(p, a.student, "--student")
         steps = a.student_steps or [student.steps]
         mine = steps.index(student.steps) if student.steps in steps else None  # its card takes the card's steps
         for i, n in enumerate(steps):
-            into_card = a.write_card and i == mine
-            runs.append(
-                Run(a.student, student.sampler, n, student.guidance, student.guidance_interval, into_card=into_card)
-            )
+            runs.append(Run(at_card(a.student, student, steps=n), into_card=a.write_card and i == mine))
     return runs
 
 
-def clip_spec(a: argparse.Namespace):
+def clip_spec(a: argparse.Namespace) -> ClipSpec | None:
     """The CLIP model that --clip asks for (None without --clip)."""
     if not a.clip:
         return None
-    from model.clip import DEFAULT_MODEL, DEFAULT_PRETRAINED, ClipSpec
-
     return ClipSpec(
         model=a.clip_model or DEFAULT_MODEL,
         pretrained=a.clip_pretrained or DEFAULT_PRETRAINED,
@@ -443,39 +463,22 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    runs, clip = plan(p, a), clip_spec(a)
+    runs = plan(p, a)
     results = []
     for run in runs:
-        r = evaluate(
-            run.weights,
-            a.classifier,
-            a.data_dir,
-            a.per_class,
-            run.sampler,
-            run.steps,
-            run.guidance,
-            a.batch_size,
-            a.device,
-            a.seed,
-            clip,
-            run.guidance_interval,
-            a.reference,
-            precision=a.precision,
-            guide=run.guide,
-            guide_weight=run.guide_weight,
-            sigma_min=run.sigma_min,
-        )
+        r = evaluate(run.cfg)
         print(format_table(r), end="\n\n", flush=True)
         results.append(r)
     if len(results) > 1:
         print(
-            format_comparison([(Path(run.weights).stem, r) for run, r in zip(runs, results, strict=True)]), end="\n\n"
+            format_comparison([(Path(run.cfg.weights).stem, r) for run, r in zip(runs, results, strict=True)]),
+            end="\n\n",
         )
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
     for run, r in zip(runs, results, strict=True):
         if run.into_card:
-            print(f"wrote quality figures to {write_card(run.weights, r)}")
+            print(f"wrote quality figures to {write_card(run.cfg.weights, r)}")
     return 0
 
 

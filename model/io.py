@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Required, TypedDict, cast
 
 import torch
 from safetensors import SafetensorError
@@ -13,12 +15,31 @@ from safetensors.torch import load_file, save_file
 
 from model.atomic import atomic_path, atomic_write_bytes
 from model.diffusion import PREDICTIONS, Schedule
-from model.samplers import GUIDANCE_METHODS, Denoiser
+from model.samplers import GUIDANCE_METHODS, Denoiser, check_sigma_min
 from model.unet import UNet, UNetConfig
 
 
 class WeightsError(RuntimeError):
     """Weights or their card are missing or unusable; the message names the file and the problem."""
+
+
+class Card(TypedDict, total=False):
+    """A weights card: the JSON object beside a .safetensors file. ``read_card`` checks that it has its
+    two required sections; ``check_card`` checks everything else a server relies on.
+
+    A TypedDict rather than a dataclass: a card is JSON that training writes, scripts edit and readers
+    (the service, the dataset exporter, tests) read as a dict, and its sections are open records (a
+    ``training`` record grows a field when training does); the type names the sections and their roles."""
+
+    name: str  # the model's name: its id in the service (absent: the weights file's stem, ``model_name``)
+    unet: Required[dict[str, Any]]  # UNetConfig's fields: the network is UNet(UNetConfig(**card["unet"]))
+    diffusion: Required[dict[str, Any]]  # "schedule", "T" and "prediction" (model.diffusion)
+    classes: list[str]  # the class names, by label
+    sampling: dict[str, Any]  # how to sample it by default: CardSampling's fields (``card_sampling``)
+    distillation: dict[str, Any]  # a student's: "teacher", "method", the "guidance" distilled into it
+    training: dict[str, Any]  # what training did and cost (model.train's or model.distill's record)
+    quality: dict[str, Any]  # model.evaluate's figures (--write-card)
+    guide_of: dict[str, Any]  # a guide network's: the model it guides
 
 
 def atomic_torch_save(obj: dict, path: Path) -> None:
@@ -33,7 +54,7 @@ def save_weights_file(state_dict: dict[str, torch.Tensor], path: Path) -> None:
         save_file(tensors, tmp, metadata={"format": "pt"})
 
 
-def save_weights(model: UNet, card: dict, safetensors_path: Path) -> Path:
+def save_weights(model: UNet, card: Mapping[str, Any], safetensors_path: Path) -> Path:
     """Write ``<name>.safetensors`` and ``<name>.json`` atomically; returns the card's path."""
     save_weights_file(model.state_dict(), safetensors_path)
     card_path = safetensors_path.with_suffix(".json")
@@ -41,7 +62,8 @@ def save_weights(model: UNet, card: dict, safetensors_path: Path) -> Path:
     return card_path
 
 
-def read_card(path: Path) -> dict:
+def read_card(path: str | os.PathLike) -> Card:
+    """The card beside ``path`` (its .json), checked to be an object with ``unet`` and ``diffusion``."""
     card_path = Path(path).with_suffix(".json")
     try:
         card = json.loads(card_path.read_text())
@@ -54,13 +76,13 @@ def read_card(path: Path) -> dict:
     for key in ("unet", "diffusion"):
         if key not in card:
             raise WeightsError(f"{card_path}: missing the {key!r} section")
-    return card
+    return cast(Card, card)
 
 
 @dataclass(frozen=True)
 class LoadedWeights:
     denoiser: Denoiser
-    card: dict
+    card: Card
     path: Path
 
     @property
@@ -68,7 +90,7 @@ class LoadedWeights:
         return self.denoiser.model  # type: ignore[return-value]
 
 
-def card_guidance_interval(card: dict) -> tuple[float, float] | None:
+def card_guidance_interval(card: Card) -> tuple[float, float] | None:
     """The card's ``sampling.guidance_interval`` as (sigma_lo, sigma_hi), None when absent (guidance at
     every step). A malformed entry raises TypeError or ValueError; the Denoiser checks the bounds."""
     interval = (card.get("sampling") or {}).get("guidance_interval")
@@ -92,7 +114,7 @@ class CardSampling:
     sigma_min: float | None = None  # Heun's lowest noise level (model.samplers.karras_timesteps); None: the schedule's
 
 
-def card_sampling(card: dict) -> CardSampling:
+def card_sampling(card: Card) -> CardSampling:
     """The card's sampling section over the defaults of ``CardSampling``. A malformed entry raises
     TypeError or ValueError; ranges are for the caller to check against its own limits."""
     section = card.get("sampling") or {}
@@ -114,7 +136,7 @@ def card_sampling(card: dict) -> CardSampling:
     )
 
 
-def card_guide_path(weights_path: str | os.PathLike, card: dict) -> Path | None:
+def card_guide_path(weights_path: str | os.PathLike, card: Card) -> Path | None:
     """Where the guide that the card's ``sampling.guide`` names lies (beside the weights), None when the
     card names none."""
     name = card_sampling(card).guide
@@ -130,7 +152,7 @@ def card_guide_path(weights_path: str | os.PathLike, card: dict) -> Path | None:
 GUIDE_MUST_MATCH = ("image_size", "in_channels", "num_classes")
 
 
-def check_guide_card(card: dict, guide_card: dict, guide_path: Path, name: str) -> None:
+def check_guide_card(card: Card, guide_card: Card, guide_path: Path, name: str) -> None:
     """Refuse a guide that is not a model of the same images, classes, schedule and target as the model
     ``name`` of ``card``: autoguidance compares their outputs. Checks cards only, before any tensor loads."""
     for key in GUIDE_MUST_MATCH:
@@ -149,6 +171,94 @@ def with_guide(weights: LoadedWeights, guide: LoadedWeights) -> LoadedWeights:
     """``weights`` autoguided by ``guide``'s network (Karras et al. 2024), once ``check_guide_card`` passes."""
     check_guide_card(weights.card, guide.card, guide.path, weights.path.name)
     return replace(weights, denoiser=replace(weights.denoiser, guide=guide.model))
+
+
+def check_guide(path: Path, card: Card, name: str) -> Path | None:
+    """The guide network that the card's ``sampling.guide`` names, there beside the weights, its card
+    checked against this one (``check_guide_card``); None when the card names none."""
+    try:
+        guide = card_guide_path(path, card)
+    except (TypeError, ValueError) as err:
+        raise WeightsError(f"{path.with_suffix('.json')}: {err}") from err
+    if guide is None:
+        return None
+    if not guide.exists():
+        raise WeightsError(f"{guide}: the guide that {path.with_suffix('.json')} names is not there")
+    check_guide_card(card, read_card(guide), guide, name)
+    return guide
+
+
+def model_name(card: Card, path: Path) -> str:
+    """The model's name: the card's, else the weights file's stem."""
+    return str(card.get("name") or path.stem)
+
+
+def distilled_guidance(card: Card, path: Path) -> float | None:
+    """A student card's ``distillation.guidance`` (1.0 when it leaves it out); None without the section."""
+    section = card.get("distillation")
+    if section is None:
+        return None
+    try:
+        guidance = float(section.get("guidance", 1.0))
+    except (AttributeError, TypeError, ValueError) as err:
+        raise WeightsError(f"{path.with_suffix('.json')}: invalid distillation section ({err})") from err
+    if not guidance >= 0:
+        raise WeightsError(f"{path.with_suffix('.json')}: distillation.guidance must be >= 0, got {guidance}")
+    return guidance
+
+
+def check_distilled_guidance(distilled: float | None, guidance: float, name: str) -> None:
+    """Guidance distilled into a student is part of its network: on top of it only guidance 1 (the
+    network alone) is allowed. ``distilled``: ``distilled_guidance``'s (None or 1.0: any guidance goes);
+    ``name`` names the model in the message."""
+    if distilled not in (None, 1.0) and float(guidance) != 1.0:
+        raise ValueError(f"guidance {distilled} is distilled into {name}")
+
+
+def schedule_steps(card: Card, path: Path) -> int:
+    """T of the card's named schedule (``model.diffusion.Schedule.named``, which load_weights builds too)."""
+    try:
+        return Schedule.named(card["diffusion"]["schedule"], card["diffusion"]["T"]).T
+    except (TypeError, KeyError, ValueError) as err:
+        raise WeightsError(f"{path.with_suffix('.json')}: invalid diffusion section ({err})") from err
+
+
+@dataclass(frozen=True)
+class CheckedCard:
+    """A weights file's card with everything checked that the cards alone can tell (``check_card``)."""
+
+    path: Path  # the .safetensors file
+    card: Card
+    name: str  # the model's name (``model_name``)
+    T: int  # diffusion steps of the card's named schedule
+    sampling: CardSampling  # the card's sampling section over CardSampling's defaults
+    distilled_guidance: float | None  # the guidance scale distilled into a student; None: a teacher
+    guide: Path | None = None  # the guide network's .safetensors file, its card checked against this one's
+
+
+def check_card(path: str | os.PathLike) -> CheckedCard:
+    """Check one weights file by its cards, before any tensor loads: the file exists, its card reads, the
+    distillation section makes sense, the schedule is a named one, the sampling section parses (Heun's
+    ``sigma_min`` within the schedule), and the guide it names is there and fits. What depends on where
+    the weights are used (a server's limits and overrides) is the caller's to check."""
+    path = Path(path)
+    path = path if path.suffix == ".safetensors" else path.with_suffix(".safetensors")
+    if not path.exists():
+        raise WeightsError(f"{path}: weights file not found")
+    card = read_card(path)
+    name = model_name(card, path)
+    distilled = distilled_guidance(card, path)
+    T = schedule_steps(card, path)
+    try:
+        sampling = card_sampling(card)
+    except (TypeError, ValueError) as err:
+        raise WeightsError(f"{path.with_suffix('.json')}: card sampling section is invalid ({err})") from err
+    if sampling.sigma_min is not None:
+        try:
+            check_sigma_min(Schedule.named(card["diffusion"]["schedule"], T), sampling.sigma_min)
+        except ValueError as err:
+            raise WeightsError(f"{path.with_suffix('.json')}: sampling.sigma_min: {err}") from err
+    return CheckedCard(path, card, name, T, sampling, distilled, check_guide(path, card, name))
 
 
 def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedWeights:

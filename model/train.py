@@ -12,81 +12,32 @@ time budget as well as the step budget) and still exports ``weights/<name>.safet
     torchrun --nproc-per-node 4 -m model.train ...   # the same run as 4 DistributedDataParallel ranks
 
 Under torchrun every rank computes its share of each ``--batch-size`` batch and rank 0 alone
-writes; model/distributed.py has the rules. The epochs and steps are in model/train_loop.py; every
-option is a field of ``TrainConfig`` (or of its ``UNetConfig``), so a new one is a line there.
+writes; model/distributed.py has the rules. ``TrainConfig`` and the epochs and steps are in
+model/teacher.py; every option is a field of ``TrainConfig`` (or of its ``UNetConfig``), so a new one
+is a line there.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 from model import distributed
+from model.cli import add_config_arguments, config_from_args
 from model.data import CLASS_NAMES
 from model.diffusion import NOISE_LEVELS, PREDICTIONS, SCHEDULES
 from model.distributed import World
-from model.io import read_card, save_weights
+from model.ema import ema_weights
+from model.io import Card, read_card, save_weights
 from model.machine import describe, resolve_device
-from model.train_loop import Data, Loop, State, train_epochs
-from model.training import PRECISIONS, Log, add_config_arguments, config_from_args, ema_weights
+from model.optim import PRECISIONS
+from model.runlog import Log
+from model.teacher import LR_SCHEDULES, Data, Loop, State, TrainConfig, train_epochs
 from model.unet import UNet, UNetConfig, count_parameters
-
-LR_SCHEDULES = ("cosine", "rsqrt")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    data_dir: str | None = None  # Fashion-MNIST IDX directory (None: $FASHION_MNIST_DIR)
-    run_dir: str = "runs/default"  # checkpoints, metrics and pictures of this run
-    weights_dir: str = "weights"  # where the exported weights and card go
-    name: str = "fashion-unet"  # exported as <weights_dir>/<name>.safetensors + .json
-    unet: UNetConfig = field(default_factory=UNetConfig)
-    schedule: str = "cosine"  # "linear" or "cosine"
-    T: int = 1000  # diffusion timesteps
-    prediction: str = "v"  # network target: "eps" or "v"
-    min_snr_gamma: float | None = 5.0  # min-SNR loss weighting (None or 0: plain MSE)
-    noise_levels: str = "uniform"  # training noise levels: "uniform" timesteps or EDM's "lognormal" sigma
-    p_mean: float = -1.2  # lognormal: mean of ln sigma (EDM, Karras et al. 2022)
-    p_std: float = 1.2  # lognormal: standard deviation of ln sigma
-    epochs: int = 20  # upper bound on epochs; --max-minutes may end sooner
-    max_minutes: float | None = None  # wall-clock budget for training (excluding export)
-    batch_size: int = 128  # images per optimizer step, over all torchrun ranks
-    lr: float = 2e-3  # peak AdamW learning rate
-    weight_decay: float = 0.0  # AdamW's decoupled weight decay
-    warmup_steps: int = 200  # linear learning-rate warm-up
-    min_lr_ratio: float = 0.02  # the cosine decay ends at lr * min_lr_ratio
-    lr_schedule: str = "cosine"  # "cosine" (against the step and time budget) or "rsqrt" (continues across resumes)
-    rsqrt_ref_steps: int = 2000  # rsqrt: lr = peak * sqrt(ref / step) once step > ref (EDM2, Karras et al. 2024)
-    cooldown_steps: int = 0  # rsqrt: decay linearly to 0 over the last N steps of --epochs (WSD, Hägele et al. 2024)
-    grad_clip: float = 1.0  # largest gradient norm
-    ema_decay: float = 0.999  # the EMA that is validated, sampled and exported
-    ema_extra: tuple[float, ...] = ()  # more decays kept beside it, to pick one after training (--export-ema)
-    init_from: str | None = None  # start from these weights (.safetensors with its card) instead of random
-    precision: str = "auto"  # autocast: "bfloat16", "float32", or "auto" (bfloat16 on CUDA, float32 elsewhere)
-    label_dropout: float = 0.1  # probability of training a label as "null" (for guidance)
-    val_size: int = 5_000  # training images held out for the validation loss
-    train_limit: int | None = None  # use only the first N training images (quick runs and tests)
-    seed: int = 0  # of the network, the split, the data order and every step's draws
-    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
-    threads: int | None = None  # torch CPU threads (None: torch's default)
-    channels_last: bool = False  # train in the channels-last memory layout
-    compile: bool = False  # torch.compile the network
-    sample_guidance: float = 2.0  # guidance of the per-epoch sample grid
-    sample_steps: int = 20  # sampler steps of the per-epoch sample grid
-    log_every: int = 50  # steps between the training lines of metrics.jsonl
-
-    def __post_init__(self):
-        if self.min_snr_gamma is not None and self.min_snr_gamma < 0:
-            raise ValueError(f"min_snr_gamma must be positive, or 0 or None for plain MSE; got {self.min_snr_gamma}")
-        if self.p_std <= 0:
-            raise ValueError(f"p_std must be positive; got {self.p_std}")
-        if self.min_snr_gamma == 0:  # a gamma of 0 would weight every loss by 0: it means no weighting
-            object.__setattr__(self, "min_snr_gamma", None)
-
 
 CHOICES = {
     "schedule": SCHEDULES,
@@ -120,7 +71,7 @@ def plot_losses(metrics_path: Path, out: Path) -> None:
     plt.close(fig)
 
 
-def make_card(cfg: TrainConfig, record: dict) -> dict:
+def make_card(cfg: TrainConfig, record: dict) -> Card:
     return {
         "name": cfg.name,
         "unet": cfg.unet.to_dict(),

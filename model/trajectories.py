@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 from model.atomic import atomic_path
 from model.io import LoadedWeights, card_sampling, load_weights
 from model.machine import DTYPES, autocast
+from model.runlog import Log, progress_bar
 from model.samplers import Step, generators_from_seeds, sample
-from model.training import Log, progress_bar
 
 SEED_BASE = 10_000_000  # trajectory seeds start here, far from model.evaluate's 0, 1, 2, ...
 

@@ -15,7 +15,7 @@ import pytest
 
 from model.data import ENV_DIR, FILES
 from model.io import save_weights
-from model.train import TrainConfig
+from model.teacher import TrainConfig
 from model.unet import UNet, UNetConfig, perturbed_unet
 from testkit.weights import TINY_UNET
 from testkit.weights import tiny_card as card_for

@@ -32,7 +32,7 @@ import numpy as np
 from app.datasets.store import ChunkStore, fsync_write
 from model.data import CLASS_NAMES, EXPECTED, FILES, IMAGE_SIZE
 from model.images import png_bytes
-from model.io import card_guide_path, read_card
+from model.io import card_guide_path, model_name, read_card
 
 CARD = "card.json"
 NPZ = "dataset.npz"
@@ -105,7 +105,7 @@ def model_facts(weights: str | Path) -> dict[str, Any]:
     path = Path(weights)
     card = read_card(path)
     facts: dict[str, Any] = {
-        "name": card.get("name") or path.stem,
+        "name": model_name(card, path),
         "weights": file_facts(path),
         "card": file_facts(path.with_suffix(".json")),
     }

@@ -46,6 +46,7 @@ from app.metrics import Metrics
 from app.settings import Settings
 from model import images
 from model.data import CLASS_NAMES
+from model.io import check_distilled_guidance
 from model.samplers import sampler_named
 
 
@@ -153,14 +154,16 @@ def resolve(
     defaults = model.defaults
     sampler = body.sampler or defaults.sampler
     guidance = body.guidance if body.guidance is not None else defaults.guidance
-    if model.distilled_guidance not in (None, 1.0) and guidance != 1.0:
+    try:
+        check_distilled_guidance(model.distilled_guidance, guidance, model.name)
+    except ValueError as err:
         raise ApiError(
             422,
-            f"guidance: guidance {model.distilled_guidance} is distilled into {model.name} (its card's "
-            "distillation section), so it takes no classifier-free guidance on top; allowed: 1.0 or omit guidance",
+            f"guidance: {err} (its card's distillation section), so it takes no classifier-free guidance on top; "
+            "allowed: 1.0 or omit guidance",
             code="guidance_distilled",
             param="guidance",
-        )
+        ) from err
     method = body.guidance_method or defaults.guidance_method
     if method == "autoguidance" and model.guide is None:
         raise ApiError(

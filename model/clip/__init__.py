@@ -1,5 +1,6 @@
-"""CLIP with open_clip: ``loading`` (tags, checkpoints, the tiny test model) and ``scoring`` (28x28
-images against prompts and class prompts); ``python -m model.clip`` fetches or writes weights.
+"""CLIP with open_clip: ``spec`` (what to load), ``loading`` (tags, checkpoints, the tiny test model) and
+``scoring`` (28x28 images against prompts and class prompts); ``python -m model.clip`` fetches or writes
+weights.
 
 Weights come from one of:
 - an open_clip architecture name plus a pretrained tag, downloaded once into a cache directory;
@@ -10,11 +11,7 @@ When none can be had, ``load_clip`` raises ``ClipUnavailable`` saying what was m
 """
 
 from model.clip.loading import (
-    DEFAULT_MODEL,
-    DEFAULT_PRETRAINED,
-    DEFAULT_TEMPLATES,
     TINY_MODEL,
-    ClipSpec,
     ClipUnavailable,
     import_open_clip,
     load_clip,
@@ -23,6 +20,7 @@ from model.clip.loading import (
     tiny_config,
 )
 from model.clip.scoring import Clip, ZeroShot, clip_score, evaluate_clip
+from model.clip.spec import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEFAULT_TEMPLATES, ClipSpec
 
 __all__ = [
     "DEFAULT_MODEL",

@@ -5,15 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from model.clip.loading import (
-    DEFAULT_MODEL,
-    DEFAULT_PRETRAINED,
-    TINY_MODEL,
-    ClipSpec,
-    ClipUnavailable,
-    load_clip,
-    save_checkpoint,
-)
+from model.clip.loading import TINY_MODEL, ClipUnavailable, load_clip, save_checkpoint
+from model.clip.spec import DEFAULT_MODEL, DEFAULT_PRETRAINED, ClipSpec
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -11,17 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from model.clip.spec import ClipSpec
 from model.data import parse_class
-
-if TYPE_CHECKING:
-    from model.clip.loading import ClipSpec
 
 
 def clip_score(cos: np.ndarray | float) -> np.ndarray:

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from model import distill, trajectories
+from model.cli import config_from_args
 from model.io import load_weights, read_card, save_weights
 from model.samplers import generators_from_seeds, initial_noise, sample
-from model.training import config_from_args
 from model.unet import UNet
 from testkit.weights import TINY_UNET, tiny_card
 

@@ -21,7 +21,8 @@ import torch
 
 from model.distributed import World
 from model.io import load_weights
-from model.train import TrainConfig, main, parse_args, train
+from model.teacher import TrainConfig
+from model.train import main, parse_args, train
 from model.unet import tiny_config
 from testkit.servers import free_port
 

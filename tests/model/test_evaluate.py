@@ -9,7 +9,7 @@ import torch
 
 from model.classifier import Classifier, ClassifierConfig, load_classifier, predict, random_shift, train_classifier
 from model.clip import TINY_MODEL, ClipSpec
-from model.evaluate import evaluate, generate, main, write_card
+from model.evaluate import EvalConfig, evaluate, generate, main, write_card
 from model.io import WeightsError, card_sampling, load_weights, save_weights, save_weights_file
 from model.report import format_table
 from model.unet import UNet, perturbed_unet, tiny_config
@@ -83,7 +83,7 @@ def test_evaluate_end_to_end_with_tiny_models(tmp_path, fashion_mnist_dir):
 
     clip = ClipSpec(model=TINY_MODEL, pretrained=None, random_init=True)
     r = evaluate(
-        weights, clf, str(fashion_mnist_dir), per_class=3, steps=2, guidance=1.5, batch_size=16, clip_spec=clip
+        EvalConfig(weights, clf, str(fashion_mnist_dir), per_class=3, steps=2, guidance=1.5, batch_size=16, clip=clip)
     )
     assert r["per_class"] == 3 and len(r["accuracy_per_class"]) == 10
     # Every class has the same number of samples, so the overall accuracy is the mean of the classes'.
@@ -109,15 +109,17 @@ def test_evaluate_end_to_end_with_tiny_models(tmp_path, fashion_mnist_dir):
 
     # Against the validation split: its own reference and floor, from the held-out training images.
     v = evaluate(
-        weights,
-        clf,
-        str(fashion_mnist_dir),
-        per_class=3,
-        steps=2,
-        guidance=1.5,
-        batch_size=16,
-        reference="val",
-        val_size=40,
+        EvalConfig(
+            weights,
+            clf,
+            str(fashion_mnist_dir),
+            per_class=3,
+            steps=2,
+            guidance=1.5,
+            batch_size=16,
+            reference="val",
+            val_size=40,
+        )
     )
     assert v["reference"] == "val (40 held-out training images)" and "samples vs val" in format_table(v)
     assert "guidance 1.5, float32  (" in format_table(v)
@@ -125,7 +127,7 @@ def test_evaluate_end_to_end_with_tiny_models(tmp_path, fashion_mnist_dir):
     assert v["frechet_distance_real_train"] != r["frechet_distance_real_train"]
     assert v["accuracy"] == r["accuracy"]  # the same samples
     with pytest.raises(ValueError, match="reference must be one of test, val"):
-        evaluate(weights, clf, str(fashion_mnist_dir), per_class=1, steps=1, reference="train")
+        evaluate(EvalConfig(weights, clf, str(fashion_mnist_dir), per_class=1, steps=1, reference="train"))
 
     written = json.loads(write_card(weights, r).read_text())
     assert written["quality"]["accuracy"] == r["accuracy"]
@@ -218,7 +220,7 @@ def test_generate_runs_the_network_in_the_precision_asked_for(tmp_path):
     assert not np.array_equal(full, half)  # bfloat16 rounds the network's output
     assert np.abs(full.astype(int) - half.astype(int)).mean() < 8  # ... a little
     with pytest.raises(ValueError, match="precision must be one of float32, bfloat16, float16"):
-        evaluate(weights, tmp_path / "none", per_class=1, steps=1, precision="int8")
+        evaluate(EvalConfig(weights, tmp_path / "none", per_class=1, steps=1, precision="int8"))
 
 
 def test_evaluate_cli_measures_a_student_beside_the_teacher(tmp_path, capsys, fashion_mnist_dir):

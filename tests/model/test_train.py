@@ -1,4 +1,4 @@
-"""model/train.py: short real training runs of a tiny U-Net on a subset of the real data.
+"""model/train.py and model/teacher.py: short real training runs of a tiny U-Net on a subset of the real data.
 
 One run of two epochs is shared by several tests (module fixture); the resume and time-budget
 tests start from copies of it or run on their own. About 10 s on two busy CPU cores.
@@ -19,8 +19,8 @@ from PIL import Image
 from model.data import FashionMNIST, to_model_range
 from model.diffusion import Schedule
 from model.io import load_weights, read_card
-from model.train import TrainConfig, export, parse_args, train
-from model.train_loop import lr_factor, validation_loss
+from model.teacher import TrainConfig, lr_factor, validation_loss
+from model.train import export, parse_args, train
 from model.unet import UNet, UNetConfig, tiny_config
 
 TINY = tiny_config()

@@ -1,15 +1,13 @@
-"""model/training.py: what the training scripts share, and the command line built from a config."""
+"""model/cli.py: the command line built from a config dataclass's fields."""
 
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import dataclass, field
 
 import pytest
-import torch
 
-from model.training import EMA, add_config_arguments, config_from_args, cooldown, cosine, ema_weights, rsqrt, warmup
+from model.cli import add_config_arguments, config_from_args
 
 
 @dataclass(frozen=True)
@@ -85,37 +83,3 @@ def test_a_field_of_a_type_with_no_option_must_be_skipped():
     with pytest.raises(TypeError, match="notes: no option for a field of type"):
         add_config_arguments(argparse.ArgumentParser(), Notes)
     add_config_arguments(argparse.ArgumentParser(), Notes, skip=("notes",))
-
-
-def test_the_learning_rate_pieces():
-    assert [warmup(s, 4) for s in (0, 1, 3, 10)] == [0.25, 0.5, 1.0, 1.0]
-    assert warmup(0, 0) == 1.0  # no warm-up
-    assert cosine(0.0, 0.1) == 1.0 and cosine(0.5, 0.1) == pytest.approx(0.55) and cosine(2.0, 0.1) == 0.1
-    assert rsqrt(99, 100) == 1.0 and rsqrt(399, 100) == pytest.approx(0.5)
-    assert [cooldown(s, 100, 10) for s in (80, 90, 95, 100, 120)] == [1.0, 1.0, 0.5, 0.0, 0.0]
-    assert cooldown(99, 100, 0) == 1.0  # no cooldown
-    assert math.isclose(cosine(1.0, 0.0), 0.0, abs_tol=1e-12)
-
-
-def test_a_checkpoints_weights_by_ema_decay_or_the_raw_weights():
-    kept, raw = {"0.999": {"w": 1}, "0.9": {"w": 2}}, {"w": 0}
-    assert ema_weights(kept, raw, 0.9, "ckpt") == {"w": 2}
-    assert ema_weights(kept, raw, 0, "ckpt") is raw
-    with pytest.raises(ValueError, match=r"ckpt keeps no EMA with decay 0.5; allowed: 0.999, 0.9, 0 \(the raw"):
-        ema_weights(kept, raw, 0.5, "ckpt")
-
-
-def test_the_ema_warm_up_caps_every_decay_and_a_warm_start_goes_without_it():
-    net = torch.nn.Linear(3, 3)
-    warm = [EMA(net, decay) for decay in (0.999, 0.9998)]
-    cold = [EMA(net, decay, warmup=False) for decay in (0.999, 0.9998)]
-    for _ in range(20):
-        with torch.no_grad():
-            net.weight.add_(1.0)
-        for ema in warm + cold:
-            ema.update(net)
-    # (1 + n) / (10 + n) is below both decays for 20 steps: the two warmed-up EMAs are the same.
-    assert torch.equal(warm[0].model.weight, warm[1].model.weight)
-    assert not torch.allclose(cold[0].model.weight, cold[1].model.weight)
-    start = net.weight - 20
-    assert (cold[0].model.weight - start).abs().max() < 0.25  # 0.999 over 20 steps hardly moves

@@ -1,4 +1,5 @@
-"""The teacher's training loop (``model.train`` is its command line, its config and its export).
+"""Training the teacher: its config (``TrainConfig``), and the epochs and steps of a run
+(``model.train`` is its command line and its export).
 
 One run is a ``Loop`` (what every step shares: the data on the device, the schedule, the network as
 steps call it) over a ``State`` (what a checkpoint holds). Epochs go through a seeded order of the
@@ -15,9 +16,9 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -26,26 +27,68 @@ from model import distributed
 from model.data import NUM_CLASSES, FashionMNIST, to_model_range
 from model.diffusion import Schedule, draw_timesteps, training_loss
 from model.distributed import World
+from model.ema import EMA
 from model.images import grid
 from model.io import atomic_torch_save, load_matching
 from model.machine import describe
+from model.optim import cooldown, cosine, optimizer_step, rsqrt, step_generator, training_autocast, warmup
+from model.runlog import Log, progress_bar
 from model.samplers import Denoiser, generators_from_seeds, sample, to_uint8
-from model.training import (
-    EMA,
-    Log,
-    cooldown,
-    cosine,
-    optimizer_step,
-    progress_bar,
-    rsqrt,
-    step_generator,
-    training_autocast,
-    warmup,
-)
-from model.unet import UNet, count_parameters
+from model.unet import UNet, UNetConfig, count_parameters
 
-if TYPE_CHECKING:  # model.train imports this module: the config is only named here, never built
-    from model.train import TrainConfig
+LR_SCHEDULES = ("cosine", "rsqrt")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A teacher's training run; every field is an option of ``python -m model.train`` (UNetConfig's too)."""
+
+    data_dir: str | None = None  # Fashion-MNIST IDX directory (None: $FASHION_MNIST_DIR)
+    run_dir: str = "runs/default"  # checkpoints, metrics and pictures of this run
+    weights_dir: str = "weights"  # where the exported weights and card go
+    name: str = "fashion-unet"  # exported as <weights_dir>/<name>.safetensors + .json
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    schedule: str = "cosine"  # "linear" or "cosine"
+    T: int = 1000  # diffusion timesteps
+    prediction: str = "v"  # network target: "eps" or "v"
+    min_snr_gamma: float | None = 5.0  # min-SNR loss weighting (None or 0: plain MSE)
+    noise_levels: str = "uniform"  # training noise levels: "uniform" timesteps or EDM's "lognormal" sigma
+    p_mean: float = -1.2  # lognormal: mean of ln sigma (EDM, Karras et al. 2022)
+    p_std: float = 1.2  # lognormal: standard deviation of ln sigma
+    epochs: int = 20  # upper bound on epochs; --max-minutes may end sooner
+    max_minutes: float | None = None  # wall-clock budget for training (excluding export)
+    batch_size: int = 128  # images per optimizer step, over all torchrun ranks
+    lr: float = 2e-3  # peak AdamW learning rate
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    warmup_steps: int = 200  # linear learning-rate warm-up
+    min_lr_ratio: float = 0.02  # the cosine decay ends at lr * min_lr_ratio
+    lr_schedule: str = "cosine"  # "cosine" (against the step and time budget) or "rsqrt" (continues across resumes)
+    rsqrt_ref_steps: int = 2000  # rsqrt: lr = peak * sqrt(ref / step) once step > ref (EDM2, Karras et al. 2024)
+    cooldown_steps: int = 0  # rsqrt: decay linearly to 0 over the last N steps of --epochs (WSD, Hägele et al. 2024)
+    grad_clip: float = 1.0  # largest gradient norm
+    ema_decay: float = 0.999  # the EMA that is validated, sampled and exported
+    ema_extra: tuple[float, ...] = ()  # more decays kept beside it, to pick one after training (--export-ema)
+    init_from: str | None = None  # start from these weights (.safetensors with its card) instead of random
+    precision: str = "auto"  # autocast: "bfloat16", "float32", or "auto" (bfloat16 on CUDA, float32 elsewhere)
+    label_dropout: float = 0.1  # probability of training a label as "null" (for guidance)
+    val_size: int = 5_000  # training images held out for the validation loss
+    train_limit: int | None = None  # use only the first N training images (quick runs and tests)
+    seed: int = 0  # of the network, the split, the data order and every step's draws
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
+    threads: int | None = None  # torch CPU threads (None: torch's default)
+    channels_last: bool = False  # train in the channels-last memory layout
+    compile: bool = False  # torch.compile the network
+    sample_guidance: float = 2.0  # guidance of the per-epoch sample grid
+    sample_steps: int = 20  # sampler steps of the per-epoch sample grid
+    log_every: int = 50  # steps between the training lines of metrics.jsonl
+
+    def __post_init__(self):
+        if self.min_snr_gamma is not None and self.min_snr_gamma < 0:
+            raise ValueError(f"min_snr_gamma must be positive, or 0 or None for plain MSE; got {self.min_snr_gamma}")
+        if self.p_std <= 0:
+            raise ValueError(f"p_std must be positive; got {self.p_std}")
+        if self.min_snr_gamma == 0:  # a gamma of 0 would weight every loss by 0: it means no weighting
+            object.__setattr__(self, "min_snr_gamma", None)
 
 
 def memory_format(cfg: TrainConfig) -> torch.memory_format:
