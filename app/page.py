@@ -1,5 +1,6 @@
 """``GET /``: the page that shows the model drawing (static files in ``app/static``, no build step, no
-CDN; the page reads ``GET /models`` and ``GET /schedule`` of the generation routes)."""
+CDN; the page reads ``GET /models`` and ``GET /schedule`` of the generation routes, and its edit panel and
+interpolation strip stream ``POST /edits/stream`` and ``POST /interpolations/stream``)."""
 
 from __future__ import annotations
 

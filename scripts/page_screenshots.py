@@ -1,5 +1,6 @@
 """Screenshots of the page for the README, with the shipped weights: start ``python -m app`` on a free
-loopback port, open the page in Debian's Chromium (Playwright), and save each state in ``docs/``.
+loopback port, open the page in Debian's Chromium (Playwright), and save each state in ``docs/``: a
+generation, an inpainting in the edit panel, an interpolation strip, a comparison, the forward process.
 
     python scripts/page_screenshots.py [--out docs] [--width 1200]
 """
@@ -17,6 +18,35 @@ sys.path.insert(0, str(REPO))  # run as a file, not a module: the test toolkit l
 from testkit import servers  # noqa: E402
 
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
+
+
+def edit(page, path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The first dress into the edit panel with one click, its top redrawn (a box over the picture's rows 1-11)."""
+    page.locator(".finals .edit-action").first.click()
+    page.wait_for_function("!document.querySelector('#edit-go').disabled")
+    page.check("input[name=mask-tool][value=box]")
+    box = page.locator("#edit-mask").bounding_box()
+    cell = box["width"] / 28  # the mask has the picture's 28x28 pixels, shown enlarged
+    page.mouse.move(box["x"] + 3.5 * cell, box["y"] + 1.5 * cell)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 24.5 * cell, box["y"] + 11.5 * cell, steps=8)
+    page.mouse.up()
+    page.fill("#edit-n", "4")
+    page.fill("#edit-seed", "3")
+    page.click("#edit-go")
+    page.wait_for_selector("#edit-result .finals img.final >> nth=3", timeout=120_000)
+    page.locator("#edit").screenshot(path=str(path))
+
+
+def interpolate(page, path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Eight frames of sneakers between seeds 1 and 2."""
+    page.fill("#interp-seed-a", "1")
+    page.fill("#interp-seed-b", "2")
+    page.select_option("#interp-class", "sneaker")
+    page.fill("#interp-frames", "8")
+    page.click("#interp-go")
+    page.wait_for_function("!document.querySelector('#interp-result .interp-gif').hidden", timeout=120_000)
+    page.locator("#interpolate").screenshot(path=str(path))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             page.wait_for_selector(".finals img.final >> nth=3", timeout=120_000)
             page.locator(".timeline input").fill("14")  # scrubbed back to step 15 of 50
             page.screenshot(path=str(args.out / "page_done.png"), full_page=True)
+            edit(page, args.out / "page_edit.png")
+            interpolate(page, args.out / "page_interpolate.png")
             link = "/?class=ankle%20boot&n=4&seed=3&sampler=ddpm,ddim,dpm%2B%2B&steps=1000,50,20"
             page.goto(f"{url}{link}&guidance=1.35,1.35,1.35&preview_every=10")
             page.wait_for_function("document.querySelectorAll('.finals img.final').length === 12", timeout=300_000)
@@ -49,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             browser.close()
     finally:
         servers.stop(proc)
-    print(f"wrote page_done.png, page_compare.png, page_forward.png in {args.out}")
+    print(f"wrote page_done.png, page_edit.png, page_interpolate.png, page_compare.png, page_forward.png in {args.out}")
     return 0
 
 

@@ -1,6 +1,6 @@
 // The page that shows the model drawing: server-sent events from GET /generate/stream, one column
 // per run (each with its model of GET /models), x_t beside the x0 prediction at every step; the
-// forward process from GET /schedule.
+// forward process from GET /schedule. edit.js adds the edit panel and the interpolation strip.
 // Plain JavaScript, no build step, nothing loaded from elsewhere.
 "use strict";
 
@@ -127,6 +127,7 @@ async function loadModels() {
     return;
   }
   document.querySelectorAll(".run-spec").forEach(fillModels);
+  document.dispatchEvent(new Event("models-loaded")); // edit.js fills its own model lists
 }
 
 function syncRunButtons() {
@@ -230,17 +231,30 @@ function generate() {
   setStatus(`running ${runs.length} generation${runs.length > 1 ? "s" : ""} of ${base.class}, seed ${base.seed}`);
 }
 
-function startRun(base, spec, i) {
+// One run's view (the template: progress, x_t and x0 at the step the timeline shows, the finals);
+// generations and edits both fill it, through onStep and their own "done".
+function runView(title) {
   const el = $("#run-template").content.firstElementChild.cloneNode(true);
+  $(".run-title", el).textContent = title;
+  const run = { el, frames: [], finished: false, followLive: true, source: null };
+  const slider = $(".timeline input", el);
+  slider.addEventListener("input", () => {
+    run.followLive = Number(slider.value) === run.frames.length - 1;
+    showFrame(run, Number(slider.value));
+  });
+  return run;
+}
+
+function startRun(base, spec, i) {
   const label = spec.sampler === "ddpm" ? "ddpm, 1000 steps" : `${spec.sampler}, ${spec.steps} steps`;
   const who = models.length > 1 && spec.model ? `${spec.model}: ` : "";
   const method = spec.guidance_method === "autoguidance" ? " (autoguidance)" : "";
-  $(".run-title", el).textContent = `Run ${i + 1}: ${who}${label}, guidance ${spec.guidance}${method}`;
+  const run = Object.assign(runView(`Run ${i + 1}: ${who}${label}, guidance ${spec.guidance}${method}`), { spec, base });
+  const el = run.el;
   $("#runs").appendChild(el);
   const query = streamQuery(base, spec);
   const key = apiKey();
   if (key) query.set("api_key", key); // EventSource cannot set headers; the server strips it from the URL
-  const run = { el, spec, base, frames: [], finished: false, followLive: true, source: null };
   const source = new EventSource("/generate/stream?" + query.toString());
   run.source = source;
   source.addEventListener("start", (e) => {
@@ -261,11 +275,6 @@ function startRun(base, spec, i) {
     run.finished = true;
     source.close();
     checkAllDone();
-  });
-  const slider = $(".timeline input", el);
-  slider.addEventListener("input", () => {
-    run.followLive = Number(slider.value) === run.frames.length - 1;
-    showFrame(run, Number(slider.value));
   });
   return run;
 }
@@ -302,33 +311,8 @@ function onDone(run, body) {
   const el = run.el;
   $("progress", el).value = 1;
   $(".step-text", el).textContent = `done in ${(body.timings.total_ms / 1000).toFixed(2)} s`;
-  const finals = $(".finals", el);
-  const name = body.params.class_name.replace(/[^a-z0-9]+/g, "-");
-  for (const image of body.images) {
-    const src = "data:image/png;base64," + image.png;
-    const figure = document.createElement("figure");
-    const link = document.createElement("a");
-    link.href = src;
-    link.download = `${name}_seed${image.seed}.png`;
-    link.title = "download this PNG";
-    const img = document.createElement("img");
-    img.src = src;
-    img.width = 84;
-    img.height = 84;
-    img.alt = `${body.params.class_name}, seed ${image.seed}`;
-    img.className = "final";
-    link.appendChild(img);
-    const use = document.createElement("button");
-    use.type = "button";
-    use.textContent = "diffuse";
-    use.title = "take this image through the forward process below";
-    use.addEventListener("click", () => useForForward(src));
-    const caption = document.createElement("figcaption");
-    caption.textContent = `seed ${image.seed} `;
-    caption.appendChild(use);
-    figure.append(link, caption);
-    finals.appendChild(figure);
-  }
+  const name = fileName(body.params.class_name);
+  for (const image of body.images) $(".finals", el).appendChild(finalFigure(image, body.params.class_name));
   const grid = document.createElement("button");
   grid.type = "button";
   grid.textContent = "Download the grid";
@@ -336,6 +320,55 @@ function onDone(run, body) {
   $(".downloads", el).appendChild(grid);
   if (!forwardImage && body.images.length) useForForward("data:image/png;base64," + body.images[0].png);
   checkAllDone();
+}
+
+function fileName(className) {
+  return className.replace(/[^a-z0-9]+/g, "-");
+}
+
+function actionButton(text, label, title, onClick) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.textContent = text;
+  button.setAttribute("aria-label", label);
+  button.title = title;
+  button.addEventListener("click", onClick);
+  return button;
+}
+
+// A final image (GET /generate's {seed, png}) with its download link and what can be done with it: the
+// forward process, the edit panel, the interpolation strip (the last two in edit.js).
+function finalFigure(image, className) {
+  const src = "data:image/png;base64," + image.png;
+  const what = `${className}, seed ${image.seed}`;
+  const figure = document.createElement("figure");
+  const link = document.createElement("a");
+  link.href = src;
+  link.download = `${fileName(className)}_seed${image.seed}.png`;
+  link.title = "download this PNG";
+  const img = document.createElement("img");
+  img.src = src;
+  img.width = 84;
+  img.height = 84;
+  img.alt = what;
+  img.className = "final";
+  link.appendChild(img);
+  const picture = { png: image.png, className, seed: image.seed };
+  const caption = document.createElement("figcaption");
+  caption.textContent = `seed ${image.seed} `;
+  const actions = document.createElement("span");
+  actions.className = "actions";
+  actions.append(
+    actionButton("diffuse", `diffuse ${what}`, "take this image through the forward process below", () => useForForward(src)),
+    actionButton("edit", `edit ${what}`, "load this image into the edit panel", () => editPicture(picture)),
+    actionButton("interpolate", `interpolate ${what}`, "pick this image as an end of the interpolation strip", () =>
+      pickForInterpolation(picture),
+    ),
+  );
+  for (const button of actions.children) button.classList.add(`${button.textContent}-action`);
+  caption.appendChild(actions);
+  figure.append(link, caption);
+  return figure;
 }
 
 function checkAllDone() {
@@ -536,7 +569,8 @@ function init() {
     setStatus(stopped ? `cancelled ${stopped} run${stopped > 1 ? "s" : ""}` : "nothing to cancel");
   });
   document.addEventListener("keydown", (e) => {
-    if (e.key === "Escape" && !$("#cancel").disabled) $("#cancel").click();
+    if (e.key !== "Escape") return;
+    for (const id of ["#cancel", "#edit-cancel", "#interp-cancel"]) if (!$(id).disabled) $(id).click();
   });
   $("#curl").addEventListener("click", async () => {
     const command = curlCommand();

@@ -57,7 +57,7 @@ def keyed(app_weights: Path, serve_in_thread: Callable) -> Iterator[str]:
 def test_the_page_and_its_files_are_served(live: str) -> None:
     page = httpx.get(f"{live}/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    for src in ("/static/app.js", "/static/style.css"):
+    for src in ("/static/app.js", "/static/edit.js", "/static/style.css"):
         assert src in page.text
         assert httpx.get(live + src).status_code == 200
     assert "https://" not in page.text and "http://" not in page.text  # nothing from elsewhere: works offline
@@ -318,4 +318,140 @@ def test_runs_compare_autoguidance_with_classifier_free_guidance(guided_and_plai
         assert [src.split(",", 1)[1] for src in finals] == [img["png"] for img in api["images"]]
     page.goto(page.url)  # the link keeps each run's method
     assert finished_titles(page, 4) == titles
+    assert page.errors == []
+
+
+# --- the edit panel and the interpolation strip -----------------------------------------------------
+
+
+def png_array(text: str) -> np.ndarray:
+    """A base64 PNG (or a data URL of one) as a uint8 array."""
+    return decode(text if text.startswith("data:") else "data:image/png;base64," + text)
+
+
+def drag(page, selector: str, start: tuple[float, float], end: tuple[float, float]) -> None:  # type: ignore[no-untyped-def]
+    """Drag the mouse over a canvas between two points given in its own pixels (the picture's)."""
+    box = page.locator(selector).bounding_box()
+    size = page.eval_on_selector(selector, "c => [c.width, c.height]")
+    at = [(box["x"] + x * box["width"] / size[0], box["y"] + y * box["height"] / size[1]) for x, y in (start, end)]
+    page.mouse.move(*at[0])
+    page.mouse.down()
+    page.mouse.move(*at[1], steps=5)
+    page.mouse.up()
+
+
+@pytest_browser
+def test_one_click_edits_a_generated_image_and_inpainting_keeps_what_is_not_painted(live: str, page) -> None:  # type: ignore[no-untyped-def]
+    page.goto(f"{live}/?class=dress&n=1&seed=7&sampler=ddim&steps=3&guidance=1.35")
+    page.wait_for_selector(".finals img.final", timeout=60_000)
+    picture_src = page.get_attribute(".finals img.final", "src")
+    page.click(".finals .edit-action")  # one click: the image is the panel's picture
+    page.wait_for_function("!document.querySelector('#edit-go').disabled", timeout=30_000)
+    assert page.eval_on_selector("#edit-picture", "c => [c.width, c.height]") == [28, 28]
+    assert page.eval_on_selector("#edit-mask", "c => [c.width, c.height]") == [28, 28]  # the picture's own size
+    assert page.input_value("#edit-class") == "dress"  # the picture's class, as it came from the page
+    assert "Variation" in page.inner_text("#edit-mode")  # nothing painted yet
+    page.check("input[name=mask-tool][value=box]")
+    drag(page, "#edit-mask", (14.5, 4.5), (22.5, 19.5))  # columns 14-22, rows 4-19
+    assert "Inpainting" in page.inner_text("#edit-mode")
+    assert page.input_value("#edit-strength") == "1"  # a mask's default strength
+    page.fill("#edit-n", "1")
+    page.fill("#edit-seed", "5")
+    with page.expect_request("**/edits/stream") as sent:
+        page.click("#edit-go")
+    body = sent.value.post_data_json
+    page.wait_for_selector("#edit-result .finals img.final", timeout=60_000)
+    # What went out: the picture itself, and a mask PNG of its size, white exactly on the dragged box.
+    assert body["image"] == picture_src.split(",", 1)[1] and body["class"] == "dress" and body["invert"] == "no"
+    mask = png_array(body["mask"])
+    assert mask.shape[:2] == (28, 28)
+    painted = np.zeros((28, 28), dtype=bool)
+    painted[4:20, 14:23] = True
+    np.testing.assert_array_equal(mask.reshape(28, 28, -1)[..., 0] >= 128, painted)
+    # What came back: the mask as applied, the input as mapped, and an image equal to the picture outside it.
+    applied = png_array(page.get_attribute("#edit-result .mask-png", "src")) >= 128
+    np.testing.assert_array_equal(applied, painted)
+    picture = decode(picture_src)
+    np.testing.assert_array_equal(png_array(page.get_attribute("#edit-result .input-png", "src")), picture)
+    final = decode(page.get_attribute("#edit-result .finals img.final", "src"))
+    np.testing.assert_array_equal(final[~painted], picture[~painted])
+    assert (final[painted] != picture[painted]).any()  # the box was redrawn
+    # Every step streamed, x_t showing the kept region: the timeline scrubs through all three.
+    assert page.get_attribute("#edit-result .timeline input", "max") == "2"
+    assert page.get_attribute("#edit-result img.xt", "src").startswith("data:image/png;base64,")
+    assert "Inpainting: dress" in page.inner_text("#edit-result .run-title")
+    shot(page, "edit")
+    assert page.errors == []
+
+
+@pytest_browser
+def test_an_upload_is_edited_at_its_own_size_with_the_class_read_by_the_server(live: str, page, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    upload = tmp_path / "garment.png"
+    pixels = np.full((56, 40), 255, dtype=np.uint8)  # a dark garment on white, 40 wide and 56 high
+    pixels[12:44, 10:30] = 40
+    Image.fromarray(pixels).save(upload)
+    page.goto(f"{live}/")
+    page.set_input_files("#edit-upload", str(upload))
+    page.wait_for_function("!document.querySelector('#edit-go').disabled", timeout=30_000)
+    assert page.eval_on_selector("#edit-mask", "c => [c.width, c.height]") == [40, 56]
+    assert page.input_value("#edit-class") == "auto" and page.input_value("#edit-invert") == "auto"
+    page.select_option("#mask-preset", "bottom")
+    page.click("#mask-invert")  # the top half, then
+    page.fill("#edit-n", "1")
+    with page.expect_request("**/edits/stream") as sent:
+        page.click("#edit-go")
+    body = sent.value.post_data_json
+    page.wait_for_selector("#edit-result .finals img.final", timeout=60_000)
+    assert "class" not in body  # auto: the server's classifier reads it
+    mask = png_array(body["mask"]).reshape(56, 40, -1)[..., 0] >= 128
+    assert mask[:28].all() and not mask[28:].any()
+    applied = png_array(page.get_attribute("#edit-result .mask-png", "src")) >= 128
+    # 40x56 is padded to a square (the padding kept: columns 0-3 and 24-27 at 28x28); the top half is rows 0-13.
+    assert applied.shape == (28, 28) and applied[:13, 5:23].all() and not applied[15:].any()
+    assert not applied[:, :4].any() and not applied[:, 24:].any()
+    assert "inverted" in page.inner_text("#edit-result .applied")  # dark on white became light on black
+    assert page.errors == []
+
+
+@pytest_browser
+def test_an_interpolation_strip_between_two_seeds_shows_its_frames_in_order(live: str, page) -> None:  # type: ignore[no-untyped-def]
+    page.goto(f"{live}/")
+    page.fill("#interp-seed-a", "11")
+    page.fill("#interp-seed-b", "12")
+    page.select_option("#interp-class", "sneaker")
+    page.fill("#interp-frames", "5")
+    page.fill("#interp-steps", "3")
+    page.click("#interp-go")
+    page.wait_for_function(
+        "document.querySelectorAll('#interp-result .interp-frames img.frame').length === 5"
+        " && !document.querySelector('#interp-result .interp-gif').hidden",
+        timeout=60_000,
+    )
+    frames = page.eval_on_selector_all("#interp-result img.frame", "imgs => imgs.map(i => i.src.split(',')[1])")
+    body = {"seeds": [11, 12], "class": "sneaker", "frames": 5, "steps": 3, "sampler": "ddim"}
+    api = httpx.post(f"{live}/interpolations", json=body, timeout=60).json()
+    assert frames == [frame["png"] for frame in api["frames"]]  # the same frames, in order
+    gif = Image.open(
+        io.BytesIO(base64.b64decode(page.get_attribute("#interp-result .interp-gif img", "src").split(",")[1]))
+    )
+    assert gif.n_frames == 8  # there and back
+    shot(page, "interpolate")
+    assert page.errors == []
+
+
+@pytest_browser
+def test_two_picked_images_interpolate_through_their_inversion(live: str, page) -> None:  # type: ignore[no-untyped-def]
+    page.goto(f"{live}/?class=bag&n=2&seed=3&sampler=ddim&steps=3&guidance=1.35")
+    page.wait_for_selector(".finals img.final >> nth=1", timeout=60_000)
+    page.locator(".finals .interpolate-action").nth(0).click()
+    page.locator(".finals .interpolate-action").nth(1).click()
+    assert page.is_checked("input[name=interp-kind][value=images]") and page.input_value("#interp-class") == "bag"
+    page.fill("#interp-frames", "3")
+    page.fill("#interp-steps", "3")
+    with page.expect_request("**/interpolations/stream") as sent:
+        page.click("#interp-go")
+    finals = page.eval_on_selector_all(".finals img.final", "imgs => imgs.map(i => i.src.split(',')[1])")
+    assert sent.value.post_data_json["images"] == finals
+    page.wait_for_function("document.querySelectorAll('#interp-result img.frame').length === 3", timeout=60_000)
+    assert page.inner_text("#interp-status") == "finished"
     assert page.errors == []
