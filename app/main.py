@@ -85,6 +85,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         max_rows=settings.max_rows,
         policy=settings.scheduler,
         tick_rows=settings.tick_rows,
+        background_rows=settings.background_rows,
     )
     engine.start()
     jobs: Jobs | None = None

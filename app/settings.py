@@ -233,6 +233,16 @@ class Settings(BaseSettings):
             "small pieces fit the idle rows that interactive ticks leave"
         ),
     )
+    background_rows: int = Field(
+        default=64,
+        ge=1,
+        description=(
+            "rows a tick gives a long job's work while no interactive request runs (at least one tick's rows, at "
+            "most max_rows). More fills an idle device better; an interactive request that arrives mid-tick waits "
+            "for those rows. 64 (four CPU chunks) met both targets of docs/speed.md#long-jobs-in-the-idle-rows, "
+            "16 did not"
+        ),
+    )
     job_inflight_rows: int = Field(
         default=32, ge=1, description="rows of a job's background engine jobs submitted at once (two CPU ticks' worth)"
     )

@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--capacity", type=float, default=None, help="requests/s of the mix (skip measuring it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--background-rows", type=int, default=None, help="FASHION_BACKGROUND_ROWS (default: the server's)")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = p.parse_args(argv)
@@ -109,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         # Chunks of 64 images: progress is read from committed chunks, so smaller ones measure finer.
         settings = {"job_dir": str(Path(tmp) / "jobs"), "job_chunk_images": "64"}
+        if args.background_rows:
+            settings["background_rows"] = str(args.background_rows)
         engine = Engine(DEFAULT_POLICY, REPO, settings, multi_model=True)
         with serve(engine, Path(tmp), args.threads, tiny=args.tiny) as url:
             budget = 64  # the teacher's 128-row budget, guided: the engine's widest batch
@@ -126,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     lines = [
         f"# python -m bench.jobs: {args.duration:g} s of arrivals at {args.fraction:.0%} of {cap:.3f} req/s, seed "
-        f"{args.seed}, a {args.job_images}-image teacher job, server threads {args.threads}",
+        f"{args.seed}, a {args.job_images}-image teacher job, server threads {args.threads}, background rows "
+        f"{args.background_rows or 'the default'}",
         f"# machine: {machine_line()}",
         f"# mix: {describe_mix(mix)}",
         "",

@@ -81,6 +81,7 @@ class Engine:
         max_rows: int = 128,
         policy: str = DEFAULT_POLICY,
         tick_rows: int | None = None,
+        background_rows: int | None = None,
     ) -> None:
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
@@ -91,7 +92,7 @@ class Engine:
         self.max_rows = max_rows  # per model and evaluation
         self.policy = policy_named(policy)
         self._lanes: dict[str, Lane[Running]] = {
-            name: Lane(name, runtime.rows, max_rows, queue_size, self.policy, tick_rows)
+            name: Lane(name, runtime.rows, max_rows, queue_size, self.policy, tick_rows, background_rows)
             for name, runtime in self.runtimes.items()
         }
         self._cond = threading.Condition()

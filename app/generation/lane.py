@@ -248,6 +248,9 @@ class Lane(Generic[R]):
     queue_size: int
     policy: Policy = field(default_factory=lambda: POLICIES[DEFAULT_POLICY])
     tick_rows: int | None = None  # most rows one tick evaluates, where the policy bounds it; None: its default
+    # Rows a tick gives background work while no interactive job runs (at least one tick's); None: one tick's.
+    # More fills the device better when it is idle, and is what an interactive request arriving mid-tick waits for.
+    idle_background_rows: int | None = None
     pending: deque[Job] = field(default_factory=deque)
     running: list[R] = field(default_factory=list)
     background_pending: deque[Job] = field(default_factory=deque)
@@ -301,8 +304,9 @@ class Lane(Generic[R]):
 
     @property
     def background_rows(self) -> int:
-        """Rows a tick gives background work when there is no interactive work: one tick's rows."""
-        return self.policy.tick_rows(self)
+        """Rows a tick gives background work when there is no interactive work: ``idle_background_rows`` or one
+        tick's rows, whichever is more, never over ``max_rows``."""
+        return min(self.max_rows, max(self.idle_background_rows or 0, self.policy.tick_rows(self)))
 
     def admit_background(self) -> list[Job]:
         """Take the waiting background jobs whose rows fit beside the running ones in ``background_rows``."""

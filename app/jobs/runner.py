@@ -260,7 +260,8 @@ class Runner:
         template = self._template(row)
         size = self._piece_images(template)
         rows_per_image = replace(template, seeds=(0,)).rows
-        limit = max(self.settings.job_inflight_rows, size * rows_per_image)
+        # Enough in flight to fill two ticks of background work, whatever the idle share (Settings.background_rows).
+        limit = max(self.settings.job_inflight_rows, size * rows_per_image, 2 * self.settings.background_rows)
         todo = deque(pieces(labels, size))
         images = np.empty((hi - lo, 28, 28), np.uint8)
         while todo or run.pieces:

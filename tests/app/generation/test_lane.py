@@ -205,3 +205,15 @@ def test_background_jobs_fill_only_the_idle_rows_of_a_tick() -> None:
         assert [r.job for r in batches[0][1]][1:] == bg[:1] and len(batches[0][1]) == 2
     finally:
         loop.close()
+
+
+def test_the_idle_background_share_is_a_setting_bounded_by_the_budget() -> None:
+    """With nothing interactive, background work gets FASHION_BACKGROUND_ROWS rows, at least one tick's and
+    never more than the row budget; beside interactive work it still gets only the padding."""
+    policy = policy_named("narrow-first")
+    default = Lane("tiny", chunk_rows=16, max_rows=128, queue_size=8, policy=policy)
+    wide = Lane("tiny", chunk_rows=16, max_rows=128, queue_size=8, policy=policy, idle_background_rows=64)
+    capped = Lane("tiny", chunk_rows=16, max_rows=48, queue_size=8, policy=policy, idle_background_rows=64)
+    narrow = Lane("tiny", chunk_rows=16, max_rows=128, queue_size=8, policy=policy, idle_background_rows=4)
+    assert (default.idle_rows(0), wide.idle_rows(0), capped.idle_rows(0), narrow.idle_rows(0)) == (16, 64, 48, 16)
+    assert wide.idle_rows(2) == default.idle_rows(2) == 14
