@@ -88,6 +88,32 @@ async def wants_stream(request: Request) -> bool:
     return isinstance(body, dict) and body.get("stream") is True
 
 
+def json_or_stream(
+    route_class: type[APIRoute],
+    path: str,
+    stream_handler: Callable[..., Any],
+    wants: Callable[[Request], Coroutine[Any, Any, bool]],
+) -> type[APIRoute]:
+    """A route class answering JSON, or ``stream_handler``'s server-sent events where ``wants(request)``.
+
+    FastAPI encodes server-sent events (keep-alive pings included) only for a route declared as a stream,
+    so the streaming answer is a second route on the same path, chosen per request."""
+    stream_route = route_class(
+        path, stream_handler, methods=["POST"], response_class=EventSourceResponse, include_in_schema=False
+    )
+
+    class JsonOrStream(route_class):  # type: ignore[valid-type,misc]
+        def get_route_handler(self) -> Handler:
+            as_json, as_stream = super().get_route_handler(), stream_route.get_route_handler()
+
+            async def dispatch(request: Request) -> Response:
+                return await (as_stream if await wants(request) else as_json)(request)
+
+            return dispatch
+
+    return JsonOrStream
+
+
 def build_router(limits: Limits) -> APIRouter:
     """The router, with this app's request model (its bounds come from the settings)."""
     body_model = request_model(limits)
@@ -122,20 +148,7 @@ def generations_routes(
         async for event in images.stream_events(stream):
             yield event
 
-    # FastAPI encodes server-sent events (keep-alive pings included) only for a route declared as a
-    # stream, so the streaming answer is a second route on the same path, chosen by the body's "stream".
-    stream_route = route_class(
-        GENERATIONS, generations_stream, methods=["POST"], response_class=EventSourceResponse, include_in_schema=False
-    )
-
-    class GenerationsRoute(route_class):  # type: ignore[valid-type,misc]
-        def get_route_handler(self) -> Handler:
-            as_json, as_stream = super().get_route_handler(), stream_route.get_route_handler()
-
-            async def dispatch(request: Request) -> Response:
-                return await (as_stream if await wants_stream(request) else as_json)(request)
-
-            return dispatch
+    GenerationsRoute = json_or_stream(route_class, GENERATIONS, generations_stream, wants_stream)
 
     async def generations(body: body_model, request: Request, serving: ServingDep, settings: SettingsDep) -> Any:  # type: ignore[valid-type]
         """Sample ``n`` images of the class the ``prompt`` names, as OpenAI's Images API answers. With
@@ -188,18 +201,7 @@ def edit_routes(router: APIRouter, limits: Limits) -> None:
         async for event in images.stream_events(stream):
             yield event
 
-    stream_route = route_class(
-        EDITS, edits_stream, methods=["POST"], response_class=EventSourceResponse, include_in_schema=False
-    )
-
-    class EditsRoute(route_class):  # type: ignore[valid-type,misc]
-        def get_route_handler(self) -> Handler:
-            as_json, as_stream = super().get_route_handler(), stream_route.get_route_handler()
-
-            async def dispatch(request: Request) -> Response:
-                return await (as_stream if await wants_form_stream(request) else as_json)(request)
-
-            return dispatch
+    EditsRoute = json_or_stream(route_class, EDITS, edits_stream, wants_form_stream)
 
     async def edits(request: Request, serving: ServingDep, settings: SettingsDep) -> Any:
         """Edit one image as OpenAI's Images API does (multipart: ``image``, optional ``mask`` whose transparent
